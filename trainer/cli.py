@@ -40,5 +40,13 @@ def synth(out, classes_file, num_classes, train_per_class, val_per_class, val_la
                f"{len(wnids)} classes to {out}")
 
 
+@main.group()
+def bench() -> None:
+    """Benchmarks: each prints a ratio against a baseline run in the same process."""
+
+
+# ---- commands are added below, one block per area (data, loader, train, cache, report, demo) ----
+
+
 if __name__ == "__main__":
     main()
