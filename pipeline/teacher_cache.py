@@ -1,0 +1,411 @@
+"""The teacher cache: a Zarr v3 store of teacher logits and confidence weights per (aug epoch, sample id).
+
+Layout (one group; standard codecs only -- bytes + zstd -- so any Zarr v3 reader opens it):
+
+    logits   (E, N, C) float16   raw teacher logits            chunks (1, chunk_n, C)
+    -- or, with top-k K --
+    topk_values  (E, N, K) float16   log-probabilities (tau=1) of the K most likely classes, descending
+    topk_indices (E, N, K) int16     their class indices
+    weight   (E, N) float32   w = 1 - H(softmax(z)) / log C, at tau=1, from the float32 logits
+    entropy  (E, N) float32   H(softmax(z)) in nats, at tau=1
+    done     (E, n_chunks) uint8  1 once unit (epoch e, id chunk c) is fully written; chunks (1, 1)
+    attributes: format, layout_version, epochs, num_samples, num_classes, chunk_n, topk, fingerprint
+
+A unit of work is (epoch e, chunk c) = ids [c*chunk_n, (c+1)*chunk_n): it covers exactly one chunk of every
+array, so parallel writers that own disjoint units never touch one chunk file. Its `done` marker is written
+after its data, and zarr's local store writes each chunk file atomically (temp file + rename), so after a
+kill -9 a unit is either marked and complete, or unmarked and recomputed by the next run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT = "kdpipe-teacher-cache"
+LAYOUT_VERSION = 1
+DEFAULT_CHUNK_N = 4096  # samples per chunk and per unit of work: ~0.8 MB of float16 logits at C=100
+
+
+class CacheMismatchError(ValueError):
+    """The cache was made for other data, views or teacher than the caller's; `.fields` names the differences."""
+
+    def __init__(self, path: str, fields: list[str], details: list[str]):
+        self.fields = fields
+        super().__init__(f"teacher cache {path} does not match:\n  " + "\n  ".join(details))
+
+
+class IncompleteCacheError(RuntimeError):
+    """Some units of the cache were never written (an interrupted or still running cache-teacher job)."""
+
+    def __init__(self, path: str, missing: dict[int, int], chunks_per_epoch: int):
+        self.missing_epochs = sorted(missing)
+        parts = [f"epoch {e} ({n}/{chunks_per_epoch} chunks missing)" for e, n in sorted(missing.items())]
+        super().__init__(f"teacher cache {path} is incomplete: {', '.join(parts)}; "
+                         f"rerun `kdpipe cache-teacher` with the same options to finish it")
+
+
+# ---------------------------------------------------------------- numerics (pure)
+
+def entropy_and_weight(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Entropy H (nats) of softmax(logits) per row and the confidence weight 1 - H / log C, at tau=1.
+
+    Computed in float64 from the full-precision logits so the cached weight does not carry float16 error."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    ent = -(np.exp(logp) * logp).sum(axis=1)
+    return ent.astype(np.float32), (1.0 - ent / math.log(z.shape[1])).astype(np.float32)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float64."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def topk_logprobs(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k largest log-probabilities (descending, float16) and their class indices (int16).
+
+    Log-probabilities rather than logits: softmax(logp / tau) == softmax(z / tau) for every tau, and the
+    probability mass left for the other classes is known without the dropped logits."""
+    logp = log_softmax(logits)
+    idx = np.argsort(-logp, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(logp, idx, axis=1).astype(np.float16), idx.astype(np.int16)
+
+
+def expand_topk(values: np.ndarray, indices: np.ndarray, num_classes: int) -> np.ndarray:
+    """Full (n, C) float32 log-probabilities from top-k: the kept classes get their stored log-probability,
+    the remaining mass 1 - sum(exp(kept)) is spread uniformly over the other C - k classes."""
+    v = np.asarray(values, dtype=np.float64)
+    n, k = v.shape
+    if k >= num_classes:
+        out = np.empty((n, num_classes))
+    else:
+        rest = np.clip(1.0 - np.exp(v).sum(axis=1), 1e-12, None)  # float16 rounding can push the sum past 1
+        out = np.repeat((np.log(rest) - math.log(num_classes - k))[:, None], num_classes, axis=1)
+    np.put_along_axis(out, np.asarray(indices, dtype=np.int64), v, axis=1)
+    return out.astype(np.float32)
+
+
+# ---------------------------------------------------------------- fingerprint
+
+def _jsonable(value: Any) -> Any:
+    """Normalise to what a JSON round trip gives (tuples -> lists), so stored and fresh values compare equal."""
+    return json.loads(json.dumps(value))
+
+
+def cache_fingerprint(*, manifest_sha256: str, wnids: list[str], spec: Any, seed: int, normalize: bool,
+                      teacher: str, weights_sha256: str, precision: str, backend: str, topk: int = 0,
+                      kdpipe_version: str | None = None) -> dict[str, Any]:
+    """Everything the cached views and logits depend on. `spec` is the AugSpec (a dataclass with .fingerprint())."""
+    from pipeline import __version__
+
+    return _jsonable({
+        "manifest_sha256": manifest_sha256,
+        "wnids": list(wnids),
+        "aug_spec": dataclasses.asdict(spec),
+        "aug_fingerprint": spec.fingerprint(),
+        "seed": int(seed),
+        "image_size": int(spec.image_size),
+        "normalize": bool(normalize),
+        "teacher": teacher,
+        "weights_sha256": weights_sha256,
+        "precision": precision,
+        "backend": backend,
+        "topk": int(topk),
+        "kdpipe_version": kdpipe_version or __version__,
+        "layout_version": LAYOUT_VERSION,
+    })
+
+
+def fingerprint_diff(actual: dict[str, Any], expected: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Fields of `expected` whose value differs in `actual`, and one readable line per difference."""
+    fields, lines = [], []
+    for key, want in expected.items():
+        have = actual.get(key, "<missing>")
+        if _jsonable(have) != _jsonable(want):
+            fields.append(key)
+            lines.append(f"{key}: cache has {_short(have)}, expected {_short(want)}")
+    return fields, lines
+
+
+def _short(value: Any, limit: int = 160) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ---------------------------------------------------------------- layout
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """Shapes of a store. topk=0 stores full logits; chunk_n is the id-range per chunk and per unit of work."""
+
+    epochs: int
+    num_samples: int
+    num_classes: int
+    chunk_n: int = DEFAULT_CHUNK_N
+    topk: int = 0
+
+    def __post_init__(self) -> None:
+        if min(self.epochs, self.num_samples, self.num_classes, self.chunk_n) < 1:
+            raise ValueError(f"cache layout needs positive sizes, got {self}")
+        if not 0 <= self.topk < self.num_classes:
+            raise ValueError(f"topk must be in [0, num_classes={self.num_classes}), got {self.topk}")
+        if self.num_classes > np.iinfo(np.int16).max and self.topk:
+            raise ValueError(f"topk indices are int16: at most {np.iinfo(np.int16).max} classes")
+
+    @property
+    def chunks_per_epoch(self) -> int:
+        return -(-self.num_samples // self.chunk_n)
+
+    def id_range(self, chunk: int) -> tuple[int, int]:
+        """[start, stop) sample ids of chunk `chunk`."""
+        return chunk * self.chunk_n, min((chunk + 1) * self.chunk_n, self.num_samples)
+
+    def units(self, rank: int = 0, world_size: int = 1) -> list[tuple[int, int]]:
+        """(epoch, chunk) units this rank owns: units r, r+W, ... of the epoch-major list (disjoint chunks)."""
+        every = [(e, c) for e in range(self.epochs) for c in range(self.chunks_per_epoch)]
+        return every[rank::world_size]
+
+    def attrs(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+def _open_group(path: str | Path, mode: str):
+    import zarr
+
+    return zarr.open_group(str(path), mode=mode)
+
+
+def read_layout(group) -> CacheLayout:
+    a = group.attrs
+    if a.get("format") != FORMAT:
+        raise ValueError(f"{group.store} is not a kdpipe teacher cache (format={a.get('format')!r})")
+    if a.get("layout_version") != LAYOUT_VERSION:
+        raise ValueError(f"{group.store}: layout_version {a.get('layout_version')} is not the supported "
+                         f"{LAYOUT_VERSION}; rebuild the cache with this kdpipe")
+    return CacheLayout(**{f.name: int(a[f.name]) for f in dataclasses.fields(CacheLayout)})
+
+
+# ---------------------------------------------------------------- writer
+
+class TeacherCacheWriter:
+    """Writes units of a store. One writer per process; processes must own disjoint units."""
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        self.group = _open_group(path, "r+")
+        self.layout = read_layout(self.group)
+        self.fingerprint: dict[str, Any] = dict(self.group.attrs["fingerprint"])
+        self._done = self.group["done"]
+
+    @classmethod
+    def create(cls, path: str | Path, layout: CacheLayout, fingerprint: dict[str, Any]) -> "TeacherCacheWriter":
+        """Create the store, or reopen an existing one made with the same layout and fingerprint (resume).
+
+        An existing store for anything else is refused with the differing fields named, never overwritten."""
+        import zarr
+
+        if (Path(path) / "zarr.json").exists():
+            writer = cls(path)
+            want = {**fingerprint}
+            fields, lines = fingerprint_diff(writer.fingerprint, want)
+            lfields, llines = fingerprint_diff(writer.layout.attrs(), layout.attrs())
+            if fields or lfields:
+                raise CacheMismatchError(writer.path, fields + lfields, lines + llines)
+            return writer
+        attrs = {"format": FORMAT, "layout_version": LAYOUT_VERSION, **layout.attrs(),
+                 "fingerprint": _jsonable(fingerprint)}
+        group = zarr.open_group(str(path), mode="w-", attributes=attrs)
+        e, n, c, k, cn = layout.epochs, layout.num_samples, layout.num_classes, layout.topk, layout.chunk_n
+        zstd = zarr.codecs.ZstdCodec(level=3)
+
+        def array(name: str, shape: tuple, dtype: str, dims: tuple, chunks: tuple, compress: bool = True):
+            group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0,
+                               compressors=zstd if compress else None, dimension_names=dims)
+
+        if k:
+            array("topk_values", (e, n, k), "float16", ("epoch", "sample", "rank"), (1, cn, k))
+            array("topk_indices", (e, n, k), "int16", ("epoch", "sample", "rank"), (1, cn, k))
+        else:
+            array("logits", (e, n, c), "float16", ("epoch", "sample", "class"), (1, cn, c))
+        array("weight", (e, n), "float32", ("epoch", "sample"), (1, cn))
+        array("entropy", (e, n), "float32", ("epoch", "sample"), (1, cn))
+        array("done", (e, layout.chunks_per_epoch), "uint8", ("epoch", "chunk"), (1, 1), compress=False)
+        return cls(path)
+
+    def done_mask(self) -> np.ndarray:
+        """(E, chunks_per_epoch) bool: which units are complete."""
+        return np.asarray(self._done[:], dtype=bool)
+
+    def pending_units(self, rank: int = 0, world_size: int = 1) -> list[tuple[int, int]]:
+        """This rank's units not yet written, in order."""
+        done = self.done_mask()
+        return [(e, c) for e, c in self.layout.units(rank, world_size) if not done[e, c]]
+
+    def write_unit(self, epoch: int, chunk: int, logits: np.ndarray) -> None:
+        """Store the float32 teacher logits (n, C) of ids id_range(chunk) at `epoch`, then mark the unit done."""
+        lo, hi = self.layout.id_range(chunk)
+        z = np.asarray(logits, dtype=np.float32)
+        if z.shape != (hi - lo, self.layout.num_classes):
+            raise ValueError(f"unit (epoch {epoch}, chunk {chunk}) of {self.path} needs logits of shape "
+                             f"{(hi - lo, self.layout.num_classes)}, got {z.shape}")
+        if not np.isfinite(z).all():
+            raise ValueError(f"non-finite teacher logits for epoch {epoch}, ids [{lo}, {hi}) of {self.path}")
+        ent, w = entropy_and_weight(z)
+        if self.layout.topk:
+            values, indices = topk_logprobs(z, self.layout.topk)
+            self.group["topk_values"][epoch, lo:hi] = values
+            self.group["topk_indices"][epoch, lo:hi] = indices
+        else:
+            self.group["logits"][epoch, lo:hi] = z.astype(np.float16)
+        self.group["weight"][epoch, lo:hi] = w
+        self.group["entropy"][epoch, lo:hi] = ent
+        self._done[epoch, chunk] = 1  # last: the unit counts only once all its data is on disk
+
+
+# ---------------------------------------------------------------- reader
+
+@dataclass
+class _EpochSlice:
+    weight: np.ndarray                 # (N,) float32
+    logits: np.ndarray | None = None   # (N, C) float16
+    values: np.ndarray | None = None   # (N, K) float16 log-probs
+    indices: np.ndarray | None = None  # (N, K) int16
+
+
+class TeacherCache:
+    """Reads a store: one augmentation epoch at a time in RAM (a lookup is a numpy gather), the next one
+    prefetched by a background thread. Picklable (worker processes reopen lazily)."""
+
+    def __init__(self, path: str | Path, *, prefetch: bool = True):
+        self.path = str(path)
+        self.prefetch = prefetch
+        self._group = _open_group(path, "r")
+        self.layout = read_layout(self._group)
+        self.fingerprint: dict[str, Any] = dict(self._group.attrs["fingerprint"])
+        self._init_state()
+
+    def _init_state(self) -> None:
+        self._lock = threading.Lock()
+        self._current: tuple[int, _EpochSlice] | None = None
+        self._next: tuple[int, Future] | None = None  # the prefetch of the following epoch
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "prefetch": self.prefetch}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"], prefetch=state["prefetch"])
+
+    def __repr__(self) -> str:
+        lay = self.layout
+        mode = f"top-{lay.topk}" if lay.topk else "full logits"
+        return f"TeacherCache({self.path!r}, epochs={lay.epochs}, samples={lay.num_samples}, {mode})"
+
+    @property
+    def epochs(self) -> int:
+        return self.layout.epochs
+
+    @property
+    def num_samples(self) -> int:
+        return self.layout.num_samples
+
+    @property
+    def num_classes(self) -> int:
+        return self.layout.num_classes
+
+    # -- validation
+    def check(self, expected: dict[str, Any]) -> None:
+        """Raise CacheMismatchError naming every field of `expected` that differs from the stored fingerprint."""
+        fields, lines = fingerprint_diff(self.fingerprint, expected)
+        if fields:
+            raise CacheMismatchError(self.path, fields, lines)
+
+    def missing(self) -> dict[int, int]:
+        """epoch -> number of unwritten chunks, for epochs that have any."""
+        done = np.asarray(self._group["done"][:], dtype=bool)
+        return {int(e): int((~done[e]).sum()) for e in range(done.shape[0]) if not done[e].all()}
+
+    def check_complete(self, epochs: list[int] | None = None) -> None:
+        """Raise IncompleteCacheError naming the epochs (all, or those given) with unwritten units."""
+        missing = self.missing()
+        if epochs is not None:
+            missing = {e: n for e, n in missing.items() if e in set(epochs)}
+        if missing:
+            raise IncompleteCacheError(self.path, missing, self.layout.chunks_per_epoch)
+
+    # -- reading
+    def load_epoch(self, epoch: int) -> _EpochSlice:
+        """Read one augmentation epoch's slice from the store (refusing an incomplete one)."""
+        if not 0 <= epoch < self.epochs:
+            raise IndexError(f"augmentation epoch {epoch} is outside [0, {self.epochs}) in {self.path}")
+        self.check_complete([epoch])
+        g = self._group
+        if self.layout.topk:
+            return _EpochSlice(np.asarray(g["weight"][epoch]), values=np.asarray(g["topk_values"][epoch]),
+                               indices=np.asarray(g["topk_indices"][epoch]))
+        return _EpochSlice(np.asarray(g["weight"][epoch]), logits=np.asarray(g["logits"][epoch]))
+
+    def _slice(self, epoch: int) -> _EpochSlice:
+        current = self._current
+        if current is not None and current[0] == epoch:
+            return current[1]
+        with self._lock:
+            pending, self._next = self._next, None
+        if pending is not None and pending[0] == epoch:
+            data = pending[1].result()
+        else:
+            if pending is not None:
+                pending[1].cancel()
+            data = self.load_epoch(epoch)
+        with self._lock:
+            self._current = (epoch, data)  # the previous epoch's arrays are freed here
+            nxt = (epoch + 1) % self.epochs
+            if self.prefetch and nxt != epoch:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(1, thread_name_prefix="teacher-cache-prefetch")
+                self._next = (nxt, self._pool.submit(self.load_epoch, nxt))
+        return data
+
+    def lookup(self, epoch: int, ids: Any) -> tuple[np.ndarray, np.ndarray]:
+        """(logits float32 (n, C), weight float32 (n,)) for sample ids at augmentation epoch `epoch`.
+
+        Top-k stores give full log-probabilities (rest of the mass spread uniformly), equivalent as KD targets."""
+        ids = np.asarray(ids.cpu() if hasattr(ids, "cpu") else ids, dtype=np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.num_samples):
+            bad = ids[(ids < 0) | (ids >= self.num_samples)][0]
+            raise IndexError(f"sample id {bad} is outside [0, {self.num_samples}) of teacher cache {self.path}")
+        s = self._slice(int(epoch))
+        if s.logits is not None:
+            logits = s.logits[ids].astype(np.float32)
+        else:
+            logits = expand_topk(s.values[ids], s.indices[ids], self.num_classes)
+        return logits, s.weight[ids].copy()
+
+    def close(self) -> None:
+        """Stop the prefetch thread and free the slices."""
+        with self._lock:
+            pool, self._pool, self._current, self._next = self._pool, None, None, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> "TeacherCache":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def open_cache(cache: "str | Path | TeacherCache") -> TeacherCache:
+    """A TeacherCache from a path, or the object itself (what the loader accepts)."""
+    return cache if isinstance(cache, TeacherCache) else TeacherCache(cache)
