@@ -103,12 +103,15 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def cache_fingerprint(*, manifest_sha256: str, wnids: list[str], spec: Any, seed: int, normalize: bool,
-                      teacher: str, weights_sha256: str, precision: str, backend: str, topk: int = 0,
-                      kdpipe_version: str | None = None) -> dict[str, Any]:
-    """Everything the cached views and logits depend on. `spec` is the AugSpec (a dataclass with .fingerprint())."""
-    from pipeline import __version__
+def normalization() -> dict[str, list[float]]:
+    """The teacher's input normalisation (0..255 units): part of the fingerprint, since logits depend on it."""
+    from pipeline.batch import IMAGENET_MEAN_255, IMAGENET_STD_255
 
+    return {"mean": list(IMAGENET_MEAN_255), "std": list(IMAGENET_STD_255)}
+
+
+def view_fingerprint(*, manifest_sha256: str, wnids: list[str], spec: Any, seed: int) -> dict[str, Any]:
+    """The fields that decide which view (pixels) a sample gets: what a trainer must match to use a cache."""
     return _jsonable({
         "manifest_sha256": manifest_sha256,
         "wnids": list(wnids),
@@ -116,14 +119,25 @@ def cache_fingerprint(*, manifest_sha256: str, wnids: list[str], spec: Any, seed
         "aug_fingerprint": spec.fingerprint(),
         "seed": int(seed),
         "image_size": int(spec.image_size),
-        "normalize": bool(normalize),
+        "normalization": normalization(),
+        "layout_version": LAYOUT_VERSION,
+    })
+
+
+def cache_fingerprint(*, manifest_sha256: str, wnids: list[str], spec: Any, seed: int, teacher: str,
+                      weights_sha256: str, precision: str, backend: str, topk: int = 0,
+                      kdpipe_version: str | None = None) -> dict[str, Any]:
+    """Everything the cached views and logits depend on. `spec` is the AugSpec (a dataclass with .fingerprint())."""
+    from pipeline import __version__
+
+    return _jsonable({
+        **view_fingerprint(manifest_sha256=manifest_sha256, wnids=wnids, spec=spec, seed=seed),
         "teacher": teacher,
         "weights_sha256": weights_sha256,
         "precision": precision,
         "backend": backend,
         "topk": int(topk),
         "kdpipe_version": kdpipe_version or __version__,
-        "layout_version": LAYOUT_VERSION,
     })
 
 

@@ -199,10 +199,11 @@ def test_cache_fingerprint_records_everything_views_depend_on():
     from pipeline.augment import AugSpec
 
     spec = AugSpec(image_size=64)
-    fp = cache_fingerprint(manifest_sha256="m", wnids=["b", "a"], spec=spec, seed=3, normalize=True,
+    fp = cache_fingerprint(manifest_sha256="m", wnids=["b", "a"], spec=spec, seed=3,
                            teacher="resnet50", weights_sha256="w", precision="bf16", backend="torch", topk=0)
     assert fp["aug_fingerprint"] == spec.fingerprint() and fp["aug_spec"]["scale"] == [0.08, 1.0]
     assert (fp["image_size"], fp["seed"], fp["wnids"], fp["layout_version"]) == (64, 3, ["b", "a"], 1)
-    for key in ("manifest_sha256", "normalize", "teacher", "weights_sha256", "precision", "backend",
+    assert fp["normalization"]["mean"][0] == pytest.approx(0.485 * 255)
+    for key in ("manifest_sha256", "teacher", "weights_sha256", "precision", "backend",
                 "kdpipe_version", "topk"):
         assert key in fp
