@@ -27,12 +27,27 @@ def main() -> None:
 @click.option("--oddities/--no-oddities", default=False, help="Add CMYK, PNG-as-JPEG and greyscale files.")
 @click.option("--broken/--no-broken", default=False, help="Add truncated, zero-byte and non-image files.")
 @click.option("--seed", type=int, default=0, show_default=True)
-def synth(out, classes_file, num_classes, train_per_class, val_per_class, val_layout, size, oddities, broken, seed):
+@click.option("--learnable", is_flag=True, default=False,
+              help="Write the learnable dataset (drawn class families a CNN can learn; try --size 64 64) instead.")
+@click.option("--ambiguous-share", type=float, default=0.15, show_default=True,
+              help="With --learnable: share of samples made ambiguous (two-class mixes, occlusion, noise).")
+def synth(out, classes_file, num_classes, train_per_class, val_per_class, val_layout, size, oddities, broken, seed,
+          learnable, ambiguous_share):
     """Write a synthetic ImageNet tree in the real ILSVRC2012 layout (for tests, demos, benchmarks)."""
     from pipeline.classes import load_class_list
     from pipeline.synthetic import make_imagenet_tree
 
     wnids = load_class_list(classes_file)[:num_classes]
+    if learnable:
+        from pipeline.learnable import make_learnable_tree
+
+        if oddities or broken or val_layout != "folders":
+            raise click.UsageError("--learnable writes val as class folders and has no oddities or broken files")
+        tree = make_learnable_tree(out, wnids, train_per_class=train_per_class, val_per_class=val_per_class,
+                                   size=size, ambiguous_share=ambiguous_share, seed=seed, progress=True)
+        click.echo(f"wrote {tree.count('train')} train and {tree.count('val')} val images of {len(wnids)} classes "
+                   f"({len(tree.ambiguous)} ambiguous) to {out}")
+        return
     tree = make_imagenet_tree(out, wnids, train_per_class=train_per_class, val_per_class=val_per_class,
                               val_layout=None if val_layout == "none" else val_layout, size=size,
                               oddities=oddities, broken=broken, seed=seed, progress=True)
@@ -46,6 +61,41 @@ def bench() -> None:
 
 
 # ---- commands are added below, one block per area (data, loader, train, cache, report, demo) ----
+
+
+# ---- cache: teacher logits in a Zarr store (trainer/cache_teacher.py) ----
+@main.command("cache-teacher")
+@click.option("--shards", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--teacher", default="resnet50", show_default=True, help="Teacher architecture.")
+@click.option("--teacher-weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="Local weights: kdpipe checkpoint, C-way or ImageNet-1k state dict.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Zarr store to create or resume.")
+@click.option("--epochs", type=int, default=1, show_default=True,
+              help="Augmentation epochs E; training epoch e reuses epoch e mod E (views and logits).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Must equal the training seed.")
+@click.option("--image-size", type=int, default=224, show_default=True, help="Must equal the training crop.")
+@click.option("--topk", type=int, default=0, show_default=True, help="0: full logits; K: top-K log-probs.")
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--chunk", "chunk_n", type=int, default=4096, show_default=True,
+              help="Samples per store chunk and per unit of resumable, parallel work.")
+@click.option("--backend", type=click.Choice(["auto", "dali", "torch"]), default="auto", show_default=True)
+@click.option("--num-workers", type=int, default=None)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+              show_default=True, help="auto: bf16 autocast on CUDA, fp32 on the CPU.")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
+def cache_teacher_cmd(shards, teacher, teacher_weights, out, epochs, seed, image_size, topk, batch_size, chunk_n,
+                      backend, num_workers, precision, device):
+    """Run the teacher once per (augmentation epoch, train sample) and store logits + confidence weights.
+
+    Resumable (rerun the same command after any interruption) and parallel under torchrun."""
+    from trainer.cache_teacher import CacheTeacherConfig, cache_teacher
+
+    cfg = CacheTeacherConfig(shards=str(shards), out=str(out), teacher_weights=str(teacher_weights),
+                             teacher=teacher, epochs=epochs, seed=seed, image_size=image_size, topk=topk,
+                             batch_size=batch_size, chunk_n=chunk_n, backend=backend, num_workers=num_workers,
+                             precision=precision, device=device)
+    path = cache_teacher(cfg)
+    click.echo(f"teacher cache complete: {path}")
 
 
 if __name__ == "__main__":
