@@ -63,6 +63,63 @@ def bench() -> None:
 # ---- commands are added below, one block per area (data, loader, train, cache, report, demo) ----
 
 
+# ---- data: ImageNet tree -> WebDataset shards, and their verification (pipeline/shards.py) ----
+@main.command()
+@click.option("--imagenet", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="ImageNet root holding train/ (and val/), or a Kaggle download (ILSVRC/Data/CLS-LOC).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Shard directory.")
+@click.option("--classes", "classes_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="Class list file (default: the canonical ImageNet-100 list).")
+@click.option("--val-labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Labels for a flat val/: 'file<TAB>wnid' or LOC_val_solution.csv (default: shipped ILSVRC2012).")
+@click.option("--shard-size", type=click.IntRange(min=1), default=1000, show_default=True, help="Samples per shard.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train shuffle.")
+@click.option("--quality", type=click.IntRange(1, 100), default=95, show_default=True,
+              help="JPEG quality for re-encoded images (CMYK, PNG, --max-side).")
+@click.option("--max-side", type=click.IntRange(min=1), default=None,
+              help="Re-encode images whose longer side exceeds N px (default: off, bytes pass through).")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Processes (default: all cores).")
+@click.option("--strict", is_flag=True, help="Exit nonzero if any file was rejected.")
+@click.option("--overwrite", is_flag=True, help="Replace an output made with different options or inputs.")
+def shard(imagenet, out, classes_file, val_labels, shard_size, seed, quality, max_side, workers, strict, overwrite):
+    """Write ImageNet-100 (or --classes) as WebDataset shards + manifest + index. Resumable: rerun to continue."""
+    from pipeline.shards import OptionsMismatch, ShardOptions, build_shards
+
+    opts = ShardOptions(shard_size=shard_size, seed=seed, quality=quality, max_side=max_side)
+    try:
+        report = build_shards(imagenet, out, classes=classes_file, val_labels=val_labels, options=opts,
+                              workers=workers, overwrite=overwrite)
+    except (OptionsMismatch, FileNotFoundError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
+    splits = report.manifest["splits"]
+    counts = ", ".join(f"{s} {v['count']} samples in {len(v['shards'])} shards" for s, v in splits.items())
+    state = "already complete, checked" if not report.written else f"wrote {len(report.written)} shards"
+    click.echo(f"{out}: {counts} ({state}; {len(report.reused)} found finished)")
+    if report.rejected:
+        click.echo(f"rejected {len(report.rejected)} files (listed in {out / 'rejected.tsv'}):", err=True)
+        for split, src, reason in report.rejected[:10]:
+            click.echo(f"  {split}\t{src}\t{reason}", err=True)
+        if strict:
+            raise click.ClickException(f"--strict: {len(report.rejected)} files rejected")
+
+
+@main.command()
+@click.option("--shards", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Processes (default: all cores).")
+def verify(shards, workers):
+    """Check every shard against the manifest: counts, checksums, ids, labels, and that every image decodes."""
+    import os
+
+    from pipeline.shards import verify_shards
+
+    result = verify_shards(shards, workers=workers or os.cpu_count() or 1, progress=True)
+    for problem in result.problems:
+        click.echo(problem, err=True)
+    if not result.ok:
+        raise click.ClickException(f"{len(result.problems)} problems in {shards}")
+    click.echo(f"{shards}: {result.shards} shards, {result.samples} samples OK")
+
+
 # ---- cache: teacher logits in a Zarr store (trainer/cache_teacher.py) ----
 @main.command("cache-teacher")
 @click.option("--shards", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)

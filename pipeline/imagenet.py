@@ -1,0 +1,131 @@
+"""Discovering a raw ImageNet tree: which files belong to which split and class.
+
+Layouts (ILSVRC2012): train/<wnid>/<file>; val either as class folders val/<wnid>/<file>, or flat
+val/ILSVRC2012_val_<8 digits>.JPEG with labels from a file (the shipped ground truth by default).
+Kaggle's ILSVRC/Data/CLS-LOC/ nesting is found too. Extensions match case-insensitively; other files
+(a stray notes.txt, LOC_val_solution.csv) are ignored. Labels are positions in the sorted wnid list.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .classes import WNID_RE, default_val_labels, read_val_labels, sorted_classes
+
+IMAGE_EXTS = frozenset({".jpeg", ".jpg", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"})
+KAGGLE_SUBDIR = Path("ILSVRC/Data/CLS-LOC")
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One input image: path relative to the tree root (posix), its class and integer label."""
+
+    rel: str
+    wnid: str
+    label: int
+
+
+@dataclass
+class ImageNetTree:
+    """What a tree holds for the selected classes (sorted wnids = label order)."""
+
+    root: Path
+    classes: list[str]
+    splits: dict[str, list[SourceFile]] = field(default_factory=dict)  # "train"/"val" -> files, path-sorted
+    val_layout: str | None = None  # "folders", "flat" or None (no val/)
+
+    def fingerprint(self, split: str) -> str:
+        """sha256 of the split's (path, wnid) list: a resumed run must see the same inputs."""
+        h = hashlib.sha256()
+        for f in self.splits[split]:
+            h.update(f"{f.rel}\t{f.wnid}\n".encode())
+        return h.hexdigest()
+
+
+def is_image_name(name: str) -> bool:
+    """Image files by extension, case-insensitively (ImageNet uses .JPEG)."""
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTS
+
+
+def resolve_root(root: str | Path) -> Path:
+    """The folder that holds train/: ROOT itself or Kaggle's ROOT/ILSVRC/Data/CLS-LOC."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"ImageNet tree not found: {root}")
+    for cand in (root, root / KAGGLE_SUBDIR):
+        if (cand / "train").is_dir():
+            return cand
+    raise FileNotFoundError(f"{root}: no train/ folder (expected ROOT/train/<wnid>/*.JPEG or {KAGGLE_SUBDIR}/train)")
+
+
+def _images_in(folder: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(folder) if e.is_file() and is_image_name(e.name))
+
+
+def _class_folder_files(base: Path, root: Path, wnids: list[str], labels: dict[str, int]) -> list[SourceFile]:
+    present = {e.name for e in os.scandir(base) if e.is_dir()}
+    missing = [w for w in wnids if w not in present]
+    if missing:
+        shown = ", ".join(missing[:20]) + (f" ... ({len(missing)} in all)" if len(missing) > 20 else "")
+        raise FileNotFoundError(f"{base}: {len(missing)} listed classes have no folder: {shown}")
+    out = []
+    for wnid in sorted(wnids):
+        prefix = (base / wnid).relative_to(root).as_posix()
+        out += [SourceFile(f"{prefix}/{name}", wnid, labels[wnid]) for name in _images_in(base / wnid)]
+    return out
+
+
+def detect_val_layout(val: Path) -> str | None:
+    """'folders' when val/ has wnid folders, 'flat' when it has images at top level, None when absent/empty."""
+    if not val.is_dir():
+        return None
+    entries = list(os.scandir(val))
+    has_folders = any(e.is_dir() and WNID_RE.match(e.name) for e in entries)
+    has_files = any(e.is_file() and is_image_name(e.name) for e in entries)
+    if has_folders and has_files:
+        raise ValueError(f"{val}: has both class folders and loose images; use one validation layout")
+    return "folders" if has_folders else "flat" if has_files else None
+
+
+def _flat_val_files(val: Path, root: Path, wnids: list[str], labels: dict[str, int],
+                    val_labels: dict[str, str], labels_source: str) -> list[SourceFile]:
+    names = _images_in(val)
+    unlabeled = [n for n in names if n not in val_labels]
+    if unlabeled:
+        raise ValueError(f"{val}: {len(unlabeled)} images have no label in {labels_source} "
+                         f"(e.g. {', '.join(unlabeled[:5])}); pass --val-labels FILE")
+    selected = set(wnids)
+    out = [SourceFile(f"{val.relative_to(root).as_posix()}/{n}", val_labels[n], labels[val_labels[n]])
+           for n in names if val_labels[n] in selected]
+    empty = sorted(selected - {f.wnid for f in out})
+    if empty:
+        raise ValueError(f"{val}: no validation images for listed classes: {', '.join(empty[:20])}")
+    return out
+
+
+def discover(root: str | Path, wnids: list[str], val_labels: str | Path | None = None) -> ImageNetTree:
+    """Find the train and val images of the listed classes; a missing class is an error naming it.
+
+    val_labels: a 'file<TAB>wnid' file or Kaggle's LOC_val_solution.csv for a flat val/; default is
+    the ILSVRC2012 ground truth shipped with kdpipe.
+    """
+    root = resolve_root(root)
+    classes = sorted_classes(list(wnids))
+    labels = {w: i for i, w in enumerate(classes)}
+    tree = ImageNetTree(root=root, classes=classes)
+    tree.splits["train"] = _class_folder_files(root / "train", root, classes, labels)
+    layout = detect_val_layout(root / "val")
+    tree.val_layout = layout
+    if layout == "folders":
+        tree.splits["val"] = _class_folder_files(root / "val", root, classes, labels)
+    elif layout == "flat":
+        table = read_val_labels(val_labels) if val_labels is not None else default_val_labels()
+        source = str(val_labels) if val_labels is not None else "the shipped ILSVRC2012 labels"
+        tree.splits["val"] = _flat_val_files(root / "val", root, classes, labels, table, source)
+    seen = {f.wnid for f in tree.splits["train"]}
+    empty = [w for w in classes if w not in seen]
+    if empty:
+        raise ValueError(f"{root / 'train'}: listed classes have no images: {', '.join(empty[:20])}")
+    return tree

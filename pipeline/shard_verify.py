@@ -1,0 +1,149 @@
+"""`kdpipe verify`: check a shard directory against its manifest and index.
+
+Per shard: present, size and sha256 as recorded; members in the contract's order with the expected
+ids; every image decodes to RGB or greyscale with the recorded size; label, id and JSON agree with
+the index; the DALI index matches the tar. Problems name the shard and the sample id.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import struct
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .index import INDEX_DTYPE, index_path, read_manifest
+from .shard_io import dali_index_text, ordered_map
+
+EXTS = ("jpg", "cls", "json", "i64")
+
+
+@dataclass
+class VerifyResult:
+    """Outcome of verify_shards: ok when no problems; problems name shard and sample."""
+
+    shard_dir: Path
+    samples: int = 0
+    shards: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_sample(sid: int, parts: dict[str, tuple[int, bytes]], row: np.void) -> list[str]:
+    """Problems with one sample's members (parts: ext -> (data offset, bytes)) against its index row."""
+    out = []
+    if list(parts) != list(EXTS):
+        return [f"sample {sid}: members {list(parts)}, expected {list(EXTS)}"]
+    (off, jpg), cls, meta_raw, i64 = parts["jpg"], parts["cls"][1], parts["json"][1], parts["i64"][1]
+    try:
+        with Image.open(io.BytesIO(jpg)) as im:
+            im.load()
+            fmt, mode, (w, h) = im.format, im.mode, im.size
+    except Exception as e:  # every decode failure is a finding, reported with the sample id
+        return [f"sample {sid}: image does not decode ({' '.join(str(e).split())})"]
+    if fmt != "JPEG" or mode not in ("RGB", "L"):
+        out.append(f"sample {sid}: {fmt} {mode} image, expected RGB or greyscale JPEG")
+    if (h, w) != (row["height"], row["width"]):
+        out.append(f"sample {sid}: image is {h}x{w}, index says {row['height']}x{row['width']}")
+    if (off, len(jpg)) != (row["offset"], row["size"]):
+        out.append(f"sample {sid}: .jpg at offset {off} size {len(jpg)}, index says {row['offset']} {row['size']}")
+    if cls != str(int(row["label"])).encode():
+        out.append(f"sample {sid}: .cls {cls[:20]!r}, index label {row['label']}")
+    if len(i64) != 8 or struct.unpack("<q", i64)[0] != sid:
+        out.append(f"sample {sid}: .i64 does not hold its id")
+    try:
+        meta = json.loads(meta_raw)
+        want = {"id": sid, "label": int(row["label"]), "height": h, "width": w}
+        bad = [k for k, v in want.items() if meta.get(k) != v]
+        if bad:
+            out.append(f"sample {sid}: .json fields {bad} disagree")
+    except ValueError as e:
+        out.append(f"sample {sid}: .json unreadable ({e})")
+    return out
+
+
+def verify_shard(task: tuple[Path, dict, np.ndarray, int]) -> list[str]:
+    """All problems of one shard (each prefixed with its file name)."""
+    path, entry, rows, first_id = task
+    name = path.name
+    if not path.is_file():
+        return [f"{name}: missing"]
+    problems = []
+    if path.stat().st_size != entry["bytes"]:
+        problems.append(f"{name}: {path.stat().st_size} bytes, manifest says {entry['bytes']}")
+    if _sha256(path) != entry["sha256"]:
+        problems.append(f"{name}: sha256 differs from the manifest")
+    members: list[tuple[str, int, int]] = []
+    samples: list[tuple[str, dict]] = []
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for m in tar:  # read member data in order; nothing is extracted to disk
+                if not m.isfile():
+                    problems.append(f"{name}: unexpected non-file member {m.name!r}")
+                    continue
+                members.append((m.name, m.offset_data, m.size))
+                key, _, ext = m.name.partition(".")
+                if not samples or samples[-1][0] != key:
+                    samples.append((key, {}))
+                samples[-1][1][ext] = (m.offset_data, tar.extractfile(m).read())
+    except (tarfile.TarError, OSError, EOFError) as e:
+        problems.append(f"{name}: unreadable tar after {len(samples)} samples ({e})")
+    if len(samples) != entry["count"]:
+        problems.append(f"{name}: {len(samples)} samples, manifest says {entry['count']}")
+    for i, (key, parts) in enumerate(samples[: len(rows)]):
+        sid = first_id + i
+        if key != f"{sid:08d}":
+            problems.append(f"{name}: sample {sid}: key {key!r}, expected {sid:08d}")
+            continue
+        problems += [f"{name}: {p}" for p in check_sample(sid, parts, rows[i])]
+    idx = path.with_suffix(".idx")
+    if not idx.is_file() or idx.read_text() != dali_index_text(members):
+        problems.append(f"{name}: DALI index {idx.name} missing or out of date")
+    return problems
+
+
+def _verify_chunk(tasks: list) -> list[list[str]]:
+    return [verify_shard(t) for t in tasks]
+
+
+def verify_shards(shard_dir: str | Path, workers: int | None = None, progress: bool = False) -> VerifyResult:
+    """Check every shard of every split against manifest.json and the index files."""
+    shard_dir = Path(shard_dir)
+    manifest = read_manifest(shard_dir)
+    result = VerifyResult(shard_dir)
+    tasks = []
+    for split, info in manifest["splits"].items():
+        path = index_path(shard_dir, split)
+        rows = np.load(path, allow_pickle=False) if path.is_file() else None
+        if rows is None or rows.dtype != INDEX_DTYPE or len(rows) != info["count"]:
+            result.problems.append(f"{path.name}: missing or not {info['count']} rows of the index dtype")
+            rows = np.zeros(info["count"], INDEX_DTYPE)
+        for k, entry in enumerate(info["shards"]):
+            sl = rows[entry["first_id"]: entry["first_id"] + entry["count"]]
+            if len(sl) and (sl["shard"] != k).any():
+                result.problems.append(f"{path.name}: rows of {entry['name']} point at another shard")
+            tasks.append((shard_dir / entry["name"], entry, sl, entry["first_id"]))
+            result.samples += entry["count"]
+    result.shards = len(tasks)
+    from tqdm import tqdm
+
+    results = ordered_map(_verify_chunk, tasks, workers or 1, chunk=1, window=2)
+    for problems in tqdm(results, total=len(tasks), desc="verify", unit="shard", disable=not progress):
+        result.problems += problems
+    return result

@@ -1,0 +1,312 @@
+"""Writing ImageNet shards: WebDataset tars + DALI indexes + random-access index + manifest.
+
+How a run works: the split's file list is ordered (train: seeded shuffle of the path-sorted list;
+val: sorted by label then path); shard k takes list positions [k*S, (k+1)*S). Worker processes read
+and prepare images (`shard_io.prepare_image`) in order with bounded in-flight work; this process
+writes each shard sequentially to a temp name, fsyncs and renames it, then writes a small sidecar
+(`.kdpipe-shard/<shard>.json`: count, bytes, sha256, index rows, rejections). Resume finds finished
+shards by their sidecars, so a killed run (kill -9 included) rewrites only what is missing and ends
+with byte-identical shards and manifest. Format: docs/CONTRACTS.md.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import struct
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from . import __version__
+from .classes import load_class_list, wnid_names
+from .imagenet import ImageNetTree, SourceFile, discover
+from .index import INDEX_DTYPE, MANIFEST, index_path, read_manifest
+from .shard_io import (Prepared, TarShardWriter, atomic_write_bytes, atomic_write_json, dali_index_text,
+                       ordered_map, prepare_many)
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+STATE_DIR = ".kdpipe-shard"  # plan.json + one sidecar per finished shard
+OUR_FILES = re.compile(r"^\.?((train|val)-\d{6}\.(tar|idx)|(train|val)\.index\.npy|manifest\.json|rejected\.tsv)(\.tmp)?$")
+
+__all__ = ["ShardOptions", "ShardReport", "OptionsMismatch", "build_shards", "read_manifest", "manifest_sha256",
+           "verify_shards", "shard_name"]
+
+
+@dataclass(frozen=True)
+class ShardOptions:
+    """Every option that changes the bytes of the output (recorded in the manifest)."""
+
+    shard_size: int = 1000  # samples per shard (~110 MB of ImageNet JPEGs)
+    seed: int = 0  # seed of the train shuffle
+    quality: int = 95  # JPEG quality of re-encoded images (CMYK, PNG, --max-side)
+    max_side: int | None = None  # re-encode images whose longer side exceeds this; None = pass through
+
+
+@dataclass
+class ShardReport:
+    """What a run did: the manifest, rejected files, and which shards it wrote or found finished."""
+
+    out: Path
+    manifest: dict
+    rejected: list[tuple[str, str, str]] = field(default_factory=list)  # (split, source, reason)
+    written: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+
+
+class OptionsMismatch(ValueError):
+    """The output directory was made with different options or inputs."""
+
+
+def shard_name(split: str, k: int) -> str:
+    return f"{split}-{k:06d}.tar"
+
+
+def manifest_sha256(shard_dir: str | Path) -> str:
+    """sha256 of manifest.json: identifies a shard set (teacher-cache fingerprints use it)."""
+    import hashlib
+
+    path = Path(shard_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no manifest")
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def ordered_files(files: Sequence[SourceFile], split: str, seed: int) -> list[SourceFile]:
+    """Train: seeded global shuffle of the path-sorted list (class-mixed shards); val: by label, then path."""
+    if split == "train":
+        base = sorted(files, key=lambda f: f.rel)
+        return [base[i] for i in np.random.default_rng(seed).permutation(len(base))]
+    return sorted(files, key=lambda f: (f.label, f.rel))
+
+
+def sample_members(sample_id: int, src: SourceFile, img: Prepared) -> list[tuple[str, bytes]]:
+    """The four members of one sample, in the contract's order."""
+    key = f"{sample_id:08d}"
+    meta = {"id": sample_id, "wnid": src.wnid, "label": src.label, "height": img.height, "width": img.width,
+            "source": src.rel}
+    return [(f"{key}.jpg", img.data), (f"{key}.cls", str(src.label).encode()),
+            (f"{key}.json", json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()),
+            (f"{key}.i64", struct.pack("<q", sample_id))]
+
+
+# ------------------------------------------------------------------------------ plan and resume
+
+
+def make_plan(tree: ImageNetTree, opts: ShardOptions) -> dict:
+    """What the output must be made from; a rerun must match it exactly to resume."""
+    return {"format_version": FORMAT_VERSION, "options": asdict(opts), "classes": tree.classes,
+            "inputs": {s: {"files": len(f), "list_sha256": tree.fingerprint(s)} for s, f in tree.splits.items()}}
+
+
+def plan_diff(old: dict, new: dict) -> list[str]:
+    """Human-readable differences between two plans (empty when equal)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{key}.{d}" for d in plan_diff(a, b)]
+        elif key == "classes" and isinstance(a, list) and isinstance(b, list):
+            out.append(f"classes: {len(a)} -> {len(b)} wnids ({len(set(a) ^ set(b))} differ)")
+        else:
+            out.append(f"{key}: {a!r} -> {b!r}")
+    return out
+
+
+def remove_our_files(out: Path) -> None:
+    """--overwrite: delete only files this tool writes (never anything else in the directory)."""
+    for entry in os.scandir(out):
+        if entry.is_file() and OUR_FILES.match(entry.name):
+            os.unlink(entry.path)
+    state = out / STATE_DIR
+    if state.is_dir():
+        for entry in os.scandir(state):
+            if entry.is_file() and (entry.name.endswith(".json") or entry.name.endswith(".tmp")):
+                os.unlink(entry.path)
+
+
+def check_plan(out: Path, plan: dict, overwrite: bool) -> None:
+    """Compare with the plan of an earlier run; on mismatch raise, or clean up with overwrite."""
+    plan_file = out / STATE_DIR / "plan.json"
+    old = json.loads(plan_file.read_text()) if plan_file.is_file() else None
+    if old is None and (out / MANIFEST).is_file():
+        m = read_manifest(out)
+        old = {"format_version": m["format_version"], "options": m["options"],
+               "classes": [c["wnid"] for c in m["classes"]], "inputs": m["inputs"]}
+    if old is not None and old != plan:
+        if not overwrite:
+            raise OptionsMismatch(f"{out} was written with different options or inputs: "
+                                  f"{'; '.join(plan_diff(old, plan))}. Use another --out, or --overwrite to replace it")
+        remove_our_files(out)
+    elif overwrite:
+        remove_our_files(out)
+    atomic_write_json(plan_file, plan)
+
+
+def load_sidecar(out: Path, name: str, positions: tuple[int, int]) -> dict | None:
+    """A finished shard's sidecar, if the shard on disk still matches it (cheap: size, no hashing)."""
+    side = out / STATE_DIR / f"{name}.json"
+    if not side.is_file():
+        return None
+    meta = json.loads(side.read_text())
+    tar, idx = out / name, out / name.replace(".tar", ".idx")
+    if tuple(meta["positions"]) != positions or not tar.is_file() or tar.stat().st_size != meta["bytes"] \
+            or not idx.is_file():
+        return None
+    return meta
+
+
+# ------------------------------------------------------------------------------------ writing
+
+
+def write_shard(out: Path, name: str, first_id: int, files: Sequence[SourceFile],
+                images: Iterator[Prepared], positions: tuple[int, int]) -> dict:
+    """Write one shard from the next len(files) prepared images; returns its sidecar."""
+    writer = TarShardWriter(out / name)
+    rows, rejected, reencoded, sid = [], [], 0, first_id
+    try:
+        for src in files:
+            img = next(images)
+            if img.data is None:
+                rejected.append([src.rel, img.reason])
+                continue
+            offset = None
+            for member, data in sample_members(sid, src, img):
+                off = writer.add(member, data)
+                offset = off if offset is None else offset
+            rows.append([offset, len(img.data), src.label, img.height, img.width])
+            reencoded += bool(img.reencoded)
+            sid += 1
+        nbytes, sha = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    atomic_write_bytes(out / name.replace(".tar", ".idx"), dali_index_text(writer.members).encode())
+    meta = {"name": name, "first_id": first_id, "count": len(rows), "bytes": nbytes, "sha256": sha,
+            "positions": list(positions), "rows": rows, "rejected": rejected, "reencoded": reencoded}
+    atomic_write_json(out / STATE_DIR / f"{name}.json", meta)
+    return meta
+
+
+def build_split(tree: ImageNetTree, out: Path, split: str, opts: ShardOptions, workers: int,
+                progress: bool, report: ShardReport) -> list[dict]:
+    """Write (or find finished) every shard of one split; returns their sidecars in order."""
+    files = ordered_files(tree.splits[split], split, opts.seed)
+    size = opts.shard_size
+    spans = [(k, (k * size, min(len(files), (k + 1) * size))) for k in range((len(files) + size - 1) // size)]
+    done = {k: load_sidecar(out, shard_name(split, k), span) for k, span in spans}
+    todo = [f for k, (a, b) in spans if done[k] is None for f in files[a:b]]
+    work = partial(prepare_many, quality=opts.quality, max_side=opts.max_side)
+    paths = (str(tree.root / f.rel) for f in todo)
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(todo), desc=f"shard {split}", unit="img", disable=not progress or not todo,
+               dynamic_ncols=True, smoothing=0.05)
+    stream = ordered_map(work, paths, workers)
+    images = _counting(stream, bar)
+    metas, next_id = [], 0
+    try:
+        for k, span in spans:
+            name, meta = shard_name(split, k), done[k]
+            if meta is not None and meta["first_id"] == next_id:
+                report.reused.append(name)
+            else:
+                if meta is not None:
+                    raise RuntimeError(f"{out / name}: first id {meta['first_id']} on disk, {next_id} expected; "
+                                       "the input changed since the earlier run: rerun with --overwrite")
+                meta = write_shard(out, name, next_id, files[span[0]:span[1]], images, span)
+                report.written.append(name)
+            metas.append(meta)
+            next_id += meta["count"]
+    finally:
+        images.close()
+        stream.close()  # stops the worker pool if a write failed
+        bar.close()
+    return metas
+
+
+def _counting(it: Iterator[Prepared], bar) -> Iterator[Prepared]:
+    for x in it:
+        bar.update(1)
+        yield x
+
+
+def build_shards(imagenet: str | Path, out: str | Path, *, classes: Sequence[str] | str | Path | None = None,
+                 val_labels: str | Path | None = None, options: ShardOptions = ShardOptions(),
+                 workers: int | None = None, overwrite: bool = False, progress: bool = True) -> ShardReport:
+    """Shard an ImageNet tree into `out`; resumes an interrupted run and only checks a finished one.
+
+    classes: wnids, a class-list file, or None for the canonical ImageNet-100 list.
+    Raises OptionsMismatch when `out` holds shards made differently (unless overwrite).
+    """
+    if options.shard_size < 1 or not 1 <= options.quality <= 100 or (options.max_side or 1) < 1:
+        raise ValueError(f"invalid shard options: {options}")
+    wnids = list(classes) if isinstance(classes, (list, tuple)) else load_class_list(classes)
+    tree = discover(imagenet, wnids, val_labels)
+    out = Path(out)
+    (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    workers = workers or os.cpu_count() or 1
+    with open(out / STATE_DIR / "lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"{out}: another `kdpipe shard` is writing here") from None
+        plan = make_plan(tree, options)
+        check_plan(out, plan, overwrite)
+        report = ShardReport(out=out, manifest={})
+        metas = {s: build_split(tree, out, s, options, workers, progress, report) for s in SPLITS if s in tree.splits}
+        report.manifest = finish(out, tree, plan, metas, report)
+    return report
+
+
+def finish(out: Path, tree: ImageNetTree, plan: dict, metas: dict[str, list[dict]], report: ShardReport) -> dict:
+    """Index files, rejected.tsv and manifest from the sidecars (identical bytes however the run went)."""
+    for split, shards in metas.items():
+        rows = [(k, *r) for k, m in enumerate(shards) for r in m["rows"]]
+        arr = np.array(rows, dtype=INDEX_DTYPE) if rows else np.zeros(0, INDEX_DTYPE)
+        _write_if_changed(index_path(out, split), _npy_bytes(arr))
+        report.rejected += [(split, src, reason) for m in shards for src, reason in m["rejected"]]
+    tsv = "split\tsource\treason\n" + "".join(f"{s}\t{src}\t{r}\n" for s, src, r in report.rejected)
+    _write_if_changed(out / "rejected.tsv", tsv.encode())
+    names = wnid_names()
+    manifest = {
+        "format": "kdpipe-shards", "format_version": FORMAT_VERSION, "kdpipe_version": __version__,
+        "classes": [{"label": i, "wnid": w, "name": names.get(w, "")} for i, w in enumerate(tree.classes)],
+        "splits": {split: {"count": sum(m["count"] for m in shards),
+                           "rejected": sum(len(m["rejected"]) for m in shards),
+                           "reencoded": sum(m["reencoded"] for m in shards),
+                           "shards": [{k: m[k] for k in ("name", "first_id", "count", "bytes", "sha256")}
+                                      for m in shards]}
+                   for split, shards in metas.items()},
+        "options": plan["options"], "inputs": plan["inputs"], "rejected": len(report.rejected)}
+    _write_if_changed(out / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    return manifest
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _write_if_changed(path: Path, data: bytes) -> None:
+    """A rerun over a finished output leaves every file untouched."""
+    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
+        return
+    atomic_write_bytes(path, data)
+
+
+def verify_shards(shard_dir: str | Path, workers: int | None = None, progress: bool = False):
+    """Check every shard against the manifest; see pipeline.shard_verify."""
+    from .shard_verify import verify_shards as _verify
+
+    return _verify(shard_dir, workers=workers, progress=progress)

@@ -1,0 +1,162 @@
+"""The shard writer: format of docs/CONTRACTS.md, oddities, rejections, shuffle, idempotence, options."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import struct
+import subprocess
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.index import INDEX_DTYPE
+from pipeline.shards import OptionsMismatch, ShardOptions, build_shards, manifest_sha256, read_manifest
+from pipeline.synthetic import make_imagenet_tree
+
+OPTS = ShardOptions(shard_size=5)
+
+
+@pytest.fixture
+def odd_tree(tmp_path, small_wnids):
+    return make_imagenet_tree(tmp_path / "tree", small_wnids, train_per_class=4, val_per_class=2,
+                              size=(40, 56), oddities=True, broken=True)
+
+
+def build(tree, out, workers=1, **kw):
+    kw.setdefault("options", OPTS)
+    return build_shards(tree.root, out, classes=tree.wnids, workers=workers, progress=False, **kw)
+
+
+def read_tar(path):
+    """(name, data offset, bytes) of every member, in order."""
+    with tarfile.open(path) as tar:
+        return [(m.name, m.offset_data, tar.extractfile(m).read()) for m in tar]
+
+
+def test_format_matches_contract(tmp_path, odd_tree):
+    out = tmp_path / "out"
+    report = build(odd_tree, out, workers=2)
+    m = read_manifest(out)
+    assert m["format"] == "kdpipe-shards" and m["format_version"] == 1
+    assert [c["wnid"] for c in m["classes"]] == sorted(odd_tree.wnids) and m["classes"][0]["name"]
+    n_train = odd_tree.count("train")  # valid ones, oddities included
+    assert m["splits"]["train"]["count"] == n_train and m["splits"]["val"]["count"] == odd_tree.count("val")
+    assert m["rejected"] == 3 and m["options"]["shard_size"] == 5 and m["splits"]["train"]["reencoded"] == 2
+    shards = m["splits"]["train"]["shards"]
+    assert [s["name"] for s in shards] == [f"train-{k:06d}.tar" for k in range(len(shards))]
+    assert len(shards) == -(-(n_train + 3) // 5)  # positions include rejected files
+    idx = np.load(out / "train.index.npy")
+    assert idx.dtype == INDEX_DTYPE and len(idx) == n_train
+    sources = set()
+    for k, s in enumerate(shards):
+        assert s["bytes"] == (out / s["name"]).stat().st_size
+        members = read_tar(out / s["name"])
+        assert len(members) == 4 * s["count"]
+        for j in range(s["count"]):
+            sid = s["first_id"] + j
+            (jn, joff, jpg), (cn, _, cls), (mn, _, meta), (iname, _, i64) = members[4 * j: 4 * j + 4]
+            key = f"{sid:08d}"
+            assert (jn, cn, mn, iname) == (f"{key}.jpg", f"{key}.cls", f"{key}.json", f"{key}.i64")
+            row = idx[sid]
+            assert (row["shard"], row["offset"], row["size"]) == (k, joff, len(jpg))
+            meta = json.loads(meta)
+            assert int(cls) == row["label"] == meta["label"] and struct.unpack("<q", i64)[0] == sid == meta["id"]
+            assert m["classes"][meta["label"]]["wnid"] == meta["wnid"] == meta["source"].split("/")[1]
+            with Image.open(io.BytesIO(jpg)) as im:
+                im.load()
+                assert im.format == "JPEG" and im.mode in ("RGB", "L")
+                assert im.size == (row["width"], row["height"]) == (meta["width"], meta["height"])
+            sources.add(meta["source"])
+    assert sources == {r for rels in odd_tree.train.values() for r in rels}
+    assert report.written and not report.reused
+
+
+def test_passthrough_is_byte_exact_and_oddities_reencoded(tmp_path, odd_tree):
+    out = tmp_path / "out"
+    build(odd_tree, out)
+    by_source = {}
+    for s in read_manifest(out)["splits"]["train"]["shards"]:
+        members = read_tar(out / s["name"])
+        for j in range(0, len(members), 4):
+            by_source[json.loads(members[j + 2][2])["source"]] = members[j][2]
+    plain = odd_tree.train[odd_tree.wnids[1]][0]
+    assert by_source[plain] == (odd_tree.root / plain).read_bytes()
+    grey = odd_tree.oddities["greyscale"]
+    assert by_source[grey] == (odd_tree.root / grey).read_bytes()
+    for kind in ("cmyk", "png_as_jpeg"):
+        with Image.open(io.BytesIO(by_source[odd_tree.oddities[kind]])) as im:
+            assert im.format == "JPEG" and im.mode == "RGB" and im.size == (56, 40)
+
+
+def test_rejections_reported(tmp_path, odd_tree):
+    out = tmp_path / "out"
+    report = build(odd_tree, out)
+    lines = (out / "rejected.tsv").read_text().splitlines()
+    assert lines[0] == "split\tsource\treason"
+    rows = {src: reason for split, src, reason in (line.split("\t") for line in lines[1:])}
+    assert set(rows) == set(odd_tree.broken.values()) == {src for _, src, _ in report.rejected}
+    assert rows[odd_tree.broken["zero_byte"]] == "zero-byte file"
+    assert "truncated" in rows[odd_tree.broken["truncated"]]
+    assert "not an image" in rows[odd_tree.broken["not_an_image"]] and " at 0x" not in rows[odd_tree.broken["not_an_image"]]
+
+
+def test_train_is_shuffled_val_sorted_and_seeded(tmp_path, small_wnids):
+    tree = make_imagenet_tree(tmp_path / "t", small_wnids, train_per_class=6, val_per_class=3, size=(32, 32))
+    build(tree, tmp_path / "a")
+    build(tree, tmp_path / "b", options=ShardOptions(shard_size=5, seed=1))
+    a = np.load(tmp_path / "a" / "train.index.npy")
+    b = np.load(tmp_path / "b" / "train.index.npy")
+    assert len(set(a["label"][:5].tolist())) > 1, "first shard should mix classes"
+    assert not np.array_equal(a["label"], b["label"])
+    assert sorted(a["label"]) == sorted(b["label"])
+    val = np.load(tmp_path / "a" / "val.index.npy")
+    assert list(val["label"]) == sorted(val["label"])
+
+
+def test_idempotent_rerun_and_determinism(tmp_path, odd_tree):
+    out = tmp_path / "out"
+    build(odd_tree, out)
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir() if p.is_file()}
+    report = build(odd_tree, out, workers=2)
+    assert report.written == [] and len(report.reused) == len(read_manifest(out)["splits"]["train"]["shards"]) + 2
+    after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir() if p.is_file()}
+    assert after == before  # nothing rewritten, not even touched
+    build(odd_tree, tmp_path / "again", workers=2)
+    for name in before:
+        assert (tmp_path / "again" / name).read_bytes() == before[name][1], name
+    assert manifest_sha256(out) == manifest_sha256(tmp_path / "again")
+
+
+def test_option_mismatch_and_overwrite(tmp_path, odd_tree):
+    out = tmp_path / "out"
+    build(odd_tree, out)
+    (out / "my-notes.txt").write_text("user data")
+    with pytest.raises(OptionsMismatch, match=r"shard_size: 5 -> 7"):
+        build(odd_tree, out, options=ShardOptions(shard_size=7))
+    with pytest.raises(OptionsMismatch, match="classes"):
+        build_shards(odd_tree.root, out, classes=odd_tree.wnids[:2], options=OPTS, workers=1, progress=False)
+    report = build(odd_tree, out, options=ShardOptions(shard_size=7), overwrite=True)
+    assert report.manifest["options"]["shard_size"] == 7 and not report.reused
+    names = {p.name for p in out.iterdir()}
+    assert "my-notes.txt" in names and "train-000004.tar" not in names  # old extra shards removed, user file kept
+
+
+def test_dali_index_matches_wds2idx(tmp_path, odd_tree):
+    if shutil.which("wds2idx") is None or shutil.which("tar") is None:
+        pytest.skip("needs DALI's wds2idx and GNU tar")
+    out = tmp_path / "out"
+    build(odd_tree, out)
+    for tar in sorted(out.glob("*.tar")):
+        subprocess.run(["wds2idx", str(tar), str(tmp_path / "ref.idx")], check=True, capture_output=True)
+        assert tar.with_suffix(".idx").read_text() == (tmp_path / "ref.idx").read_text(), tar.name
+
+
+def test_max_side_downscales(tmp_path, small_wnids):
+    tree = make_imagenet_tree(tmp_path / "t", small_wnids[:1], train_per_class=2, val_layout=None, size=(40, 80))
+    report = build(tree, tmp_path / "out", options=ShardOptions(shard_size=5, max_side=32))
+    idx = np.load(tmp_path / "out" / "train.index.npy")
+    assert (idx["width"] == 32).all() and (idx["height"] == 16).all()
+    assert report.manifest["splits"]["train"]["reencoded"] == 2
