@@ -158,6 +158,13 @@ class Distiller:
             out["teacher_entropy_tau1"], out["teacher_entropy_tau"] = v[-3] / n, v[-2] / n
         return out
 
+    def sync_buffers(self) -> None:
+        """Rank 0's BatchNorm statistics everywhere: DDP broadcasts buffers before each forward, so after
+        the last step each rank holds its own; evaluation and checkpoints must see one model."""
+        for m in self.students:
+            for b in m.buffers():
+                dist.broadcast(b, 0)
+
     def lr(self) -> float:
         return self.optimizers[0].param_groups[0]["lr"]
 
@@ -316,6 +323,7 @@ def run_training(cfg: TrainConfig, train_loader, val_loader, *, classes: list[st
                 bar.close()
                 if world > 1:
                     dist.all_reduce(acc)
+                    distiller.sync_buffers()
                 save(run / ck.LAST, epoch, step, acc)
                 return {"stopped": True, "global_step": global_step + 1, "teacher_val": teacher_val}
         bar.close()
@@ -328,6 +336,7 @@ def run_training(cfg: TrainConfig, train_loader, val_loader, *, classes: list[st
         epoch_time = time.perf_counter() - t0
         if world > 1:
             dist.all_reduce(acc)
+            distiller.sync_buffers()
         record = {"epoch": epoch, "lr": distiller.lr(), **distiller.summarize(acc)}
         record["epoch_time_s"] = epoch_time
         record["images_per_s"] = (record["images"] - images0) / max(epoch_time, 1e-9)
