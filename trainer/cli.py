@@ -155,5 +155,26 @@ def cache_teacher_cmd(shards, teacher, teacher_weights, out, epochs, seed, image
     click.echo(f"teacher cache complete: {path}")
 
 
+# ---- report: the paper's tables and plots from runs' metrics (trainer/report.py) ----
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Directory for report.md and the PNG plots.")
+@click.option("--teacher", "teacher_run", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="The teacher's own training run (shown as the teacher row; found automatically when a run's "
+                   "--teacher-weights lie in one of the RUNS).")
+@click.option("--low-w", type=float, default=0.5, show_default=True,
+              help="Samples with teacher weight w below this count as low-confidence.")
+def report(runs, out, teacher_run, low_w):
+    """Write OUT/report.md (Tables I-III, teacher uncertainty, accuracy per epoch) and PNG plots from RUNS."""
+    from trainer.report import write_report
+
+    try:
+        path = write_report(list(runs), out, teacher=teacher_run, low_w=low_w)
+    except (FileNotFoundError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"wrote {path}")
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,151 @@
+"""`kdpipe report`: tables from hand-written runs in the trainer's metrics.jsonl format, teacher stats, plots."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from trainer import report as rep
+from trainer.cli import main
+
+
+def _line(epoch, students, top1, top5, *, images=1000, t=10.0, w=None, ens=None):
+    """One epoch's record as trainer/loop.py writes it."""
+    rec = {"epoch": epoch, "lr": 0.1, "images": images, "epoch_time_s": t, "images_per_s": images / t,
+           "peak_mem_mb": 500.0 + epoch, "peak_mem_kind": "cpu_max_rss", "val_images": 200, "teacher_val": None,
+           "w_mean": w, "val_ensemble_top1": ens[0] if ens else top1[0], "val_ensemble_top5": ens[1] if ens else top5[0]}
+    if w is not None:
+        rec.update(teacher_entropy_tau1=1.5, teacher_entropy_tau=4.2)
+    for i, s in enumerate(students):
+        rec[f"s{i}"] = {"name": s, "loss": 1.0, "hard": 1.0, "teacher": 0.0, "peer": 0.0, "w": w or 0.0,
+                        "train_acc": 50.0, "val_top1": top1[i], "val_top5": top5[i]}
+    return rec
+
+
+def make_run(root, name, mode, students, finals, *, epochs=2, cache=None, tau=4.0, teacher_weights=None):
+    """A run dir whose last epoch has top-1 = finals[i] (top-5 = finals + 20); earlier epochs 10 points lower."""
+    run = root / name
+    run.mkdir(parents=True)
+    cfg = {"mode": mode, "students": list(students), "loss": {"tau": tau}, "teacher_cache": cache,
+           "teacher_weights": teacher_weights, "epochs": epochs}
+    (run / "config.json").write_text(json.dumps(cfg))
+    lines = []
+    for e in range(epochs):
+        top1 = [f - 10 * (epochs - 1 - e) for f in finals]
+        ens = (max(top1) + 1, max(top1) + 21) if len(students) > 1 else None
+        lines.append(_line(e, students, top1, [a + 20 for a in top1], t=10.0 + e,
+                           w=None if mode == "hard" else 0.6, ens=ens))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return run
+
+
+@pytest.fixture
+def ladder(tmp_path):
+    """teacher, hard, kd, uw-kd (both students each, independent) and dual runs."""
+    rn, mb = "resnet18", "mobilenet_v2"
+    runs = [make_run(tmp_path, "teacher", "hard", ["resnet50"], [80.0], epochs=3),
+            make_run(tmp_path, "hard", "hard", [rn, mb], [50.0, 45.0]),
+            make_run(tmp_path, "kd", "kd", [rn, mb], [55.0, 48.0], teacher_weights=str(tmp_path / "teacher" / "w.pt")),
+            make_run(tmp_path, "uw-kd", "uw-kd", [rn, mb], [57.0, 47.0]),
+            make_run(tmp_path, "dual", "dual", [rn, mb], [58.5, 49.25])]
+    return runs
+
+
+def test_tables_match_the_runs(tmp_path, ladder):
+    path = rep.write_report(ladder, tmp_path / "out")
+    text = path.read_text()
+    # Table I: KD vs dual with improvements; the teacher run is found through kd's teacher_weights.
+    assert "| resnet18 | 55.00 | 75.00 | 58.50 | 78.50 | +3.50 | +3.50 |" in text
+    assert "| mobilenet_v2 | 48.00 | 68.00 | 49.25 | 69.25 | +1.25 | +1.25 |" in text
+    assert "| ensemble (dual) | — | — | 59.50 | 79.50 | — | — |" in text
+    assert "Teacher resnet50 (run teacher): top-1 80.00, top-5 100.00." in text
+    # Table II: time = sum of epoch times, images/s = images / time.
+    assert "| kd | kd | resnet18, mobilenet_v2 | 2 | 2000 | 21.0 | 95.2 | 10.5 | 501 |" in text
+    # Table III: ladder with deltas; mobilenet's uw-kd step goes down and the report says so.
+    assert "| resnet18 | 50.00 | 55.00 (+5.00) | 57.00 (+2.00) | 58.50 (+1.50) |" in text
+    assert "| mobilenet_v2 | 45.00 | 48.00 (+3.00) | 47.00 (-1.00) | 49.25 (+2.25) |" in text
+    assert "mobilenet_v2: +uncertainty weight is 1.00 points below the rung before it" in text
+    assert "- resnet18: +" not in text
+    # Per-epoch table and plots.
+    assert "| dual | ensemble | 49.5 | 59.5 |  |" in text  # padded to the teacher's 3 epochs
+    assert (tmp_path / "out" / "val_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![validation accuracy per epoch](val_accuracy.png)" in text
+
+
+def test_dual_below_kd_is_called_out(tmp_path):
+    runs = [make_run(tmp_path, "kd", "kd", ["resnet18"], [60.0]),
+            make_run(tmp_path, "dual", "dual", ["resnet18", "mobilenet_v2"], [58.0, 40.0])]
+    text = rep.write_report(runs, tmp_path / "out").read_text()
+    assert "| resnet18 | 60.00 | 80.00 | 58.00 | 78.00 | -2.00 | -2.00 |" in text
+    assert "| mobilenet_v2 | — | — | 40.00 | 60.00 | — | — |" in text
+    assert "resnet18: here the dual method is 2.00 points below baseline KD" in text
+
+
+def _cache(path, logits):
+    from pipeline.teacher_cache import CacheLayout, TeacherCacheWriter
+
+    e, n, c = logits.shape
+    w = TeacherCacheWriter.create(path, CacheLayout(epochs=e, num_samples=n, num_classes=c, chunk_n=n), {"t": 1})
+    for epoch in range(e):
+        w.write_unit(epoch, 0, logits[epoch])
+
+
+def test_teacher_statistics_from_the_cache(tmp_path):
+    c = 10
+    confident = np.zeros((1, 30, c), np.float32)
+    confident[0, :, 0] = 12.0  # w close to 1
+    uniform = np.zeros((1, 10, c), np.float32)  # w = 0
+    logits = np.concatenate([confident, uniform], axis=1)
+    _cache(tmp_path / "t.zarr", logits)
+    run = make_run(tmp_path, "dual", "dual", ["resnet18", "mobilenet_v2"], [50.0, 40.0], cache=str(tmp_path / "t.zarr"))
+    stats = rep.teacher_stats(tmp_path / "t.zarr", tau=4.0, low_w=0.5)
+    p = np.exp(12.0) / (np.exp(12.0) + 9)
+    h1 = -(p * math.log(p) + (1 - p) * math.log((1 - p) / 9))
+    assert stats["low_share"] == pytest.approx(0.25)
+    assert stats["entropy_tau1"] == pytest.approx((30 * h1 + 10 * math.log(c)) / 40, rel=1e-3)
+    assert stats["w_mean"] == pytest.approx((30 * (1 - h1 / math.log(c))) / 40, rel=1e-3)
+    assert stats["entropy_tau1"] < stats["entropy_tau"] <= math.log(c)
+    text = rep.write_report([run], tmp_path / "out").read_text()
+    assert f"| {stats['w_mean']:.4f} | {stats['entropy_tau1']:.4f} | {stats['entropy_tau']:.4f} | 25.0 % |" in text
+    assert (tmp_path / "out" / "w_histogram.png").stat().st_size > 1000
+    assert "| dual | dual | 0.6000 | 1.5000 | 4.2000 |" in text  # the trainer's own batch statistics
+
+
+def test_tables_without_matplotlib(tmp_path, monkeypatch):
+    monkeypatch.setattr(rep.plots, "_pyplot", lambda: None)
+    run = make_run(tmp_path, "kd", "kd", ["resnet18"], [60.0])
+    text = rep.write_report([run], tmp_path / "out").read_text()
+    assert "## Table I" in text and "Plots skipped: matplotlib is not installed" in text
+    assert not list((tmp_path / "out").glob("*.png"))
+
+
+def test_resumed_epoch_lines_keep_the_last(tmp_path):
+    run = make_run(tmp_path, "kd", "kd", ["resnet18"], [60.0])
+    extra = _line(1, ["resnet18"], [61.0], [81.0])
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(extra) + "\n")
+    r = rep.load_run(run)
+    assert [e.epoch for e in r.epochs] == [0, 1] and r.final.top1["resnet18"] == 61.0
+
+
+def test_bad_runs_are_named(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json not found"):
+        rep.load_run(tmp_path / "empty")
+    run = make_run(tmp_path, "kd", "kd", ["resnet18"], [60.0])
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write("{not json\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl:3"):
+        rep.load_run(run)
+
+
+def test_cli_report(tmp_path, ladder):
+    result = CliRunner().invoke(main, ["report", *map(str, ladder[1:]), "--teacher", str(ladder[0]),
+                                       "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "r" / "report.md").is_file() and "report.md" in result.output
+    bad = CliRunner().invoke(main, ["report", str(tmp_path), "--out", str(tmp_path / "r2")])
+    assert bad.exit_code != 0 and "config.json not found" in bad.output

@@ -1,0 +1,73 @@
+"""The report's PNG plots (matplotlib is an optional extra: without it these return False and the
+report keeps its tables)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _pyplot():
+    """matplotlib.pyplot with a file-only backend, or None when matplotlib is not installed (plots are optional)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def plot_accuracy(runs: list, path: Path) -> bool:
+    """Validation top-1 per epoch: one panel per student (and the ensemble), one line per run."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    from matplotlib.ticker import MaxNLocator
+
+    students = list(dict.fromkeys(s for r in runs for s in r.students))
+    panels = students + (["ensemble"] if any(len(r.students) > 1 for r in runs) else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False, sharey=True)
+    for ax, panel in zip(axes[0], panels):
+        for r in runs:
+            if panel == "ensemble" and len(r.students) > 1:
+                ys = [e.ensemble_top1 for e in r.epochs]
+            elif panel in r.students:
+                ys = [e.top1[panel] for e in r.epochs]
+            else:
+                continue
+            ax.plot([e.epoch + 1 for e in r.epochs], ys, marker="o", ms=3, label=r.name if r.name == r.mode else f"{r.name} ({r.mode})")
+        ax.set_title(panel)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("validation top-1 (%)")
+    fig.tight_layout()
+    _save_fig(fig, path)
+    plt.close(fig)
+    return True
+
+
+def plot_w_hist(stats: dict, path: Path) -> bool:
+    """Histogram of the teacher's per-sample weight w, with the low-confidence threshold and the mean."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    ax.hist(stats["w"], bins=50, range=(0.0, 1.0), color="tab:blue")
+    ax.axvline(stats["low_w"], color="tab:red", ls="--", label=f"w = {stats['low_w']:g}")
+    ax.axvline(stats["w_mean"], color="k", ls=":", label=f"mean {stats['w_mean']:.3f}")
+    ax.set_xlabel("teacher confidence weight w = 1 - H / log C")
+    ax.set_ylabel("samples x aug. epochs")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save_fig(fig, path)
+    plt.close(fig)
+    return True
+
+
+def _save_fig(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
