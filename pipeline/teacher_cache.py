@@ -21,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import shutil
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -231,15 +233,19 @@ class TeacherCacheWriter:
 
         if (Path(path) / "zarr.json").exists():
             writer = cls(path)
-            want = {**fingerprint}
-            fields, lines = fingerprint_diff(writer.fingerprint, want)
+            fields, lines = fingerprint_diff(writer.fingerprint, fingerprint)
             lfields, llines = fingerprint_diff(writer.layout.attrs(), layout.attrs())
             if fields or lfields:
                 raise CacheMismatchError(writer.path, fields + lfields, lines + llines)
             return writer
+        if Path(path).exists():
+            raise FileExistsError(f"{path} exists and is not a teacher cache; choose another --out")
         attrs = {"format": FORMAT, "layout_version": LAYOUT_VERSION, **layout.attrs(),
                  "fingerprint": _jsonable(fingerprint)}
-        group = zarr.open_group(str(path), mode="w-", attributes=attrs)
+        # built beside the target and renamed into place: a crash never leaves a half-created store
+        tmp = Path(path).with_name(f".{Path(path).name}.creating-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        group = zarr.open_group(str(tmp), mode="w-", attributes=attrs)
         e, n, c, k, cn = layout.epochs, layout.num_samples, layout.num_classes, layout.topk, layout.chunk_n
         zstd = zarr.codecs.ZstdCodec(level=3)
 
@@ -255,6 +261,7 @@ class TeacherCacheWriter:
         array("weight", (e, n), "float32", ("epoch", "sample"), (1, cn))
         array("entropy", (e, n), "float32", ("epoch", "sample"), (1, cn))
         array("done", (e, layout.chunks_per_epoch), "uint8", ("epoch", "chunk"), (1, 1), compress=False)
+        os.rename(tmp, path)  # atomic; fails if another process created `path` meanwhile
         return cls(path)
 
     def done_mask(self) -> np.ndarray:
@@ -306,6 +313,8 @@ class TeacherCache:
         self.prefetch = prefetch
         self._group = _open_group(path, "r")
         self.layout = read_layout(self._group)
+        self.epochs, self.num_samples, self.num_classes = (self.layout.epochs, self.layout.num_samples,
+                                                           self.layout.num_classes)
         self.fingerprint: dict[str, Any] = dict(self._group.attrs["fingerprint"])
         self._init_state()
 
@@ -325,18 +334,6 @@ class TeacherCache:
         lay = self.layout
         mode = f"top-{lay.topk}" if lay.topk else "full logits"
         return f"TeacherCache({self.path!r}, epochs={lay.epochs}, samples={lay.num_samples}, {mode})"
-
-    @property
-    def epochs(self) -> int:
-        return self.layout.epochs
-
-    @property
-    def num_samples(self) -> int:
-        return self.layout.num_samples
-
-    @property
-    def num_classes(self) -> int:
-        return self.layout.num_classes
 
     # -- validation
     def check(self, expected: dict[str, Any]) -> None:

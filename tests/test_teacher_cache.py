@@ -207,3 +207,12 @@ def test_cache_fingerprint_records_everything_views_depend_on():
     for key in ("manifest_sha256", "teacher", "weights_sha256", "precision", "backend",
                 "kdpipe_version", "topk"):
         assert key in fp
+
+
+def test_create_never_clobbers_a_foreign_path_nor_leaves_a_half_store(tmp_path, layout):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="is not a teacher cache"):
+        TeacherCacheWriter.create(tmp_path / "taken", layout, FP)
+    TeacherCacheWriter.create(tmp_path / "c.zarr", layout, FP)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.zarr", "taken"]  # no temp dir left behind
