@@ -1,0 +1,182 @@
+"""ImageNet100Loader: epoch order + rank split + resume + backend + teacher cache -> Batch.
+
+The loader owns everything about *which* samples come when (order, ranks, start step, drop_last,
+teacher logits); a backend only turns ids into pixels. Every backend class has
+
+    Backend(index, *, spec, seed, train, device, normalize, dtype, num_workers, skip_corrupt)
+    .iter_batches(ids, aug_epoch, batch_size) -> iterator of (images, labels, ids), in exactly ids' order
+
+so a new backend (DALI, torch CPU, torch CUDA) plugs in without touching the order logic.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from .augment import AugSpec, epoch_order
+from .batch import Batch
+from .index import ShardIndex
+
+BACKENDS = ("auto", "torch", "dali")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def dali_available() -> bool:
+    """True when nvidia.dali can be imported (checked without importing it)."""
+    return importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
+
+
+def choose_backend(name: str, device: torch.device) -> str:
+    """'auto' -> 'dali' when DALI is installed and the device is a CUDA GPU, else 'torch'."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {name!r}")
+    if name == "auto":
+        return "dali" if device.type == "cuda" and torch.cuda.is_available() and dali_available() else "torch"
+    return name
+
+
+def backend_class(name: str) -> type:
+    """The class for a concrete backend name (imported lazily: DALI is optional)."""
+    if name == "dali":
+        from .backends.dali_backend import DaliBackend
+
+        return DaliBackend
+    from .backends.torch_backend import TorchBackend
+
+    return TorchBackend
+
+
+def default_workers() -> int:
+    """One worker process per core this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def open_teacher_cache(cache: Any) -> Any:
+    """A TeacherCache from a path, or the object itself (anything with .epochs and .lookup)."""
+    if isinstance(cache, (str, Path)):
+        from .teacher_cache import TeacherCache
+
+        return TeacherCache(cache)
+    if not (hasattr(cache, "epochs") and hasattr(cache, "lookup")):
+        raise TypeError("teacher_cache must be a path or have .epochs and .lookup(epoch, ids)")
+    return cache
+
+
+class ImageNet100Loader:
+    """Batches of one split of a shard directory, for one rank: `Batch(images, labels, ids, epoch)`.
+
+    Training (split "train"): a seeded permutation per epoch, padded so every rank gets the same
+    number of samples, random views from `sample_params`. Other splits: every sample once, in id
+    order, split across ranks, the validation view. See docs/loader.md.
+    """
+
+    def __init__(self, shards: str | Path, split: str = "train", batch_size: int = 256, *, seed: int = 0,
+                 backend: str = "auto", device: torch.device | str | None = None, spec: AugSpec | None = None,
+                 rank: int = 0, world_size: int = 1, num_workers: int | None = None,
+                 drop_last: bool | None = None, normalize: bool = True, dtype: torch.dtype | None = None,
+                 teacher_cache: Any = None, skip_corrupt: bool = False):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if num_workers is not None and num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        dtype = torch.float32 if dtype is None else dtype
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype}")
+        if spec is not None and not isinstance(spec, AugSpec):
+            raise TypeError(f"spec must be an AugSpec, got {type(spec).__name__}")
+        self.device = torch.device(device) if device is not None else \
+            torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device} asked for, but CUDA is not available; use device='cpu'")
+        self.index = ShardIndex(shards, split)  # raises naming the directory and the splits it has
+        self.split, self.batch_size, self.seed = split, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.spec = spec or AugSpec()
+        self.train = split == "train"
+        self.drop_last = self.train if drop_last is None else drop_last
+        self.normalize, self.dtype = normalize, dtype
+        self.teacher_cache = None if teacher_cache is None else open_teacher_cache(teacher_cache)
+        if self.teacher_cache is not None and getattr(self.teacher_cache, "num_samples", len(self.index)) != len(self.index):
+            raise ValueError(f"teacher cache has {self.teacher_cache.num_samples} samples, "
+                             f"split {split!r} of {shards} has {len(self.index)}")
+        self.backend_name = choose_backend(backend, self.device)
+        self.num_workers = default_workers() if num_workers is None else num_workers
+        self.backend = backend_class(self.backend_name)(
+            self.index, spec=self.spec, seed=seed, train=self.train, device=self.device, normalize=normalize,
+            dtype=dtype, num_workers=self.num_workers, skip_corrupt=skip_corrupt)
+        self.epoch, self.start_step = 0, 0
+
+    # -- what it holds
+    @property
+    def num_samples(self) -> int:
+        return len(self.index)
+
+    @property
+    def num_classes(self) -> int:
+        return self.index.num_classes
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.index.classes)
+
+    @property
+    def manifest(self) -> dict:
+        return self.index.manifest
+
+    @property
+    def skipped(self) -> list[tuple[int, str]]:
+        """(sample id, reason) of every sample dropped so far with skip_corrupt=True."""
+        return list(getattr(self.backend, "skipped", []))
+
+    # -- order
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """The epoch to iterate next; start_step > 0 resumes inside it (the next iteration only)."""
+        if epoch < 0 or start_step < 0:
+            raise ValueError(f"epoch and start_step must be >= 0, got {epoch}, {start_step}")
+        if start_step > len(self):
+            raise ValueError(f"start_step {start_step} is past the end of the epoch ({len(self)} batches)")
+        self.epoch, self.start_step = epoch, start_step
+
+    def aug_epoch(self, epoch: int) -> int:
+        """The augmentation epoch of a training epoch: epoch mod the teacher cache's epochs."""
+        return epoch % self.teacher_cache.epochs if self.teacher_cache is not None else epoch
+
+    def rank_ids(self, epoch: int) -> np.ndarray:
+        """This rank's ids for an epoch, after drop_last (the whole epoch, before start_step)."""
+        ids = epoch_order(self.num_samples, self.seed, epoch, self.rank, self.world_size,
+                          shuffle=self.train, pad=self.train)
+        if self.drop_last:
+            ids = ids[: len(ids) // self.batch_size * self.batch_size]
+        return ids
+
+    def __len__(self) -> int:
+        n = -(-self.num_samples // self.world_size) if self.train else \
+            len(range(self.rank, self.num_samples, self.world_size))
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        epoch, start, self.start_step = self.epoch, self.start_step, 0
+        ids = self.rank_ids(epoch)[start * self.batch_size:]
+        aug_epoch = self.aug_epoch(epoch)
+        for images, labels, batch_ids in self.backend.iter_batches(ids, aug_epoch, self.batch_size):
+            batch = Batch(images, labels, batch_ids, epoch)
+            if self.teacher_cache is not None:
+                logits, weight = self.teacher_cache.lookup(aug_epoch, batch_ids.cpu().numpy())
+                batch.teacher_logits = torch.as_tensor(logits, dtype=torch.float32).to(self.device)
+                batch.teacher_weight = torch.as_tensor(weight, dtype=torch.float32).to(self.device)
+            yield batch
+
+    def __repr__(self) -> str:
+        return (f"ImageNet100Loader({str(self.index.shard_dir)!r}, split={self.split!r}, "
+                f"batch_size={self.batch_size}, backend={self.backend_name!r}, device={str(self.device)!r}, "
+                f"rank={self.rank}/{self.world_size}, samples={self.num_samples})")

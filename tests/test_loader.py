@@ -1,0 +1,188 @@
+"""ImageNet100Loader: determinism, exactly-once epochs over ranks, resume, teacher cache, bad input."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.augment import AugSpec
+from pipeline.batch import normalize_images
+from pipeline.loader import ImageNet100Loader
+from pipeline.shards import ShardOptions, build_shards
+from pipeline.synthetic import make_imagenet_tree
+
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
+SPEC = AugSpec(image_size=32, val_resize=36)  # small views keep the tests fast
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loader")
+    wnids = ["n02869837", "n01749939", "n02488291", "n02107142"]
+    make_imagenet_tree(root / "tree", wnids, train_per_class=6, val_per_class=2, size=(40, 70, 40, 70))
+    build_shards(root / "tree", root / "shards", classes=wnids, options=ShardOptions(shard_size=7), workers=1,
+                 progress=False)
+    return root / "shards"
+
+
+def make(shards, split="train", **kw):
+    kw = {"spec": SPEC, "num_workers": 0, "normalize": False, "backend": "torch", "device": "cpu"} | kw
+    return ImageNet100Loader(shards, split, **kw)
+
+
+def views(loader, epoch=0, start_step=0) -> dict[int, np.ndarray]:
+    """id -> image of one epoch (uint8 HWC)."""
+    loader.set_epoch(epoch, start_step)
+    out = {}
+    for b in loader:
+        assert b.images.is_contiguous(memory_format=torch.channels_last) and b.epoch == epoch
+        assert b.labels.dtype == torch.int64 and b.ids.dtype == torch.int64
+        for i, img in zip(b.ids.tolist(), b.images.permute(0, 2, 3, 1).numpy()):
+            out.setdefault(i, img)
+    return out
+
+
+def test_same_pixels_across_batch_sizes_workers_and_ranks(shards):
+    base = views(make(shards, batch_size=5, drop_last=False))
+    assert len(base) == 24
+    other = views(make(shards, batch_size=7, num_workers=2, drop_last=False))
+    ranks = {}
+    for r in range(3):
+        ranks |= views(make(shards, batch_size=3, rank=r, world_size=3, drop_last=False))
+    for i in range(24):
+        np.testing.assert_array_equal(base[i], other[i])
+        np.testing.assert_array_equal(base[i], ranks[i])
+
+
+def test_same_pixels_whatever_the_order(shards):
+    loader = make(shards, batch_size=4)
+    ids = np.arange(24)
+    rev = [(i, x) for x_b, _, i_b in loader.backend.iter_batches(ids[::-1].copy(), 0, 5)
+           for i, x in zip(i_b.tolist(), x_b)]
+    assert [i for i, _ in rev] == list(range(23, -1, -1))  # exactly the order asked for
+    fwd = {i: x for x_b, _, i_b in loader.backend.iter_batches(ids, 0, 24) for i, x in zip(i_b.tolist(), x_b)}
+    for i, x in rev:
+        assert torch.equal(x, fwd[i])
+
+
+def test_epochs_differ_and_orders_are_seeded(shards):
+    loader = make(shards, batch_size=4)
+    e0, e1 = views(loader, 0), views(loader, 1)
+    assert sum(not np.array_equal(e0[i], e1[i]) for i in e0) >= 20
+    loader.set_epoch(0)
+    o0 = [b.ids.tolist() for b in loader]
+    loader.set_epoch(1)
+    assert o0 != [b.ids.tolist() for b in loader]
+    assert all(len(x) == 4 for x in o0) and len(o0) == len(loader) == 6
+
+
+@pytest.mark.parametrize("world", [1, 3, 5])
+def test_every_sample_once_per_epoch_over_ranks(shards, world):
+    val = [make(shards, "val", batch_size=2, rank=r, world_size=world) for r in range(world)]
+    ids = [i for ld in val for b in ld for i in b.ids.tolist()]
+    assert sorted(ids) == list(range(8)) and sum(len(ld) for ld in val) == sum(len(list(ld)) for ld in val)
+    train = [make(shards, batch_size=1, rank=r, world_size=world) for r in range(world)]
+    per_rank = [[i for b in ld for i in b.ids.tolist()] for ld in train]
+    assert len({len(p) for p in per_rank}) == 1  # equal counts: padded by wrapping the permutation
+    flat = sum(per_rank, [])
+    assert set(flat) == set(range(24)) and len(flat) - 24 == (-24) % world
+
+
+def test_drop_last_and_len(shards):
+    assert len(make(shards, batch_size=5)) == 4 and len(list(make(shards, batch_size=5))) == 4
+    assert len(make(shards, batch_size=5, drop_last=False)) == 5
+    assert [len(b) for b in make(shards, "val", batch_size=3)] == [3, 3, 2]
+
+
+def test_resume_at_a_step(shards):
+    loader = make(shards, batch_size=4)
+    loader.set_epoch(2)
+    full = [(b.ids.clone(), b.images.clone()) for b in loader]
+    loader.set_epoch(2, start_step=4)
+    tail = [(b.ids, b.images) for b in loader]
+    assert len(tail) == 2
+    for (i1, x1), (i2, x2) in zip(full[4:], tail):
+        assert torch.equal(i1, i2) and torch.equal(x1, x2)
+    assert len(list(loader)) == 6  # start_step applies to one iteration only
+    with pytest.raises(ValueError, match="start_step"):
+        loader.set_epoch(0, start_step=7)
+
+
+def test_normalised_output_is_normalize_of_uint8(shards):
+    u = next(iter(make(shards, batch_size=4)))
+    f = next(iter(make(shards, batch_size=4, normalize=True, num_workers=1)))
+    assert f.images.dtype == torch.float32 and f.images.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(f.images, normalize_images(u.images), atol=1e-5, rtol=0)
+    h = next(iter(make(shards, batch_size=4, normalize=True, dtype=torch.bfloat16)))
+    assert h.images.dtype == torch.bfloat16 and h.images.shape == (4, 3, 32, 32)
+
+
+class FakeCache:
+    """Two augmentation epochs; logits encode (epoch, id) so the test can check the gather."""
+
+    epochs = 2
+    num_samples = 24
+
+    def lookup(self, epoch, ids):
+        ids = np.asarray(ids)
+        logits = np.stack([np.full(len(ids), epoch), ids], 1).astype(np.float16)
+        return logits, (ids / 100).astype(np.float32)
+
+
+def test_teacher_cache_epochs_wrap(shards):
+    loader = make(shards, batch_size=4, teacher_cache=FakeCache())
+    e0, e2 = views(loader, 0), views(loader, 2)  # epoch 2 reuses augmentation epoch 0
+    assert all(np.array_equal(e0[i], e2[i]) for i in e0)
+    loader.set_epoch(3)
+    for b in loader:
+        assert b.teacher_logits.dtype == torch.float32 and b.teacher_weight.dtype == torch.float32
+        assert (b.teacher_logits[:, 0] == 1).all() and torch.equal(b.teacher_logits[:, 1].long(), b.ids)
+        torch.testing.assert_close(b.teacher_weight, b.ids.float() / 100)
+
+
+def test_invalid_arguments_fail_fast(shards):
+    for kw, msg in [(dict(batch_size=0), "batch_size"), (dict(rank=2, world_size=2), "rank"),
+                    (dict(backend="fast"), "backend"), (dict(dtype=torch.int32), "dtype"),
+                    (dict(num_workers=-1), "num_workers")]:
+        with pytest.raises(ValueError, match=msg):
+            make(shards, **{"batch_size": 4} | kw)
+    with pytest.raises(KeyError, match="no split 'test'"):
+        make(shards, "test", batch_size=4)
+    with pytest.raises(FileNotFoundError, match="manifest"):
+        make(shards.parent / "nothing", batch_size=4)
+
+
+def _corrupt_copy(shards, tmp_path, how: str):
+    """A copy of the shards with shard 1 truncated, removed, or one JPEG's bytes overwritten."""
+    out = tmp_path / "shards"
+    shutil.copytree(shards, out)
+    rows = np.load(out / "train.index.npy")
+    victim = int(np.flatnonzero(rows["shard"] == 1)[2])
+    tar = out / "train-000001.tar"
+    if how == "truncate":
+        data = tar.read_bytes()
+        tar.write_bytes(data[: int(rows["offset"][victim]) + 10])
+    elif how == "remove":
+        tar.unlink()
+    else:
+        with open(tar, "r+b") as f:
+            f.seek(int(rows["offset"][victim]))
+            f.write(b"\0" * int(rows["size"][victim]))
+    return out, victim
+
+
+@pytest.mark.parametrize("how", ["truncate", "remove", "garbage"])
+def test_bad_input_names_shard_and_sample(shards, tmp_path, how):
+    bad, victim = _corrupt_copy(shards, tmp_path, how)
+    loader = make(bad, batch_size=4, num_workers=2, drop_last=False)
+    in_shard1 = set(np.flatnonzero(np.load(bad / "train.index.npy")["shard"] == 1).tolist())
+    with pytest.raises(RuntimeError, match=r"train sample \d+ in shard .*train-000001\.tar") as err:
+        list(loader)
+    assert int(str(err.value).split("CorruptSampleError: train sample ")[1].split()[0]) in in_shard1
+    loader = make(bad, batch_size=4, num_workers=1, drop_last=False, skip_corrupt=True)
+    seen = [i for b in loader for i in b.ids.tolist()]
+    dropped = {i for i, _ in loader.skipped}
+    assert victim in dropped and dropped <= in_shard1 and set(seen) | dropped == set(range(24)) and not set(seen) & dropped
+    assert len(seen) == 24 - len(dropped)
