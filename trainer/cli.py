@@ -176,5 +176,115 @@ def report(runs, out, teacher_run, low_w):
     click.echo(f"wrote {path}")
 
 
+# ---- train: dual-student distillation, evaluation, train-step benchmark (trainer/loop.py) ----
+@main.command()
+@click.option("--shards", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Run directory: config.json, metrics.jsonl, checkpoints, final weights.")
+@click.option("--mode", type=click.Choice(["hard", "kd", "uw-kd", "dual"]), default="dual", show_default=True,
+              help="Preset: hard (CE only), kd (alpha .3, beta .7), uw-kd (kd weighted by w), dual (.4/.4/.2).")
+@click.option("--students", default=None, help="Comma-separated models (default: resnet18,mobilenet_v2 for dual, "
+              "resnet18 otherwise; also resnet50, tiny_cnn, tiny_resnet, tiny_mobilenet).")
+@click.option("--teacher", default="resnet50", show_default=True, help="Architecture of the online teacher.")
+@click.option("--teacher-weights", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Online teacher weights: kdpipe checkpoint, C-way or ImageNet-1k state dict.")
+@click.option("--teacher-cache", type=click.Path(exists=True), default=None,
+              help="Zarr teacher cache (kdpipe cache-teacher) instead of an online teacher.")
+@click.option("--epochs", type=int, default=50, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Per rank.")
+@click.option("--lr", type=float, default=0.1, show_default=True, help="Peak LR; cosine to 0 per step.")
+@click.option("--momentum", type=float, default=0.9, show_default=True)
+@click.option("--weight-decay", type=float, default=1e-4, show_default=True)
+@click.option("--warmup-epochs", type=float, default=0.0, show_default=True)
+@click.option("--alpha", type=float, default=None, help="CE weight (default: the preset's).")
+@click.option("--beta", type=float, default=None, help="Teacher-term weight (default: the preset's).")
+@click.option("--gamma", type=float, default=None, help="Peer-term weight (default: the preset's).")
+@click.option("--tau", type=float, default=None, help="Temperature [default: 4].")
+@click.option("--uncertainty/--no-uncertainty", default=None, help="Weight the teacher term by w (default: preset).")
+@click.option("--entropy-tau", type=float, default=None, help="Temperature of the entropy behind w [default: 1].")
+@click.option("--kl-direction", type=click.Choice(["forward", "reverse"]), default=None,
+              help="forward: KL(teacher || student) (default); reverse: the paper's KL(student || teacher).")
+@click.option("--image-size", type=int, default=224, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "dali", "torch"]), default="auto", show_default=True)
+@click.option("--num-workers", type=int, default=None)
+@click.option("--amp", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
+              help="auto: bf16 on CUDA, fp32 on CPU; fp16 uses one GradScaler per student.")
+@click.option("--channels-last/--no-channels-last", default=True, show_default=True)
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile each student.")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
+@click.option("--log-every", type=int, default=20, show_default=True, help="Steps between progress updates.")
+@click.option("--resume", is_flag=True, help="Continue exactly from OUT/checkpoint-last.pt.")
+@click.option("--stop-after-steps", type=int, default=None, help="Stop (with a checkpoint) after N global steps.")
+def train(shards, out, mode, students, teacher, teacher_weights, teacher_cache, epochs, batch_size, lr, momentum,
+          weight_decay, warmup_epochs, alpha, beta, gamma, tau, uncertainty, entropy_tau, kl_direction, image_size,
+          seed, backend, num_workers, amp, channels_last, compile_, device, log_every, resume, stop_after_steps):
+    """Train one or more students (the paper: ResNet-18 + MobileNetV2) from a teacher on ImageNet-100 shards."""
+    from trainer.config import make_config
+    from trainer.loop import NonFiniteLossError
+    from trainer.train_job import train as train_job
+
+    try:
+        cfg = make_config(mode, tuple(students.split(",")) if students else None,
+                          loss=dict(alpha=alpha, beta=beta, gamma=gamma, tau=tau, uncertainty=uncertainty,
+                                    entropy_tau=entropy_tau, direction=kl_direction),
+                          optim=dict(lr=lr, momentum=momentum, weight_decay=weight_decay, warmup_epochs=warmup_epochs),
+                          shards=str(shards), out=str(out), teacher=teacher, teacher_weights=teacher_weights,
+                          teacher_cache=teacher_cache, epochs=epochs, batch_size=batch_size, image_size=image_size,
+                          seed=seed, backend=backend, num_workers=num_workers, amp=amp, channels_last=channels_last,
+                          compile=compile_, device=device, log_every=log_every)
+        result = train_job(cfg, resume=resume, stop_after_steps=stop_after_steps)
+    except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError) as e:
+        raise click.ClickException(str(e)) from e
+    if result["stopped"]:
+        click.echo(f"stopped after {result['global_step']} steps; continue with --resume (checkpoint in {out})")
+    else:
+        click.echo(f"done: {out}/metrics.jsonl, final weights {out}/student*.pt")
+
+
+@main.command("eval")
+@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Run directory (uses --which checkpoint).")
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="A kdpipe checkpoint or final-weights file.")
+@click.option("--which", type=click.Choice(["last", "best"]), default="last", show_default=True)
+@click.option("--shards", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Shards to evaluate on (default: the run's own).")
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "dali", "torch"]), default="auto", show_default=True)
+@click.option("--num-workers", type=int, default=None)
+@click.option("--device", default="auto", show_default=True)
+def eval_cmd(run_dir, checkpoint, which, shards, batch_size, backend, num_workers, device):
+    """Top-1 / top-5 on the val split for each student and their ensemble (mean of softmaxes)."""
+    from trainer.evaluate import eval_checkpoint, format_table
+
+    if (run_dir is None) == (checkpoint is None):
+        raise click.UsageError("give exactly one of --run and --checkpoint")
+    path = checkpoint or run_dir / f"checkpoint-{which}.pt"
+    try:
+        names, result = eval_checkpoint(str(path), shards=shards, batch_size=batch_size, backend=backend,
+                                        device=device, num_workers=num_workers)
+    except (ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"{path}:")
+    click.echo(format_table(names, result))
+
+
+@bench.command("train", add_help_option=False,
+               context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_train(args):
+    """Dual-student step vs a plain PyTorch loop; online teacher vs cached logits (tools/bench_train.py -h)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "bench_train.py"
+    if not path.is_file():
+        raise click.ClickException(f"{path} not found: `kdpipe bench train` runs from a source checkout")
+    spec = importlib.util.spec_from_file_location("kdpipe_bench_train", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(list(args))
+
+
 if __name__ == "__main__":
     main()

@@ -74,3 +74,36 @@ def format_table(names: Sequence[str], result: dict) -> str:
         rows.append(f"{'ensemble (mean p)':<20} {result['ensemble_top1']:>8.2f} {result['ensemble_top5']:>8.2f}")
     rows.append(f"({result['count']} validation images)")
     return "\n".join(rows)
+
+
+def eval_checkpoint(path: str, *, shards: str | None = None, batch_size: int = 128, backend: str = "auto",
+                    device: str = "auto", num_workers: int | None = None) -> tuple[list[str], dict]:
+    """The `kdpipe eval` job: the students of a kdpipe checkpoint (or one final-weights file) on the
+    shards' val split. Shards and image size default to the run's own config."""
+    from pipeline.augment import AugSpec
+    from pipeline.loader import ImageNet100Loader
+
+    from .checkpoint import load_checkpoint
+    from .models import build_model
+
+    state = load_checkpoint(path)
+    cfg = state.get("config") or {}
+    shards = shards or cfg.get("shards")
+    if not shards:
+        raise ValueError(f"{path} does not record its shards; pass --shards DIR")
+    entries = state["students"] if "students" in state else [state]
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    spec = AugSpec(image_size=cfg.get("image_size", AugSpec().image_size))
+    loader = ImageNet100Loader(shards, "val", batch_size, backend=backend, device=dev, spec=spec, drop_last=False,
+                               num_workers=num_workers)
+    if list(loader.classes) != list(state["classes"]):
+        raise ValueError(f"{path} was trained on {len(state['classes'])} classes that differ from the "
+                         f"{len(loader.classes)} classes of {shards}")
+    models = []
+    for e in entries:
+        m = build_model(e["name"], len(loader.classes))
+        m.load_state_dict(e["model"])
+        models.append(m.to(dev, memory_format=torch.channels_last))
+    dtype = torch.bfloat16 if dev.type == "cuda" else None
+    return [e["name"] for e in entries], evaluate(models, loader, dev, amp_dtype=dtype)

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from . import checkpoint as ck
 from .config import TrainConfig, resume_mismatches, to_dict, to_json
 from .evaluate import autocast_for, evaluate, format_table
-from .losses import dual_student_loss, entropy
+from .losses import dual_student_loss, entropy, entropy_weight
 from .models import build_model
 
 TERMS = ("loss", "hard", "teacher", "peer", "w")  # per student, in the stats vector
@@ -111,8 +111,16 @@ class Distiller:
             teacher_logits = self.teacher_logits(images)
         if lc.beta == 0.0:
             teacher_logits = None
-        # a cached w was computed at tau = 1; use it only when that is the configured temperature
-        weight = teacher_weight if lc.entropy_tau == 1.0 else None
+        weight, h1 = None, None
+        if teacher_logits is not None:  # teacher statistics once per batch, shared by every student's loss
+            h1 = entropy(teacher_logits, 1.0)
+            if lc.uncertainty:
+                # a cached w was computed at tau = 1; use it only when that is the configured temperature
+                if lc.entropy_tau != 1.0:
+                    weight = entropy_weight(teacher_logits, lc.entropy_tau)
+                else:
+                    weight = teacher_weight if teacher_weight is not None else \
+                        1.0 - h1 / math.log(teacher_logits.shape[-1])
         with autocast_for(self.device, self.dtype):
             logits = [m(images) for m in self.forward]
         rows, total = [], 0.0
@@ -138,8 +146,8 @@ class Distiller:
             sched.step()
         n = labels.new_tensor(labels.shape[0], dtype=torch.float32)
         correct = torch.stack([(z.detach().argmax(dim=-1) == labels).sum() for z in logits]).float()
-        if teacher_logits is not None:
-            ent = torch.stack([entropy(teacher_logits, 1.0).sum(), entropy(teacher_logits, lc.tau).sum()])
+        if h1 is not None:
+            ent = torch.stack([h1.sum(), entropy(teacher_logits, lc.tau).sum()])
         else:
             ent = n.new_zeros(2)
         return torch.cat([torch.stack(rows).flatten() * n, correct, ent, n[None]])
@@ -215,19 +223,38 @@ def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_max_rss"
 
 
-def _raise_if_nonfinite(bad_step: torch.Tensor, bad_terms: torch.Tensor, names: list[str], run: Path,
-                        steps_per_epoch: int) -> None:
-    """Host check of the device-side NaN/inf record (called only where the loop syncs anyway)."""
-    step = int(bad_step.item())
-    if step < 0:
-        return
-    flags = bad_terms.view(len(names), len(TERMS)).tolist()
-    where = [f"student {i} ({names[i]}) term '{TERMS[j]}'" for i in range(len(names))
-             for j in range(len(TERMS)) if flags[i][j]]
-    kept = run / ck.LAST
-    raise NonFiniteLossError(
-        f"non-finite loss at step {step} (epoch {step // steps_per_epoch}, step {step % steps_per_epoch} of the "
-        f"epoch): {', '.join(where)}; last good checkpoint: {kept if kept.is_file() else 'none yet'}")
+class NanWatch:
+    """Finds the first step whose loss terms were NaN/inf and names the terms, at one copy per step:
+    each step's terms go into a device ring buffer, and `check` (called where the loop syncs anyway, at
+    least every `capacity` steps) reads the rows written since the last check."""
+
+    def __init__(self, names: list[str], device: torch.device, capacity: int):
+        self.names, self.capacity = names, capacity
+        self.rows = torch.zeros(capacity, len(names) * len(TERMS), device=device)
+        self.steps: list[int] = []
+
+    def observe(self, stats: torch.Tensor, global_step: int) -> None:
+        if len(self.steps) == self.capacity:
+            raise RuntimeError("NanWatch.check must run at least every `capacity` steps")
+        self.rows[len(self.steps)].copy_(stats[:self.rows.shape[1]])
+        self.steps.append(global_step)
+
+    def check(self, run: Path, steps_per_epoch: int) -> None:
+        n, steps, self.steps = len(self.steps), self.steps, []
+        if n == 0:
+            return
+        bad = ~torch.isfinite(self.rows[:n])
+        bad_rows = bad.any(dim=1).tolist()  # host sync
+        if not any(bad_rows):
+            return
+        first = bad_rows.index(True)
+        step, flags = steps[first], bad[first].view(len(self.names), len(TERMS)).tolist()
+        where = [f"student {i} ({self.names[i]}) term '{TERMS[j]}'" for i in range(len(self.names))
+                 for j in range(len(TERMS)) if flags[i][j]]
+        kept = run / ck.LAST
+        raise NonFiniteLossError(
+            f"non-finite loss at step {step} (epoch {step // steps_per_epoch}, step {step % steps_per_epoch} of "
+            f"the epoch): {', '.join(where)}; last good checkpoint: {kept if kept.is_file() else 'none yet'}")
 
 
 def _open_run(cfg: TrainConfig, classes: list[str], resume: bool, rank: int) -> dict | None:
@@ -281,8 +308,7 @@ def run_training(cfg: TrainConfig, train_loader, val_loader, *, classes: list[st
             ck.truncate_metrics(run, epoch)
     if teacher is not None and teacher_val is None:
         teacher_val = evaluate([distiller.teacher], val_loader, device, amp_dtype=distiller.dtype)
-    bad_step = torch.full((), -1, dtype=torch.long, device=device)
-    bad_terms = torch.zeros(len(cfg.students) * len(TERMS), dtype=torch.bool, device=device)
+    watch = NanWatch(distiller.names, device, capacity=cfg.log_every)
 
     def save(path: Path, epoch_: int, step_: int, accum: torch.Tensor | None) -> None:
         if rank == 0:
@@ -306,14 +332,11 @@ def run_training(cfg: TrainConfig, train_loader, val_loader, *, classes: list[st
                 images = images.contiguous(memory_format=torch.channels_last)
             stats = distiller.step(images, batch.labels, batch.teacher_logits, batch.teacher_weight)
             acc += stats
-            bad = ~torch.isfinite(stats[:bad_terms.numel()])
-            newly = bad.any() & (bad_step < 0)
-            bad_step = torch.where(newly, global_step, bad_step)
-            bad_terms = torch.where(newly, bad, bad_terms)
+            watch.observe(stats, global_step)
             step += 1
             stop = stop_after_steps is not None and global_step + 1 >= stop_after_steps
             if step - last_log >= cfg.log_every or step == steps_per_epoch or stop:
-                _raise_if_nonfinite(bad_step, bad_terms, distiller.names, run, steps_per_epoch)  # syncs
+                watch.check(run, steps_per_epoch)  # syncs
                 s = distiller.summarize(acc)
                 ips = (s["images"] - images0) * world / max(time.perf_counter() - t0, 1e-9)
                 terms = " ".join(f"{s[f's{i}']['loss']:.3f}" for i in range(len(cfg.students)))
@@ -327,7 +350,7 @@ def run_training(cfg: TrainConfig, train_loader, val_loader, *, classes: list[st
                 save(run / ck.LAST, epoch, step, acc)
                 return {"stopped": True, "global_step": global_step + 1, "teacher_val": teacher_val}
         bar.close()
-        _raise_if_nonfinite(bad_step, bad_terms, distiller.names, run, steps_per_epoch)
+        watch.check(run, steps_per_epoch)
         if step != steps_per_epoch:
             raise RuntimeError(f"the training loader yielded {step} batches in epoch {epoch}, len() said "
                                f"{steps_per_epoch}")
@@ -365,3 +388,4 @@ def run_training(cfg: TrainConfig, train_loader, val_loader, *, classes: list[st
                    "count": record["val_images"]}
             print(format_table(distiller.names, val), flush=True)
     return {"stopped": False, "epochs": cfg.epochs, "final": record, "teacher_val": teacher_val}
+
