@@ -222,3 +222,16 @@ def test_a_bad_sample_is_named_or_skipped(shards, tmp_path, how):
     assert str(shard) in skipping.skipped[0][1]
     (ref, _, ref_ids), _ = collect(dali(shards), ids, batch_size=4)
     assert torch.equal(images, ref[torch.from_numpy(keep)])  # the good samples are untouched
+
+
+@pytest.mark.dali
+def test_gpu_form_of_the_contrast_step_agrees_on_the_cpu(shards):
+    """The GPU graph blends contrast arithmetically; run that form here against brightness_contrast."""
+    ids = np.arange(16)
+    (ref, _, _), _ = collect(dali(shards), ids)
+    blended = dali(shards)
+    blended.blend_contrast = True
+    assert b"Cast" in blended._build(4, lambda: None).serialize()  # the arithmetic form is in the graph
+    (got, _, _), _ = collect(blended, ids)
+    diff = (got.int() - ref.int()).abs()
+    assert diff.max() <= 1 and diff.float().mean() < 0.05, (diff.max(), diff.float().mean())  # measured: equal

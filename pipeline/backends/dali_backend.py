@@ -102,11 +102,13 @@ _TORCH_TO_DALI = {torch.uint8: "UINT8", torch.float16: "FLOAT16", torch.float32:
 
 
 def _graph(pipe: Any, source: Callable[[], tuple], *, train: bool, colour: tuple[str, ...], gpu: bool,
-           size: int, normalize: bool, out_dtype: str) -> None:
+           size: int, normalize: bool, out_dtype: str, blend_contrast: bool) -> None:
     """Define the graph on `pipe`: external source of (bytes, params) -> HWC images.
 
     Colour follows docs/loader.md (definition v1) with uint8 intermediates (each step rounds and clamps):
     y1 = b*x; m = mean grey of y1; y2 = c*y1 + (1-c)*m; y3 = s*y2 + (1-s)*grey(y2).
+    blend_contrast: compute y2 with arithmetic operators instead of brightness_contrast (needed on the
+    GPU, where m is a GPU value and argument inputs must live on the CPU).
     """
     from nvidia.dali import fn, types
 
@@ -126,9 +128,9 @@ def _graph(pipe: Any, source: Callable[[], tuple], *, train: bool, colour: tuple
         if "contrast" in inp:
             mean = fn.reductions.mean(img, axes=[0, 1], dtype=f32)
             grey = mean[0] * GREY[0] + mean[1] * GREY[1] + mean[2] * GREY[2]
-            if gpu:  # argument inputs live on the CPU, this mean on the GPU: blend arithmetically
-                c = inp["contrast"].gpu()
-                img = fn.cast(img * c + (1.0 - c) * grey, dtype=u8)
+            if blend_contrast:
+                c = inp["contrast"].gpu() if gpu else inp["contrast"]
+                img = fn.cast(img * c + (1.0 - c) * grey, dtype=u8)  # rounds half away from 0, clamps
             else:
                 img = fn.brightness_contrast(img, contrast=inp["contrast"], contrast_center=grey)
         if "saturation" in inp:
@@ -192,6 +194,7 @@ class DaliBackend:
         self.num_threads = max(1, int(num_workers) if num_workers else (os.cpu_count() or 1))
         self.skip_corrupt = bool(skip_corrupt)
         self.colour = colour_steps(spec) if self.train else ()
+        self.blend_contrast = self.gpu  # the GPU graph's contrast step; settable on the CPU to test it
         self.skipped: list[tuple[int, str]] = []  # (sample id, reason) of every dropped sample
         self._idle: dict[int, tuple[Any, _Stream]] = {}  # batch size -> a built pipeline not in use
 
@@ -318,7 +321,8 @@ class DaliBackend:
                         prefetch_queue_depth=prefetch)
         with pipe:
             _graph(pipe, lambda: source(), train=self.train, colour=self.colour, gpu=self.gpu,
-                   size=self.spec.image_size, normalize=self.normalize, out_dtype=_TORCH_TO_DALI[self.dtype])
+                   size=self.spec.image_size, normalize=self.normalize, out_dtype=_TORCH_TO_DALI[self.dtype],
+                   blend_contrast=self.blend_contrast)
         pipe.build()
         return pipe
 
