@@ -1,0 +1,132 @@
+"""End to end on real synthetic shards: `kdpipe train` (teacher, then students), `kdpipe eval`, exact
+resume through the real loader, the teacher cache, and the bad-input errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from trainer.checkpoint import read_metrics
+from trainer.cli import main
+
+WNIDS = ["n02869837", "n01749939", "n02488291", "n02107142"]
+TIMING = ("epoch_time_s", "images_per_s", "peak_mem_mb", "peak_mem_kind")
+COMMON = ["--image-size", "32", "--batch-size", "16", "--backend", "torch", "--num-workers", "0",
+          "--device", "cpu", "--lr", "0.05"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from pipeline.learnable import make_learnable_tree
+    from pipeline.shards import ShardOptions, build_shards
+
+    root = tmp_path_factory.mktemp("data")
+    make_learnable_tree(root / "tree", WNIDS, train_per_class=16, val_per_class=4, size=40, ambiguous_share=0.0)
+    build_shards(root / "tree", root / "shards", classes=WNIDS, options=ShardOptions(shard_size=32), workers=1,
+                 progress=False)
+    return root / "shards"
+
+
+@pytest.fixture(scope="module")
+def teacher(shards, tmp_path_factory):
+    """A tiny_resnet trained with --mode hard: the teacher of the distillation runs."""
+    run = tmp_path_factory.mktemp("runs") / "teacher"
+    res = cli("train", "--shards", shards, "--out", run, "--mode", "hard", "--students", "tiny_resnet",
+              "--epochs", "3", *COMMON)
+    assert res.exit_code == 0, res.output
+    return run
+
+
+def cli(*args) -> object:
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def cli_error(*args) -> str:
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    assert res.exit_code != 0
+    return res.output
+
+
+def test_teacher_trains_with_hard_labels_and_lowers_its_loss(teacher):
+    recs = read_metrics(teacher)
+    assert [r["epoch"] for r in recs] == [0, 1, 2]
+    assert recs[-1]["s0"]["loss"] < recs[0]["s0"]["loss"]
+    assert recs[0]["images"] == 64 and recs[0]["val_images"] == 16
+    cfg = json.loads((teacher / "config.json").read_text())
+    assert cfg["mode"] == "hard" and cfg["students"] == ["tiny_resnet"] and cfg["loss"]["alpha"] == 1.0
+    assert (teacher / "student0-tiny_resnet.pt").is_file()
+
+
+@pytest.mark.slow
+def test_dual_students_from_the_online_teacher_then_eval(shards, teacher, tmp_path):
+    run = tmp_path / "dual"
+    res = cli("train", "--shards", shards, "--out", run, "--students", "tiny_cnn,tiny_mobilenet",
+              "--teacher", "tiny_resnet", "--teacher-weights", teacher / "student0-tiny_resnet.pt",
+              "--epochs", "3", *COMMON)
+    assert res.exit_code == 0, res.output
+    recs = read_metrics(run)
+    for i in (0, 1):  # the total rises with the peer term as students leave uniform; CE must fall
+        assert recs[-1][f"s{i}"]["hard"] < recs[0][f"s{i}"]["hard"]
+    # the online teacher's accuracy is measured once and equals what the teacher run itself reported
+    assert recs[0]["teacher_val"]["top1"][0] == pytest.approx(read_metrics(teacher)[-1]["s0"]["val_top1"])
+    assert 0 < recs[0]["w_mean"] < 1 and recs[0]["teacher_entropy_tau1"] < recs[0]["teacher_entropy_tau"]
+    out = cli("eval", "--run", run).output
+    last = recs[-1]
+    assert f"{last['s0']['val_top1']:.2f}" in out and f"{last['s1']['val_top5']:.2f}" in out
+    assert "ensemble (mean p)" in out and f"{last['val_ensemble_top1']:.2f}" in out
+    assert "(16 validation images)" in out
+
+
+def test_interrupted_and_resumed_on_real_shards_matches(shards, tmp_path):
+    args = ["--shards", shards, "--mode", "hard", "--students", "tiny_cnn,tiny_mobilenet", "--epochs", "2", *COMMON]
+    assert cli("train", "--out", tmp_path / "whole", *args).exit_code == 0
+    res = cli("train", "--out", tmp_path / "part", *args, "--stop-after-steps", "5")
+    assert "stopped after 5 steps" in res.output
+    assert cli("train", "--out", tmp_path / "part", *args, "--resume").exit_code == 0
+
+    def strip(rs):
+        return [{k: v for k, v in r.items() if k not in TIMING} for r in rs]
+    assert strip(read_metrics(tmp_path / "part")) == strip(read_metrics(tmp_path / "whole"))
+    # a resume with another config is refused, naming the field
+    assert "optim.lr: 0.05 -> 0.2" in cli_error("train", "--out", tmp_path / "part", *args, "--resume", "--lr", "0.2")
+
+
+def test_bad_input_gives_clear_errors(shards, teacher, tmp_path):
+    base = ["--shards", shards, "--epochs", "1", *COMMON]
+    assert "needs a teacher" in cli_error("train", "--out", tmp_path / "a", "--mode", "kd", "--students",
+                                          "tiny_cnn", *base)
+    torch.manual_seed(0)
+    from trainer.models import build_model
+    torch.save(build_model("tiny_resnet", 10).state_dict(), tmp_path / "ten.pt")
+    out = cli_error("train", "--out", tmp_path / "b", "--mode", "kd", "--students", "tiny_cnn", "--teacher",
+                    "tiny_resnet", "--teacher-weights", tmp_path / "ten.pt", *base)
+    assert "has 10 outputs; expected 4" in out
+    assert "peer term" in cli_error("train", "--out", tmp_path / "c", "--students", "tiny_cnn", *base)
+    assert "does not exist" in cli_error("train", "--out", tmp_path / "d", "--shards", tmp_path / "nowhere")
+    assert "exactly one of --run and --checkpoint" in cli_error("eval")
+
+
+@pytest.mark.slow
+def test_training_from_a_teacher_cache(shards, teacher, tmp_path):
+    from trainer.cache_teacher import CacheTeacherConfig, cache_teacher
+
+    store = tmp_path / "teacher.zarr"
+    cache_teacher(CacheTeacherConfig(shards=str(shards), out=str(store), teacher="tiny_resnet",
+                                     teacher_weights=str(teacher / "student0-tiny_resnet.pt"), epochs=1, seed=0,
+                                     image_size=32, batch_size=32, backend="torch", num_workers=0, device="cpu",
+                                     progress=False))
+    args = ["--shards", shards, "--mode", "uw-kd", "--students", "tiny_cnn", "--epochs", "2", *COMMON]
+    res = cli("train", "--out", tmp_path / "cached", "--teacher-cache", store, *args)
+    assert res.exit_code == 0, res.output
+    cached = read_metrics(tmp_path / "cached")
+    online = tmp_path / "online"
+    assert cli("train", "--out", online, "--teacher", "tiny_resnet", "--teacher-weights",
+               teacher / "student0-tiny_resnet.pt", *args).exit_code == 0
+    # epoch 0 uses the same views and the same teacher: the cache reproduces the online teacher's numbers
+    # (float16 storage of the logits: equal to about 3 decimals)
+    assert cached[0]["w_mean"] == pytest.approx(read_metrics(online)[0]["w_mean"], abs=2e-3)
+    assert cached[0]["s0"]["loss"] == pytest.approx(read_metrics(online)[0]["s0"]["loss"], rel=2e-2)
+    # a cache made for other views (another seed) is refused
+    assert "seed" in cli_error("train", "--out", tmp_path / "bad", "--teacher-cache", store, *args, "--seed", "1")
