@@ -49,12 +49,13 @@ class _Residual(nn.Module):
 
 
 class TinyResNet(TinyCNN):
-    """TinyCNN with a residual block after each stage: a slightly stronger demo teacher."""
+    """TinyCNN with a residual block after stages 2 and 3 (twice the depth): a stronger demo teacher.
+    About 110k parameters and 4x TinyCNN's compute at width 16."""
 
-    def __init__(self, num_classes: int, width: int = 24):
+    def __init__(self, num_classes: int, width: int = 16):
         super().__init__(num_classes, width)
         w = width
-        self.features = nn.Sequential(_conv_bn(3, w, 2), _Residual(w), _conv_bn(w, 2 * w, 2), _Residual(2 * w),
+        self.features = nn.Sequential(_conv_bn(3, w, 2), _conv_bn(w, 2 * w, 2), _Residual(2 * w),
                                       _conv_bn(2 * w, 4 * w, 2), _Residual(4 * w))
 
 
