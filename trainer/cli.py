@@ -286,5 +286,26 @@ def bench_train(args):
     module.main(list(args))
 
 
+# ---- demo: the whole pipeline on the built-in learnable dataset (trainer/demo.py) ----
+@main.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo"), show_default=True,
+              help="Directory for the data, shards, runs, teacher cache and report (rerun to resume).")
+@click.option("--tiny", is_flag=True, help="A seconds-long version (5 classes, 1 epoch) that checks the chain.")
+@click.option("--backend", type=click.Choice(["auto", "dali", "torch"]), default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
+def demo(out, tiny, backend, device):
+    """Generate a learnable dataset, shard it, train a teacher, cache it, run hard -> kd -> uw-kd -> dual, report."""
+    import dataclasses
+
+    from trainer.demo import TINY, DemoConfig, run_demo
+
+    cfg = dataclasses.replace(TINY if tiny else DemoConfig(), backend=backend, device=device)
+    try:
+        path = run_demo(out, cfg)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"report: {path}")
+
+
 if __name__ == "__main__":
     main()

@@ -329,8 +329,10 @@ def _teacher_run(runs: list[Run], teacher: Run | None) -> Run | None:
 
 
 def write_report(run_dirs: list[str | Path], out: str | Path, *, teacher: str | Path | None = None,
-                 low_w: float = 0.5) -> Path:
-    """Build OUT/report.md (+ PNGs when matplotlib is there) from the runs; returns the report's path."""
+                 low_w: float = 0.5, appendix: list[str] | None = None) -> Path:
+    """Build OUT/report.md (+ PNGs when matplotlib is there) from the runs; returns the report's path.
+
+    appendix: extra markdown lines put at the end (the demo adds its stage timings)."""
     if not run_dirs:
         raise ValueError("give at least one run directory")
     runs = [load_run(p) for p in run_dirs]
@@ -357,6 +359,7 @@ def write_report(run_dirs: list[str | Path], out: str | Path, *, teacher: str | 
     lines += table_three(students_runs)
     lines += teacher_section(students_runs, stats, hist_png)
     lines += epochs_section(runs, acc_png)
+    lines += appendix or []
     path = out / "report.md"
     _atomic_write_text(path, "\n".join(lines))
     return path

@@ -1,0 +1,175 @@
+"""`kdpipe demo`: the whole system end to end on the built-in learnable dataset, sized for a 2-core CPU.
+
+generate -> shard -> train a teacher (--mode hard) -> cache-teacher -> the ablation ladder
+(hard, kd, uw-kd, dual; same seed, epochs and data) -> report. Each stage calls the real job's Python API.
+Resumable: a stage that finished is skipped, a training run that was cut off resumes from its last
+checkpoint, the shard writer and the teacher cache finish what is missing.
+
+The demo uses small images and the registry's tiny CPU models (a `tiny_resnet` teacher, `tiny_cnn`
+and `tiny_mobilenet` students standing in for ResNet-50 -> ResNet-18 + MobileNetV2), so its numbers
+show the pipeline working, not the paper's accuracies. Single-student modes train both students in
+one run: without the peer term (gamma = 0) they are independent, so this is the same as two runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checkpoint import final_weights_path
+
+LADDER = ("hard", "kd", "uw-kd", "dual")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Sizes of the demo. Defaults: 100 classes x 100 train images, 40 px stored, 32 px crops (units noted)."""
+
+    num_classes: int = 100  # the first N classes of the ImageNet-100 list
+    train_per_class: int = 100  # images per class
+    val_per_class: int = 20
+    image_px: int = 40  # stored image side, pixels
+    crop_px: int = 32  # training crop and validation view side, pixels
+    ambiguous_share: float = 0.15  # share of samples made ambiguous (mixes, occlusion, noise)
+    teacher: str = "tiny_resnet"
+    teacher_epochs: int = 8
+    students: tuple[str, ...] = ("tiny_cnn", "tiny_mobilenet")
+    epochs: int = 6  # every ladder run
+    cache_epochs: int = 6  # augmentation epochs in the teacher cache (training epoch e uses e mod E)
+    batch_size: int = 64  # the paper's batch
+    lr: float = 0.1  # the paper's peak learning rate (cosine to 0)
+    shard_size: int = 1000  # samples per shard
+    seed: int = 0  # dataset, shuffle, augmentation and initialisation
+    backend: str = "auto"  # loader backend: auto | dali | torch
+    device: str = "auto"  # auto | cpu | cuda
+
+
+TINY = DemoConfig(num_classes=5, train_per_class=16, val_per_class=4, image_px=32, crop_px=24, teacher="tiny_cnn",
+                  teacher_epochs=1, epochs=1, cache_epochs=1, batch_size=16, shard_size=32)
+
+
+def _say(msg: str) -> None:
+    print(f"[demo] {msg}", flush=True)
+
+
+def _check_or_record(out: Path, cfg: DemoConfig) -> None:
+    """Refuse to continue a demo directory made with other settings (its stages would not fit together)."""
+    path = out / "demo.json"
+    now = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in now.items() if old.get(k) != v]
+        if diff:
+            raise ValueError(f"{out} holds a demo made with other settings ({'; '.join(diff)}); "
+                             "use another --out or delete it")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(now, indent=1))
+    tmp.replace(path)
+
+
+def _finished(run: Path, epochs: int, students: tuple[str, ...]) -> bool:
+    """A run is finished when it logged every epoch and wrote every final weight file."""
+    metrics = run / "metrics.jsonl"
+    if not metrics.is_file():
+        return False
+    done = {json.loads(line)["epoch"] for line in metrics.read_text().splitlines() if line.strip()}
+    return done >= set(range(epochs)) and all(final_weights_path(run, i, s).is_file() for i, s in enumerate(students))
+
+
+def _train(run: Path, mode: str, students: tuple[str, ...], epochs: int, cfg: DemoConfig, shards: Path,
+           cache: Path | None) -> None:
+    from .config import make_config
+    from .train_job import train
+
+    if _finished(run, epochs, students):
+        _say(f"{run.name}: finished earlier, skipped")
+        return
+    tcfg = make_config(mode, students, optim={"lr": cfg.lr}, shards=str(shards), out=str(run), epochs=epochs,
+                       batch_size=cfg.batch_size, image_size=cfg.crop_px, seed=cfg.seed, backend=cfg.backend,
+                       device=cfg.device, teacher=cfg.teacher,
+                       teacher_cache=str(cache) if cache is not None and mode != "hard" else None)
+    resume = (run / "checkpoint-last.pt").is_file()
+    _say(f"{run.name}: {'resuming' if resume else 'training'} mode {mode}, students {', '.join(students)}, "
+         f"{epochs} epoch(s)")
+    train(tcfg, resume=resume)
+
+
+def run_demo(out: str | Path = "demo", cfg: DemoConfig = DemoConfig()) -> Path:
+    """Run (or finish) every stage under `out`; returns the path of report.md. Prints progress and timings."""
+    from pipeline.classes import imagenet100_wnids
+    from pipeline.learnable import DESCRIPTION_FILE, make_learnable_tree
+    from pipeline.shards import ShardOptions, build_shards
+
+    from .cache_teacher import CacheTeacherConfig, cache_teacher
+    from .report import write_report
+
+    out = Path(out)
+    _check_or_record(out, cfg)
+    wnids = imagenet100_wnids()[: cfg.num_classes]
+    data, shards, runs, cache = out / "imagenet", out / "shards", out / "runs", out / "teacher.zarr"
+    timings: list[tuple[str, float]] = []
+    t_all = time.perf_counter()
+
+    def stage(name: str, fn) -> None:
+        _say(f"stage {len(timings) + 1}: {name}")
+        t0 = time.perf_counter()
+        fn()
+        timings.append((name, time.perf_counter() - t0))
+        _say(f"stage {len(timings)}: {name} took {timings[-1][1]:.1f} s (total {time.perf_counter() - t_all:.1f} s)")
+
+    def generate() -> None:
+        if (data / DESCRIPTION_FILE).is_file():
+            _say(f"{data}: generated earlier, skipped")
+            return
+        tree = make_learnable_tree(data, wnids, train_per_class=cfg.train_per_class, val_per_class=cfg.val_per_class,
+                                   size=cfg.image_px, ambiguous_share=cfg.ambiguous_share, seed=cfg.seed,
+                                   progress=True)
+        _say(f"{tree.count('train')} train + {tree.count('val')} val images, {len(tree.ambiguous)} ambiguous")
+
+    def shard() -> None:
+        build_shards(data, shards, classes=wnids, options=ShardOptions(shard_size=cfg.shard_size, seed=cfg.seed))
+
+    teacher_run = runs / "teacher"
+    teacher_weights = final_weights_path(teacher_run, 0, cfg.teacher)
+
+    def teach() -> None:
+        _train(teacher_run, "hard", (cfg.teacher,), cfg.teacher_epochs, cfg, shards, None)
+
+    def cache_stage() -> None:
+        cache_teacher(CacheTeacherConfig(shards=str(shards), out=str(cache), teacher_weights=str(teacher_weights),
+                                         teacher=cfg.teacher, epochs=cfg.cache_epochs, seed=cfg.seed,
+                                         image_size=cfg.crop_px, batch_size=256, backend=cfg.backend,
+                                         device=cfg.device))
+
+    stage("generate the learnable dataset", generate)
+    stage("shard", shard)
+    stage(f"train the teacher ({cfg.teacher}, hard labels)", teach)
+    stage("cache the teacher's logits", cache_stage)
+    for mode in LADDER:
+        stage(f"ladder: {mode}", lambda mode=mode: _train(runs / mode, mode, cfg.students, cfg.epochs, cfg, shards,
+                                                          cache))
+    report_path: list[Path] = []
+    stage("report", lambda: report_path.append(write_report(
+        [teacher_run] + [runs / m for m in LADDER], out / "report", teacher=teacher_run,
+        appendix=_timings_section(timings, t_all))))
+    total = time.perf_counter() - t_all
+    _atomic_json(out / "timings.json", {"stages": dict(timings), "total_s": total})
+    _say(f"finished in {total:.1f} s; report: {report_path[0]}")
+    return report_path[0]
+
+
+def _timings_section(timings: list[tuple[str, float]], t_all: float) -> list[str]:
+    """The demo's own stage timings, measured by this process (stages skipped on a resume show their skip time)."""
+    rows = [f"| {name} | {sec:.1f} |" for name, sec in timings]
+    return ["## Demo stages (wall-clock seconds, this invocation)", "", "| stage | seconds |", "|---|---|", *rows,
+            f"| total before the report | {time.perf_counter() - t_all:.1f} |", ""]
+
+
+def _atomic_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
