@@ -150,7 +150,12 @@ def fingerprint_diff(actual: dict[str, Any], expected: dict[str, Any]) -> tuple[
         have = actual.get(key, "<missing>")
         if _jsonable(have) != _jsonable(want):
             fields.append(key)
-            lines.append(f"{key}: cache has {_short(have)}, expected {_short(want)}")
+            if isinstance(have, dict) and isinstance(want, dict):  # name the sub-fields: aug_spec.image_size
+                lines += [f"{key}.{line}" for line in fingerprint_diff(have, want)[1]]
+                lines += [f"{key}.{k}: cache has {_short(v)}, expected nothing" for k, v in have.items()
+                          if k not in want]
+            else:
+                lines.append(f"{key}: cache has {_short(have)}, expected {_short(want)}")
     return fields, lines
 
 

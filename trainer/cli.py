@@ -151,7 +151,12 @@ def cache_teacher_cmd(shards, teacher, teacher_weights, out, epochs, seed, image
                              teacher=teacher, epochs=epochs, seed=seed, image_size=image_size, topk=topk,
                              batch_size=batch_size, chunk_n=chunk_n, backend=backend, num_workers=num_workers,
                              precision=precision, device=device)
-    path = cache_teacher(cfg)
+    from pipeline.teacher_cache import CacheMismatchError, IncompleteCacheError
+
+    try:
+        path = cache_teacher(cfg)
+    except (CacheMismatchError, IncompleteCacheError, FileExistsError) as e:
+        raise click.ClickException(str(e)) from e
     click.echo(f"teacher cache complete: {path}")
 
 

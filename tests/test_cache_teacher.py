@@ -1,0 +1,289 @@
+"""The cache-teacher job end to end on tiny synthetic shards: views, losses, refusals, kill -9, 2 ranks, top-k."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from pipeline.teacher_cache import CacheMismatchError, IncompleteCacheError, TeacherCache
+from trainer.cache_teacher import CacheTeacherConfig, cache_teacher, validate_cache_for_training
+
+WNIDS = ["n02869837", "n01749939", "n02488291", "n02107142"]
+ARRAYS = ("logits", "weight", "entropy", "done")
+
+
+def make_shards(root: Path, per_class: int = 10, seed: int = 0) -> Path:
+    from pipeline.shards import build_shards
+    from pipeline.synthetic import make_imagenet_tree
+
+    make_imagenet_tree(root / "tree", WNIDS, train_per_class=per_class, val_per_class=1, size=(40, 56), seed=seed)
+    build_shards(root / "tree", root / "shards", classes=WNIDS, workers=1, progress=False)
+    return root / "shards"
+
+
+def save_teacher(path: Path, seed: int = 0) -> Path:
+    from trainer.models import build_model
+
+    torch.manual_seed(seed)
+    model = build_model("tiny_resnet", len(WNIDS))
+    for m in model.modules():  # non-trivial BN statistics, so eval-mode logits vary across samples
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    with torch.no_grad():  # a confident teacher: logits spread over several units, w well inside (0, 1)
+        model.fc.weight.mul_(40.0)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("cache_teacher")
+    shards = make_shards(root)
+    weights = save_teacher(root / "teacher.pt")
+    cfg = CacheTeacherConfig(shards=str(shards), out=str(root / "ref.zarr"), teacher_weights=str(weights),
+                             teacher="tiny_resnet", epochs=2, seed=5, image_size=32, batch_size=8, chunk_n=16,
+                             num_workers=1, device="cpu", progress=False)
+    cache_teacher(cfg)  # the uninterrupted single-process reference
+    return {"root": root, "shards": shards, "weights": weights, "cfg": cfg}
+
+
+def variant(data: dict, tmp_path: Path, name: str, **changes) -> CacheTeacherConfig:
+    return dataclasses.replace(data["cfg"], out=str(tmp_path / name), **changes)
+
+
+def assert_same_store(a: str | Path, b: str | Path, names=ARRAYS) -> None:
+    ga, gb = zarr.open_group(str(a), mode="r"), zarr.open_group(str(b), mode="r")
+    assert dict(ga.attrs) == dict(gb.attrs)
+    for name in names:
+        np.testing.assert_array_equal(ga[name][:], gb[name][:], err_msg=name)
+
+
+def loader_for(data: dict, *, seed: int = 5, image_size: int = 32, shards=None, cache=None, batch_size: int = 8):
+    from pipeline.augment import AugSpec
+    from pipeline.loader import ImageNet100Loader
+
+    spec = AugSpec(image_size=image_size)
+    return ImageNet100Loader(str(shards or data["shards"]), "train", batch_size, seed=seed, backend="auto",
+                             device="cpu", spec=spec, num_workers=1, normalize=True, teacher_cache=cache), spec
+
+
+def online_teacher(data: dict):
+    from trainer.cache_teacher import load_teacher
+
+    return load_teacher("tiny_resnet", data["weights"], WNIDS, torch.device("cpu"))
+
+
+def test_cached_logits_are_the_teachers_on_the_training_views(data):
+    """Every loader batch (training epochs past E too) carries the teacher's logits of exactly its images."""
+    from trainer.losses import entropy_weight
+
+    teacher = online_teacher(data)
+    loader, _ = loader_for(data, cache=data["cfg"].out)
+    seen = 0
+    for epoch in (0, 1, 3):  # epoch 3 reuses augmentation epoch 1, images and logits alike
+        loader.set_epoch(epoch)
+        for batch in loader:
+            with torch.no_grad():
+                z = teacher(batch.images).float()
+            assert batch.teacher_logits is not None and batch.teacher_logits.dtype == torch.float32
+            torch.testing.assert_close(batch.teacher_logits, z, atol=2e-2, rtol=2e-3)  # float16 storage
+            torch.testing.assert_close(batch.teacher_weight, entropy_weight(z), atol=1e-5, rtol=1e-4)
+            seen += len(batch)
+    assert seen == 3 * 40
+
+
+def test_training_steps_with_the_cache_match_the_online_teacher(data):
+    """The same students trained on the same batches, with cached or online teacher logits: every loss term
+    of every step agrees within float16 tolerance (a wrong view, id, epoch or weight would be far off)."""
+    import copy
+
+    from trainer.config import make_config
+    from trainer.loop import Distiller
+    from trainer.models import build_model
+
+    # lr 0.01: five steps of lr 0.1 on tiny models amplify any 1e-3 perturbation chaotically
+    cfg = make_config("dual", ("tiny_resnet", "tiny_mobilenet"), optim={"lr": 0.01}, shards=str(data["shards"]),
+                      epochs=1, batch_size=8, image_size=32, seed=5, device="cpu", amp="fp32")
+    torch.manual_seed(0)
+    students = [build_model(n, len(WNIDS)) for n in cfg.students]
+    cpu = torch.device("cpu")
+    online = Distiller(cfg, copy.deepcopy(students), teacher=online_teacher(data), device=cpu, steps_per_epoch=5)
+    cached = Distiller(cfg, copy.deepcopy(students), teacher=None, device=cpu, steps_per_epoch=5)
+    loader, _ = loader_for(data, cache=data["cfg"].out)
+    loader.set_epoch(6)  # augmentation epoch 0 again
+    steps = 0
+    for batch in loader:
+        torch.manual_seed(steps)  # the same dropout masks in both (the trainer seeds every step too)
+        a = online.summarize(online.step(batch.images, batch.labels))
+        torch.manual_seed(steps)
+        b = cached.summarize(cached.step(batch.images, batch.labels, batch.teacher_logits, batch.teacher_weight))
+        for s in ("s0", "s1"):
+            assert a[s]["teacher"] > 0.01 and 0.05 < a[s]["w"] < 0.95, a[s]  # a confident, varied teacher
+            for term in ("loss", "hard", "teacher", "peer", "w"):
+                assert b[s][term] == pytest.approx(a[s][term], rel=3e-3, abs=1e-4), (steps, s, term)
+        steps += 1
+    assert steps == 5
+
+
+@pytest.mark.parametrize("change,fields", [
+    ({"seed": 6}, ["seed"]),
+    ({"image_size": 48}, ["aug_spec", "aug_fingerprint", "image_size"]),
+])
+def test_the_trainer_refuses_a_cache_for_other_views(data, change, fields):
+    loader, spec = loader_for(data, **change)
+    with pytest.raises(CacheMismatchError) as err:
+        validate_cache_for_training(data["cfg"].out, loader=loader, spec=spec, seed=change.get("seed", 5),
+                                    image_size=spec.image_size)
+    assert err.value.fields == fields
+    for f in fields:
+        assert f"{f}: cache has" in str(err.value) or f"{f}." in str(err.value)
+    if "image_size" in fields:
+        assert "aug_spec.image_size: cache has 32, expected 48" in str(err.value)
+
+
+def test_the_trainer_refuses_a_cache_for_other_shards(data, tmp_path):
+    other = make_shards(tmp_path, seed=1)  # same classes and count, other images: another manifest
+    loader, spec = loader_for(data, shards=other)
+    with pytest.raises(CacheMismatchError, match="manifest_sha256: cache has") as err:
+        validate_cache_for_training(data["cfg"].out, loader=loader, spec=spec, seed=5, image_size=32)
+    assert err.value.fields == ["manifest_sha256"]
+    loader, spec = loader_for(data)
+    cache = validate_cache_for_training(data["cfg"].out, loader=loader, spec=spec, seed=5, image_size=32)
+    assert isinstance(cache, TeacherCache) and cache.epochs == 2
+
+
+def test_resuming_with_other_teacher_weights_is_refused(data, tmp_path):
+    cfg = variant(data, tmp_path, "c.zarr", epochs=1)
+    cache_teacher(cfg)
+    other = save_teacher(tmp_path / "other.pt", seed=1)
+    with pytest.raises(CacheMismatchError, match="weights_sha256: cache has"):
+        cache_teacher(dataclasses.replace(cfg, teacher_weights=str(other)))
+    with pytest.raises(CacheMismatchError, match="epochs: cache has 1, expected 2"):
+        cache_teacher(dataclasses.replace(cfg, epochs=2))
+
+
+class Crash(Exception):
+    pass
+
+
+def test_interrupted_cache_is_refused_then_resumed_to_equal_the_reference(data, tmp_path):
+    cfg = variant(data, tmp_path, "c.zarr")
+    done = []
+
+    def crash_after_four(epoch, chunk):
+        done.append((epoch, chunk))
+        if len(done) == 4:
+            raise Crash
+
+    with pytest.raises(Crash):
+        cache_teacher(cfg, on_unit=crash_after_four)
+    loader, spec = loader_for(data)
+    with pytest.raises(IncompleteCacheError, match=r"epoch 1 \(2/3 chunks missing\)") as err:
+        validate_cache_for_training(cfg.out, loader=loader, spec=spec, seed=5, image_size=32)
+    assert err.value.missing_epochs == [1]
+    # a unit whose data was half-written before the crash (no marker) holds garbage until recomputed
+    zarr.open_group(cfg.out, mode="r+")["logits"][1, 32:40] = np.full((8, 4), 7.0, np.float16)
+    rerun = []
+    cache_teacher(cfg, on_unit=lambda e, c: rerun.append((e, c)))
+    assert rerun == [(1, 1), (1, 2)]  # only what was missing
+    assert_same_store(cfg.out, data["cfg"].out)
+
+
+CHILD = textwrap.dedent("""
+    import dataclasses, json, sys
+    from trainer.cache_teacher import CacheTeacherConfig, cache_teacher
+    cfg = CacheTeacherConfig(**json.loads(sys.argv[1]))
+    def report(epoch, chunk):
+        print(epoch, chunk, flush=True)
+        if sys.argv[2] == "block":
+            sys.stdin.readline()  # wait here until killed
+    cache_teacher(cfg, on_unit=report)
+""")
+
+
+def test_kill_9_mid_run_resumes_and_equals_an_uninterrupted_run(data, tmp_path):
+    import json
+
+    cfg = variant(data, tmp_path, "c.zarr")
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(dataclasses.asdict(cfg)), "block"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.readline()
+        assert first.split() == ["0", "0"], first
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        proc.stdout.close(), proc.stdin.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert TeacherCache(cfg.out).missing() == {0: 2, 1: 3}
+    cache_teacher(cfg)
+    assert_same_store(cfg.out, data["cfg"].out)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_write_the_same_store_as_one(data, tmp_path):
+    import json
+
+    cfg = variant(data, tmp_path, "c.zarr")
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    procs = [subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(dataclasses.asdict(cfg)), "run"],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE, text=True)
+             for r in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    units = [[tuple(map(int, line.split())) for line in out.splitlines()] for out in outs]
+    assert units[0] == [(0, 0), (0, 2), (1, 1)] and units[1] == [(0, 1), (1, 0), (1, 2)]
+    assert_same_store(cfg.out, data["cfg"].out)
+
+
+def test_topk_store_round_trips_against_full_logits(data, tmp_path):
+    cfg = variant(data, tmp_path, "k.zarr", topk=2, epochs=1)
+    cache_teacher(cfg)
+    g = zarr.open_group(cfg.out, mode="r")
+    assert g.attrs["topk"] == 2 and g.attrs["fingerprint"]["topk"] == 2 and "logits" not in g
+    full, top = TeacherCache(data["cfg"].out), TeacherCache(cfg.out)
+    ids = np.arange(40)
+    z, w = full.lookup(0, ids)
+    logp, wk = top.lookup(0, ids)
+    np.testing.assert_array_equal(w, wk)  # weight from the full logits either way
+    exact = torch.log_softmax(torch.from_numpy(z), 1).numpy()
+    order = np.argsort(-exact, 1)
+    kept = np.take_along_axis(logp, order[:, :2], 1)
+    np.testing.assert_allclose(kept, np.take_along_axis(exact, order[:, :2], 1), atol=2e-2)
+    np.testing.assert_allclose(np.exp(logp).sum(1), 1.0, atol=1e-2)
+    tail = np.take_along_axis(logp, order[:, 2:], 1)
+    np.testing.assert_allclose(tail, tail[:, :1].repeat(2, 1), rtol=1e-6)
+
+
+def test_cli_cache_teacher_writes_then_refuses_other_options(data, tmp_path):
+    from click.testing import CliRunner
+
+    from trainer.cli import main
+
+    args = ["cache-teacher", "--shards", str(data["shards"]), "--teacher", "tiny_resnet", "--teacher-weights",
+            str(data["weights"]), "--out", str(tmp_path / "c.zarr"), "--epochs", "1", "--seed", "5",
+            "--image-size", "32", "--batch-size", "8", "--chunk", "16", "--num-workers", "1", "--device", "cpu"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "teacher cache complete" in result.output
+    ref = zarr.open_group(data["cfg"].out, mode="r")
+    np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "c.zarr"), mode="r")["logits"][0], ref["logits"][0])
+    result = CliRunner().invoke(main, args[:-8] + ["--seed", "6"] + args[-6:])
+    assert result.exit_code == 1 and "seed: cache has 5, expected 6" in result.output

@@ -1,0 +1,184 @@
+"""Teacher-cache benchmarks; every figure is a ratio against a baseline run in this same process.
+
+1. cache-teacher throughput vs pure teacher inference over the very same (pre-built) batches;
+2. training step with cached logits vs with the online teacher (same students, batch, images);
+   lookup per batch (in-memory epoch slice) as a fraction of that step, and vs zarr-python gathers;
+3. bytes on disk per sample-epoch (full float16 logits and top-k), at ImageNet-100's shape.
+
+    python tools/bench_cache.py                      # small CPU defaults (a few minutes on 2 cores)
+    python tools/bench_cache.py --image-size 224 --batch-size 64 --device cuda   # the real thing on a GPU
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+WNIDS = ["n02869837", "n01749939", "n02488291", "n02107142", "n01558993", "n01692333", "n01729322", "n01735189"]
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"GPU {torch.cuda.get_device_name(device)}"
+    return f"CPU only: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_data(root: Path, per_class: int, teacher: str) -> tuple[Path, Path]:
+    from pipeline.shards import build_shards
+    from pipeline.synthetic import make_imagenet_tree
+    from trainer.models import build_model
+
+    make_imagenet_tree(root / "tree", WNIDS, train_per_class=per_class, val_per_class=1, size=(375, 500))
+    build_shards(root / "tree", root / "shards", classes=WNIDS, progress=False)
+    torch.save(build_model(teacher, len(WNIDS)).state_dict(), root / "teacher.pt")
+    return root / "shards", root / "teacher.pt"
+
+
+def bench_job(args, root: Path, device: torch.device) -> None:
+    """cache-teacher (decode + augment + teacher + store) vs the teacher alone on the same batches."""
+    from pipeline.augment import AugSpec
+    from trainer.cache_teacher import CacheTeacherConfig, cache_teacher, load_teacher, open_views, teacher_logits
+
+    shards, weights = make_data(root, args.per_class, args.teacher)
+    cfg = CacheTeacherConfig(shards=str(shards), out=str(root / "job.zarr"), teacher_weights=str(weights),
+                             teacher=args.teacher, epochs=1, image_size=args.image_size, batch_size=args.batch_size,
+                             chunk_n=args.batch_size * 4, device=str(device), progress=False)
+    n = args.per_class * len(WNIDS)
+    views, backend = open_views(cfg, AugSpec(image_size=args.image_size), device)
+    batches = [b[0].to(device) for b in views.iter_batches(np.arange(n), 0, args.batch_size)]
+    model = load_teacher(args.teacher, weights, WNIDS, device)
+    from trainer.cache_teacher import resolve_precision
+    precision = resolve_precision("auto", device)
+    teacher_logits(model, batches[0], precision)  # warm-up
+    sync(device)
+    t0 = time.perf_counter()
+    for images in batches:
+        teacher_logits(model, images, precision)
+    sync(device)
+    infer = n / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    cache_teacher(cfg)
+    job = n / (time.perf_counter() - t0)
+    print(f"[job] {n} images {args.image_size}px, teacher {args.teacher} ({precision}), backend {backend}, "
+          f"batch {args.batch_size}")
+    print(f"[job] teacher inference only (pre-built batches): {infer:8.1f} img/s")
+    print(f"[job] cache-teacher end to end (views + teacher + store): {job:8.1f} img/s  "
+          f"ratio {job / infer:.2f} of pure inference")
+
+
+def bench_step(args, root: Path, device: torch.device) -> None:
+    """Training step with the online teacher vs with cached logits; lookup cost vs the step."""
+    from pipeline.teacher_cache import CacheLayout, TeacherCache, TeacherCacheWriter
+    from trainer.config import make_config
+    from trainer.loop import Distiller
+    from trainer.models import build_model
+
+    c, b = len(WNIDS), args.batch_size
+    cfg = make_config("dual", None, epochs=1, batch_size=b, image_size=args.image_size, device=str(device))
+    torch.manual_seed(0)
+    students = [build_model(s, c) for s in cfg.students]
+    teacher = build_model(args.teacher, c)
+    images = torch.randn(b, 3, args.image_size, args.image_size, device=device).contiguous(
+        memory_format=torch.channels_last)
+    labels = torch.randint(0, c, (b,), device=device)
+    online = Distiller(cfg, copy.deepcopy(students), teacher=teacher, device=device, steps_per_epoch=100)
+    cached = Distiller(cfg, copy.deepcopy(students), teacher=None, device=device, steps_per_epoch=100)
+    z, w = torch.randn(b, c, device=device), torch.rand(b, device=device)
+
+    def once(fn) -> float:
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        return time.perf_counter() - t0
+
+    run_online, run_cached = (lambda: online.step(images, labels)), (lambda: cached.step(images, labels, z, w))
+    once(run_online), once(run_cached)  # warm-up
+    pairs = [(once(run_online), once(run_cached)) for _ in range(args.steps)]  # interleaved: fair under noise
+    t_online, t_cached = (float(np.median(col)) for col in zip(*pairs))
+    print(f"[step] dual step {'+'.join(cfg.students)}, batch {b}, {args.image_size}px, "
+          f"median of {args.steps} interleaved steps")
+    print(f"[step] with online teacher {args.teacher}: {t_online * 1e3:8.1f} ms   with cached logits: "
+          f"{t_cached * 1e3:8.1f} ms   speed-up {t_online / t_cached:.2f}x")
+
+    n, classes = 126_689, 100  # ImageNet-100's train split
+    lay = CacheLayout(epochs=2, num_samples=n, num_classes=classes)
+    writer = TeacherCacheWriter.create(root / "big.zarr", lay, {"bench": True})
+    rng = np.random.default_rng(0)
+    for e, ch in lay.units():
+        lo, hi = lay.id_range(ch)
+        writer.write_unit(e, ch, rng.normal(0, 3, (hi - lo, classes)).astype(np.float32))
+    cache = TeacherCache(root / "big.zarr")
+    t0 = time.perf_counter()
+    cache.lookup(0, [0])
+    load = time.perf_counter() - t0
+    ids = [rng.integers(0, n, b) for _ in range(2000)]
+    t0 = time.perf_counter()
+    for i in ids:
+        cache.lookup(0, i)
+    per = (time.perf_counter() - t0) / len(ids)
+    arr = writer.group["logits"]
+    t0 = time.perf_counter()
+    for i in ids[:50]:
+        arr.get_orthogonal_selection((0, np.sort(i), slice(None)))
+    direct = (time.perf_counter() - t0) / 50
+    print(f"[lookup] epoch slice load (N={n}, C={classes}, float16): {load * 1e3:.1f} ms once per epoch")
+    print(f"[lookup] per batch of {b}: {per * 1e6:.1f} us = {per / t_cached * 100:.4f} % of the cached step; "
+          f"zarr-python gather baseline {direct * 1e3:.2f} ms ({direct / per:.0f}x slower)")
+    cache.close()
+
+
+def bench_bytes(root: Path) -> None:
+    """Bytes per sample-epoch on disk, ImageNet-100 shape, teacher-like logits (normal, sd 3)."""
+    from pipeline.teacher_cache import CacheLayout, TeacherCacheWriter
+
+    n, rng = 16_384, np.random.default_rng(1)
+    for classes, topk in ((100, 0), (1000, 0), (1000, 10)):
+        lay = CacheLayout(epochs=1, num_samples=n, num_classes=classes, topk=topk)
+        path = root / f"bytes-{classes}-{topk}.zarr"
+        writer = TeacherCacheWriter.create(path, lay, {"bench": True})
+        for e, ch in lay.units():
+            lo, hi = lay.id_range(ch)
+            writer.write_unit(e, ch, rng.normal(0, 3, (hi - lo, classes)).astype(np.float32))
+        size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        per = size / n
+        mode = f"top-{topk}" if topk else "full"
+        print(f"[bytes] C={classes:4d} {mode:6s}: {per:7.1f} B per sample-epoch "
+              f"(raw float16 logits {2 * classes} B); ImageNet-100 x 50 epochs: {per * 126_689 * 50 / 1e9:.2f} GB")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", default="resnet50")
+    p.add_argument("--image-size", type=int, default=112)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--per-class", type=int, default=16, help="train images per class (8 classes) for the job")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--only", choices=["job", "step", "bytes"], default=None)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    print(f"machine: {machine(device)}; torch {torch.__version__}")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        if args.only in (None, "job"):
+            bench_job(args, root, device)
+        if args.only in (None, "step"):
+            bench_step(args, root, device)
+        if args.only in (None, "bytes"):
+            bench_bytes(root)
+
+
+if __name__ == "__main__":
+    main()
