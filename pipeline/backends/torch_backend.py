@@ -97,36 +97,45 @@ def colour_hwc(hwc: np.ndarray, b: float, c: float, s: float) -> Image.Image:
     return im if s == 1.0 else im.convert("RGB", saturation_matrix(s))
 
 
-def train_view(img: torch.Tensor, p: AugParams, i: int, size: int) -> np.ndarray:
-    """Row i of the params applied to a decoded image: (size, size, 3) uint8, C-contiguous."""
+def train_view(img: torch.Tensor, p: AugParams, i: int, size: int) -> torch.Tensor:
+    """Row i of the params applied to a decoded image: (size, size, 3) uint8 HWC."""
     t, l, h, w = int(p.top[i]), int(p.left[i]), int(p.height[i]), int(p.width[i])
     if t + h > img.shape[1] or l + w > img.shape[2]:
         raise ValueError(f"crop {h}x{w}+{t}+{l} outside the decoded {img.shape[1]}x{img.shape[2]} image "
                          "(does the index's height/width match the JPEG?)")
     out = np.ascontiguousarray(resize_uint8(img[:, t:t + h, l:l + w], (size, size)).permute(1, 2, 0).numpy())
     im = colour_hwc(out, float(p.brightness[i]), float(p.contrast[i]), float(p.saturation[i]))
-    if p.flip[i]:
-        im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return np.array(im)  # writable, so torch.from_numpy is safe
+    x = torch.from_numpy(np.array(im))  # writable copy, so torch.from_numpy is safe
+    return x.flip(1) if p.flip[i] else x
 
 
-def val_view(img: torch.Tensor, spec: AugSpec) -> np.ndarray:
+def val_view(img: torch.Tensor, spec: AugSpec) -> torch.Tensor:
     """Shorter side -> val_resize, centre crop image_size: (S, S, 3) uint8."""
     rh, rw, (t, l, h, w) = val_geometry(spec, int(img.shape[1]), int(img.shape[2]))
-    return resize_uint8(img, (rh, rw))[:, t:t + h, l:l + w].permute(1, 2, 0).numpy()
+    return resize_uint8(img, (rh, rw))[:, t:t + h, l:l + w].permute(1, 2, 0)
 
 
-def normalize_hwc(hwc: np.ndarray, out: torch.Tensor) -> None:
-    """(u - 255 mean) / (255 std) of one uint8 HWC image into `out` (HWC, float dtype), one pass."""
-    src = torch.from_numpy(hwc)
-    if out.dtype == torch.float32:
-        torch.addcmul(_NORM_OFFSET, src, _NORM_SCALE, out=out)
-    else:
-        out.copy_(torch.addcmul(_NORM_OFFSET, src, _NORM_SCALE))
+def normalize_hwc(hwc: torch.Tensor, out: torch.Tensor) -> None:
+    """(u - 255 mean) / (255 std) of one uint8 HWC image into `out` (HWC, float dtype).
+
+    Scale and offset are pre-tiled to the image's shape: broadcasting a 3-vector over the innermost
+    dimension runs ~3x slower on the CPU than this same-shape multiply-add."""
+    scale, offset = _norm_pattern(tuple(hwc.shape))
+    tmp = out if out.dtype == torch.float32 else torch.empty(hwc.shape)
+    tmp.copy_(hwc).mul_(scale).add_(offset)
+    if tmp is not out:
+        out.copy_(tmp)
 
 
-_NORM_SCALE = torch.tensor([1.0 / s for s in IMAGENET_STD_255])
-_NORM_OFFSET = torch.tensor([-m / s for m, s in zip(IMAGENET_MEAN_255, IMAGENET_STD_255)])
+_NORM_PATTERNS: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _norm_pattern(shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    if shape not in _NORM_PATTERNS:
+        scale = torch.tensor([1.0 / s for s in IMAGENET_STD_255]).expand(shape).contiguous()
+        offset = torch.tensor([-m / s for m, s in zip(IMAGENET_MEAN_255, IMAGENET_STD_255)]).expand(shape)
+        _NORM_PATTERNS[shape] = (scale, offset.contiguous())
+    return _NORM_PATTERNS[shape]
 
 
 class BatchBuilder(torch.utils.data.Dataset):
@@ -164,7 +173,7 @@ class BatchBuilder(torch.utils.data.Dataset):
                 skipped.append((sid, str(e)))
                 continue
             if self.out_dtype == torch.uint8:
-                out[len(keep)] = torch.from_numpy(hwc)
+                out[len(keep)] = hwc
             else:
                 normalize_hwc(hwc, out[len(keep)])
             keep.append(i)
