@@ -312,5 +312,23 @@ def demo(out, tiny, backend, device):
     click.echo(f"report: {path}")
 
 
+# ---- loader: images/s of kdpipe's backends vs torchvision ImageFolder + PIL (tools/bench_loader.py) ----
+@bench.command("loader", add_help_option=False,
+               context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_loader(args):
+    """Loader img/s and per-stage times vs ImageFolder + PIL, e.g. --shards DIR --backends torch,dali
+    (tools/bench_loader.py -h)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "bench_loader.py"
+    if not path.is_file():
+        raise click.ClickException(f"{path} not found: `kdpipe bench loader` runs from a source checkout")
+    spec = importlib.util.spec_from_file_location("kdpipe_bench_loader", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(list(args))
+
+
 if __name__ == "__main__":
     main()
