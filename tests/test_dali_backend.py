@@ -235,3 +235,27 @@ def test_gpu_form_of_the_contrast_step_agrees_on_the_cpu(shards):
     (got, _, _), _ = collect(blended, ids)
     diff = (got.int() - ref.int()).abs()
     assert diff.max() <= 1 and diff.float().mean() < 0.05, (diff.max(), diff.float().mean())  # measured: equal
+
+
+@pytest.mark.dali
+def test_batches_handed_out_stay_intact(shards):
+    """Output memory is shared with DALI (no copy): later batches and a dead pipeline must not touch it."""
+    import gc
+
+    backend = dali(shards, normalize=True, dtype=torch.float32)
+    held = [(b[0], b[0].clone()) for b in backend.iter_batches(np.arange(24), 0, 4)]
+    list(backend.iter_batches(np.arange(24), 1, 4))
+    del backend
+    gc.collect()
+    list(dali(shards, normalize=True, dtype=torch.float32).iter_batches(np.arange(24), 2, 4))
+    assert all(torch.equal(a, b) for a, b in held)
+
+
+@pytest.mark.dali
+def test_the_copying_path_of_the_static_executor_gives_the_same_batches(shards):
+    ids = np.arange(13)
+    (ref, _, _), _ = collect(dali(shards), ids)
+    static = dali(shards)
+    static.exec_dynamic = False  # DALI reuses output buffers: the backend must copy
+    batches = list(static.iter_batches(ids, 0, 5))
+    assert torch.equal(torch.cat([b[0] for b in batches]), ref)

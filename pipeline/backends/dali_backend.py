@@ -16,6 +16,7 @@ DALI is imported lazily: importing this module never needs it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import deque
 from dataclasses import dataclass
@@ -195,6 +196,7 @@ class DaliBackend:
         self.skip_corrupt = bool(skip_corrupt)
         self.colour = colour_steps(spec) if self.train else ()
         self.blend_contrast = self.gpu  # the GPU graph's contrast step; settable on the CPU to test it
+        self.exec_dynamic: bool | None = None  # DALI's executor (None: its default, dynamic in DALI 2.x)
         self.skipped: list[tuple[int, str]] = []  # (sample id, reason) of every dropped sample
         self._idle: dict[int, tuple[Any, _Stream]] = {}  # batch size -> a built pipeline not in use
 
@@ -224,7 +226,7 @@ class DaliBackend:
                     pipe.schedule_run()
                     continue
                 feed = stream.inflight.popleft()
-                batch = self._to_torch(out, feed.ids)
+                batch = self._to_torch(out, feed.ids, shared=bool(pipe.exec_dynamic))
                 self._top_up(stream, chunks, aug_epoch)
                 pipe.schedule_run()  # DALI works on the next batch while the consumer uses this one
                 yield batch
@@ -318,7 +320,7 @@ class DaliBackend:
         device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) \
             if self.gpu else None
         pipe = Pipeline(batch_size=batch_size, num_threads=self.num_threads, device_id=device_id,
-                        prefetch_queue_depth=prefetch)
+                        prefetch_queue_depth=prefetch, exec_dynamic=self.exec_dynamic)
         with pipe:
             _graph(pipe, lambda: source(), train=self.train, colour=self.colour, gpu=self.gpu,
                    size=self.spec.image_size, normalize=self.normalize, out_dtype=_TORCH_TO_DALI[self.dtype],
@@ -326,17 +328,25 @@ class DaliBackend:
         pipe.build()
         return pipe
 
-    def _to_torch(self, out: Any, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Copy DALI's HWC batch into a fresh torch tensor (DALI reuses its buffers) viewed as NCHW."""
-        from nvidia.dali.plugin.pytorch import feed_ndarray
+    def _to_torch(self, out: Any, ids: np.ndarray, shared: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """DALI's HWC batch as a torch tensor viewed as NCHW (channels_last memory), plus labels and ids.
 
+        shared: DALI's dynamic executor gives each iteration fresh, reference-counted output memory, so
+        torch can take it over through DLPack without a copy (as DALI's own pytorch iterator does).
+        Otherwise DALI reuses its buffers and the batch is copied out.
+        """
         dense = out.as_tensor()
-        raw_dtype = torch.float32 if self.dtype == torch.bfloat16 else self.dtype
-        hwc = torch.empty(dense.shape(), dtype=raw_dtype, device=self.device)
-        stream = torch.cuda.current_stream(self.device) if self.gpu else None
-        feed_ndarray(dense, hwc, cuda_stream=stream)
+        if shared:
+            with torch.cuda.device(self.device) if self.gpu else contextlib.nullcontext():
+                hwc = torch.from_dlpack(dense)
+        else:
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+
+            raw_dtype = torch.float32 if self.dtype == torch.bfloat16 else self.dtype
+            hwc = torch.empty(dense.shape(), dtype=raw_dtype, device=self.device)
+            feed_ndarray(dense, hwc, cuda_stream=torch.cuda.current_stream(self.device) if self.gpu else None)
         images = hwc.permute(0, 3, 1, 2)  # NCHW view of NHWC memory = channels_last, no copy
         if self.dtype == torch.bfloat16:
-            images = images.to(torch.bfloat16)  # keeps the channels_last strides
+            images = images.to(torch.bfloat16)  # DALI has no bfloat16; keeps the channels_last strides
         labels = torch.from_numpy(self.index.labels[ids].astype(np.int64)).to(self.device)
         return images, labels, torch.from_numpy(ids.copy()).to(self.device)
