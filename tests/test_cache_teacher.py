@@ -277,13 +277,23 @@ def test_cli_cache_teacher_writes_then_refuses_other_options(data, tmp_path):
 
     from trainer.cli import main
 
-    args = ["cache-teacher", "--shards", str(data["shards"]), "--teacher", "tiny_resnet", "--teacher-weights",
-            str(data["weights"]), "--out", str(tmp_path / "c.zarr"), "--epochs", "1", "--seed", "5",
-            "--image-size", "32", "--batch-size", "8", "--chunk", "16", "--num-workers", "1", "--device", "cpu"]
-    result = CliRunner().invoke(main, args)
+    def args(seed: int, batch: int = 8) -> list[str]:
+        return ["cache-teacher", "--shards", str(data["shards"]), "--teacher", "tiny_resnet", "--teacher-weights",
+                str(data["weights"]), "--out", str(tmp_path / "c.zarr"), "--epochs", "1", "--seed", str(seed),
+                "--image-size", "32", "--batch-size", str(batch), "--chunk", "16", "--num-workers", "1",
+                "--device", "cpu"]
+
+    result = CliRunner().invoke(main, args(5))
     assert result.exit_code == 0, result.output
     assert "teacher cache complete" in result.output
     ref = zarr.open_group(data["cfg"].out, mode="r")
     np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "c.zarr"), mode="r")["logits"][0], ref["logits"][0])
-    result = CliRunner().invoke(main, args[:-8] + ["--seed", "6"] + args[-6:])
+    result = CliRunner().invoke(main, args(6))
     assert result.exit_code == 1 and "seed: cache has 5, expected 6" in result.output
+    result = CliRunner().invoke(main, args(5, batch=6))
+    assert result.exit_code == 2 and "must be a multiple of batch_size" in result.output
+
+
+def test_config_refuses_batches_that_would_straddle_units(data):
+    with pytest.raises(ValueError, match=r"chunk_n \(16\) must be a multiple of batch_size \(6\)"):
+        dataclasses.replace(data["cfg"], batch_size=6)

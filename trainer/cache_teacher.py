@@ -44,6 +44,18 @@ class CacheTeacherConfig:
     device: str = "auto"  # auto | cpu | cuda
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        problems = []
+        if min(self.epochs, self.batch_size, self.chunk_n, self.image_size) < 1 or self.topk < 0:
+            problems.append("epochs, batch_size, chunk_n and image_size must be >= 1, topk >= 0")
+        if self.chunk_n % self.batch_size:
+            problems.append(f"chunk_n ({self.chunk_n}) must be a multiple of batch_size ({self.batch_size}), so "
+                            f"batches never straddle two units and a resumed run computes identical logits")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if problems:
+            raise ValueError("invalid cache-teacher options: " + "; ".join(problems))
+
 
 def file_sha256(path: str | Path) -> str:
     """sha256 of a file, streamed (teacher weights can be hundreds of MB)."""
@@ -129,21 +141,42 @@ def open_views(cfg: CacheTeacherConfig, spec: Any, device: torch.device) -> tupl
     return loader.backend, loader.backend_name
 
 
-def unit_logits(model: torch.nn.Module, views: Any, ids: np.ndarray, aug_epoch: int, batch_size: int,
-                precision: str, advance: Callable[[int], Any] = lambda n: None) -> np.ndarray:
-    """float32 teacher logits (len(ids), C) for the views of `ids` at `aug_epoch`, in the order of `ids`."""
+def epoch_unit_logits(model: torch.nn.Module, views: Any, layout: CacheLayout, aug_epoch: int, chunks: list[int],
+                      batch_size: int, precision: str, advance: Callable[[int], Any] = lambda n: None
+                      ) -> Iterator[tuple[int, np.ndarray]]:
+    """(chunk, float32 logits (n, C)) for each chunk of `chunks` at `aug_epoch`, from one backend stream.
+
+    One `iter_batches` call per epoch (worker start-up once, not per unit). chunk_n is a multiple of
+    batch_size, so every batch lies inside one unit and holds the same ids whichever units are pending:
+    a resumed run computes bit-identical logits to an uninterrupted one."""
+    if layout.chunk_n % batch_size:
+        raise ValueError(f"the store's chunk ({layout.chunk_n}) must be a multiple of the batch size ({batch_size})")
+    ranges = [layout.id_range(c) for c in chunks]
+    ids = np.concatenate([np.arange(lo, hi, dtype=np.int64) for lo, hi in ranges])
     device = next(model.parameters()).device
-    out, seen = [], []
+    pending = iter(zip(chunks, ranges))
+    chunk, (lo, hi) = next(pending)
+    out: list[torch.Tensor] = []
+    seen: list[np.ndarray] = []
     for images, _labels, got in views.iter_batches(ids, aug_epoch, batch_size):
         out.append(teacher_logits(model, images.to(device, non_blocking=True), precision).cpu())
         seen.append(np.asarray(got.cpu(), dtype=np.int64))
         advance(len(got))
-    seen_ids = np.concatenate(seen) if seen else np.empty(0, np.int64)
-    if not np.array_equal(seen_ids, ids):
-        missing = np.setdiff1d(ids, seen_ids)[:5].tolist()
-        raise RuntimeError(f"the backend returned {len(seen_ids)} of {len(ids)} ids [{ids[0]}, {ids[-1]}] "
-                           f"at aug epoch {aug_epoch} (first missing: {missing}); a cache needs every sample")
-    return torch.cat(out).numpy()
+        if sum(map(len, seen)) >= hi - lo:
+            _check_ids(np.concatenate(seen), lo, hi, aug_epoch)
+            yield chunk, torch.cat(out).numpy()
+            out, seen = [], []
+            chunk, (lo, hi) = next(pending, (None, (0, 0)))
+    if chunk is not None:
+        _check_ids(np.concatenate(seen) if seen else np.empty(0, np.int64), lo, hi, aug_epoch)
+
+
+def _check_ids(seen: np.ndarray, lo: int, hi: int, aug_epoch: int) -> None:
+    """The backend must return exactly ids lo..hi-1 in order: a cache needs every sample."""
+    if not np.array_equal(seen, np.arange(lo, hi)):
+        missing = np.setdiff1d(np.arange(lo, hi), seen)[:5].tolist()
+        raise RuntimeError(f"the backend returned {len(seen)} ids for [{lo}, {hi}) at aug epoch {aug_epoch} "
+                           f"(first missing: {missing}); a cache needs every sample")
 
 
 # ---------------------------------------------------------------- the job
@@ -183,12 +216,13 @@ def cache_teacher(cfg: CacheTeacherConfig, *, on_unit: Callable[[int, int], Any]
         todo = sum(np.subtract(*layout.id_range(c)[::-1]) for _, c in units)
         desc = f"cache-teacher {cfg.teacher} ({precision}, {backend_name})" + (f" rank {rank}/{world}" if world > 1 else "")
         with tqdm(total=int(todo), unit="img", desc=desc, disable=not cfg.progress or rank != 0) as bar:
-            for epoch, chunk in units:
-                ids = np.arange(*layout.id_range(chunk), dtype=np.int64)
-                logits = unit_logits(model, views, ids, epoch, cfg.batch_size, precision, bar.update)
-                writer.write_unit(epoch, chunk, logits)
-                if on_unit is not None:
-                    on_unit(epoch, chunk)
+            for epoch in sorted({e for e, _ in units}):
+                chunks = [c for e, c in units if e == epoch]
+                for chunk, logits in epoch_unit_logits(model, views, layout, epoch, chunks, cfg.batch_size,
+                                                       precision, bar.update):
+                    writer.write_unit(epoch, chunk, logits)
+                    if on_unit is not None:
+                        on_unit(epoch, chunk)
         _barrier()
         if rank == 0:
             TeacherCache(cfg.out, prefetch=False).check_complete()

@@ -147,10 +147,13 @@ def cache_teacher_cmd(shards, teacher, teacher_weights, out, epochs, seed, image
     Resumable (rerun the same command after any interruption) and parallel under torchrun."""
     from trainer.cache_teacher import CacheTeacherConfig, cache_teacher
 
-    cfg = CacheTeacherConfig(shards=str(shards), out=str(out), teacher_weights=str(teacher_weights),
-                             teacher=teacher, epochs=epochs, seed=seed, image_size=image_size, topk=topk,
-                             batch_size=batch_size, chunk_n=chunk_n, backend=backend, num_workers=num_workers,
-                             precision=precision, device=device)
+    try:
+        cfg = CacheTeacherConfig(shards=str(shards), out=str(out), teacher_weights=str(teacher_weights),
+                                 teacher=teacher, epochs=epochs, seed=seed, image_size=image_size, topk=topk,
+                                 batch_size=batch_size, chunk_n=chunk_n, backend=backend, num_workers=num_workers,
+                                 precision=precision, device=device)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
     from pipeline.teacher_cache import CacheMismatchError, IncompleteCacheError
 
     try:
