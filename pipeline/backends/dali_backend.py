@@ -286,9 +286,10 @@ class DaliBackend:
     def _recover(self, stream: _Stream, err: RuntimeError) -> None:
         """After a failed iteration: decode the in-flight samples one by one to name the bad ones,
         then (skip_corrupt) queue everything not yet delivered again, without them, in order."""
-        feeds = list(stream.inflight) + list(stream.pending)
+        suspects = list(stream.inflight)
+        feeds = suspects + list(stream.pending)
         stream.inflight.clear(), stream.pending.clear()
-        bad = {i: why for f in feeds for i, why in zip(f.ids.tolist(), self._probe(f)) if why is not None}
+        bad = {i: why for i, why in self._probe(suspects).items() if why is not None}
         if not bad:
             raise RuntimeError(f"DALI failed on a batch of {self.index.shard_dir} ({self.index.split}) "
                                f"but every sample decodes alone: {err}") from err
@@ -299,18 +300,22 @@ class DaliBackend:
             if len(kept.ids):
                 stream.pending.append(kept)
 
-    def _probe(self, feed: _Feed) -> list[str | None]:
-        """For each sample of `feed`: None if the graph accepts it on its own, else DALI's reason."""
-        reasons: list[str | None] = []
-        for j in range(len(feed.ids)):
-            one = feed.take(np.arange(len(feed.ids)) == j)
-            pipe = self._build(1, lambda one=one: one.columns, prefetch=1)
-            try:
-                pipe.run()
-                reasons.append(None)
-            except RuntimeError as e:
-                reasons.append(dali_reason(e))
-            del pipe
+    def _probe(self, feeds: list[_Feed]) -> dict[int, str | None]:
+        """Each sample of `feeds` through the graph alone: None if accepted, else DALI's reason.
+
+        One batch-size-1 pipeline, rebuilt only after a failure (a failed pipeline is dead)."""
+        reasons: dict[int, str | None] = {}
+        probe, pipe = _Stream(), None
+        for f in feeds:
+            for j, sample_id in enumerate(f.ids.tolist()):
+                pipe = pipe or self._build(1, probe.source, prefetch=1)
+                probe.pending.append(f.take(np.arange(len(f.ids)) == j))
+                try:
+                    pipe.run()
+                    reasons[sample_id] = None
+                except RuntimeError as e:
+                    reasons[sample_id], pipe = dali_reason(e), None
+                probe.pending.clear(), probe.inflight.clear()
         return reasons
 
     # ---- DALI
