@@ -69,12 +69,13 @@ def assert_same_store(a: str | Path, b: str | Path, names=ARRAYS) -> None:
         np.testing.assert_array_equal(ga[name][:], gb[name][:], err_msg=name)
 
 
-def loader_for(data: dict, *, seed: int = 5, image_size: int = 32, shards=None, cache=None, batch_size: int = 8):
+def loader_for(data: dict, *, seed: int = 5, image_size: int = 32, shards=None, cache=None, batch_size: int = 8,
+               backend: str = "auto"):
     from pipeline.augment import AugSpec
     from pipeline.loader import ImageNet100Loader
 
     spec = AugSpec(image_size=image_size)
-    return ImageNet100Loader(str(shards or data["shards"]), "train", batch_size, seed=seed, backend="auto",
+    return ImageNet100Loader(str(shards or data["shards"]), "train", batch_size, seed=seed, backend=backend,
                              device="cpu", spec=spec, num_workers=1, normalize=True, teacher_cache=cache), spec
 
 
@@ -297,3 +298,21 @@ def test_cli_cache_teacher_writes_then_refuses_other_options(data, tmp_path):
 def test_config_refuses_batches_that_would_straddle_units(data):
     with pytest.raises(ValueError, match=r"chunk_n \(16\) must be a multiple of batch_size \(6\)"):
         dataclasses.replace(data["cfg"], batch_size=6)
+
+
+@pytest.mark.dali
+def test_dali_views_cache_matches_dali_training_batches(data, tmp_path):
+    """The same contract through the DALI backend (CPU-only mode here), and its backend is recorded."""
+    cfg = variant(data, tmp_path, "d.zarr", backend="dali", epochs=1)
+    cache_teacher(cfg)
+    assert zarr.open_group(cfg.out, mode="r").attrs["fingerprint"]["backend"] == "dali"
+    teacher = online_teacher(data)
+    loader, _ = loader_for(data, cache=cfg.out, backend="dali")
+    loader.set_epoch(2)
+    for batch in loader:
+        with torch.no_grad():
+            z = teacher(batch.images).float()
+        torch.testing.assert_close(batch.teacher_logits, z, atol=2e-2, rtol=2e-3)
+    torch_loader, spec = loader_for(data, backend="torch")
+    with pytest.warns(UserWarning, match="made with the dali backend, training uses torch"):
+        validate_cache_for_training(cfg.out, loader=torch_loader, spec=spec, seed=5, image_size=32)
