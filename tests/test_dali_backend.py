@@ -259,3 +259,25 @@ def test_the_copying_path_of_the_static_executor_gives_the_same_batches(shards):
     static.exec_dynamic = False  # DALI reuses output buffers: the backend must copy
     batches = list(static.iter_batches(ids, 0, 5))
     assert torch.equal(torch.cat([b[0] for b in batches]), ref)
+
+
+@pytest.mark.dali
+@pytest.mark.gpu
+def test_gpu_mixed_decode_is_deterministic_and_close_to_the_cpu_graph(shards):
+    """The "mixed" (nvJPEG) graph: on the GPU, channels_last, same pixels across batch sizes, close to CPU."""
+    from pipeline.backends.dali_backend import DaliBackend
+
+    ids = np.arange(len(ShardIndex(shards, "train")))
+
+    def gpu(**kw):
+        return DaliBackend(ShardIndex(shards, "train"), spec=SPEC, seed=7, train=True, device=torch.device("cuda"),
+                           num_workers=2, skip_corrupt=False, **kw)
+
+    (a, labels, got), _ = collect(gpu(normalize=False, dtype=torch.uint8), ids, batch_size=4)
+    (b, _, _), _ = collect(gpu(normalize=False, dtype=torch.uint8), ids[::-1], batch_size=7)
+    assert a.is_cuda and labels.is_cuda and got.tolist() == ids.tolist()
+    assert torch.equal(a, b.flip(0))
+    (cpu, _, _), _ = collect(dali(shards), ids, batch_size=4)
+    assert (a.cpu().float() - cpu.float()).abs().mean() < 1.5
+    x = next(iter(gpu(normalize=True, dtype=torch.bfloat16).iter_batches(ids, 0, 8)))[0]
+    assert x.is_cuda and x.dtype == torch.bfloat16 and x.is_contiguous(memory_format=torch.channels_last)

@@ -114,6 +114,10 @@ def _graph(pipe: Any, source: Callable[[], tuple], *, train: bool, colour: tuple
     from nvidia.dali import fn, types
 
     f32, u8 = types.FLOAT, types.UINT8
+    # On the GPU, nvJPEG splits a batch between the hardware decoder and the CUDA one by position
+    # (hw_decoder_load); the two may round differently, so a sample's pixels would depend on its batch.
+    # All-hardware keeps them a function of the sample (images it cannot take fall back per image).
+    decoder = {"device": "mixed", "hw_decoder_load": 1.0} if gpu else {"device": "cpu"}
     if train:
         names = ("data", "anchor", "shape", "mirror") + colour
         dtypes = [u8, f32, f32, types.INT32] + [f32] * len(colour)
@@ -122,7 +126,7 @@ def _graph(pipe: Any, source: Callable[[], tuple], *, train: bool, colour: tuple
                                                  dtype=dtypes, ndim=ndims)))
         # anchor = (left, top), shape = (width, height): absolute source pixels ("WH" order).
         img = fn.decoders.image_slice(inp["data"], inp["anchor"], inp["shape"], normalized_anchor=False,
-                                      normalized_shape=False, output_type=types.RGB, device="mixed" if gpu else "cpu")
+                                      normalized_shape=False, output_type=types.RGB, **decoder)
         img = fn.resize(img, size=[size, size], antialias=True)
         if "brightness" in inp:
             img = fn.brightness_contrast(img, brightness=inp["brightness"])
@@ -140,7 +144,7 @@ def _graph(pipe: Any, source: Callable[[], tuple], *, train: bool, colour: tuple
     else:
         data, roi_start, roi_end = fn.external_source(
             source=source, num_outputs=3, batch=True, dtype=[u8, f32, f32], ndim=[1, 1, 1])
-        img = fn.decoders.image(data, output_type=types.RGB, device="mixed" if gpu else "cpu")
+        img = fn.decoders.image(data, output_type=types.RGB, **decoder)
         img = fn.resize(img, size=[size, size], roi_start=roi_start, roi_end=roi_end, roi_relative=False,
                         antialias=True)
         mirror = 0
