@@ -186,3 +186,33 @@ def test_bad_input_names_shard_and_sample(shards, tmp_path, how):
     dropped = {i for i, _ in loader.skipped}
     assert victim in dropped and dropped <= in_shard1 and set(seen) | dropped == set(range(24)) and not set(seen) & dropped
     assert len(seen) == 24 - len(dropped)
+
+
+def _mean_abs_diff(a: ImageNet100Loader, b: ImageNet100Loader) -> float:
+    diffs = []
+    for x, y in zip(a, b):
+        assert torch.equal(x.ids.cpu(), y.ids.cpu()) and torch.equal(x.labels.cpu(), y.labels.cpu())
+        diffs.append((x.images.cpu().float() - y.images.cpu().float()).abs().mean().item())
+    assert diffs
+    return float(np.mean(diffs))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_cuda_decode_path_close_to_cpu_workers(shards, split):
+    """On CUDA the torch backend decodes on the GPU (batched) and augments there: same ids, close pixels."""
+    gpu = make(shards, split, batch_size=5, device="cuda")
+    cpu = make(shards, split, batch_size=5)
+    assert _mean_abs_diff(gpu, cpu) < 2.0
+    f = next(iter(make(shards, split, batch_size=5, device="cuda", normalize=True, dtype=torch.bfloat16)))
+    assert f.images.is_cuda and f.images.dtype == torch.bfloat16 and f.labels.is_cuda
+    assert f.images.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.dali
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_dali_backend_through_the_loader(shards, split):
+    """backend='dali' (CPU-only mode here) gives the same ids and labels in the same order, close pixels."""
+    dali = make(shards, split, batch_size=5, backend="dali")
+    assert dali.backend_name == "dali"
+    assert _mean_abs_diff(dali, make(shards, split, batch_size=5)) < 2.5

@@ -115,37 +115,48 @@ def val_view(img: torch.Tensor, spec: AugSpec) -> torch.Tensor:
     return resize_uint8(img, (rh, rw))[:, t:t + h, l:l + w].permute(1, 2, 0)
 
 
-def normalize_hwc(hwc: torch.Tensor, out: torch.Tensor) -> None:
-    """(u - 255 mean) / (255 std) of one uint8 HWC image into `out` (HWC, float dtype).
+def normalize_nhwc(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> (u - 255 mean) / (255 std) as NCHW channels_last in dtype (float32 math).
 
-    Scale and offset are pre-tiled to the image's shape: broadcasting a 3-vector over the innermost
-    dimension runs ~3x slower on the CPU than this same-shape multiply-add."""
-    scale, offset = _norm_pattern(tuple(hwc.shape))
-    tmp = out if out.dtype == torch.float32 else torch.empty(hwc.shape)
-    tmp.copy_(hwc).mul_(scale).add_(offset)
-    if tmp is not out:
-        out.copy_(tmp)
-
-
-_NORM_PATTERNS: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+    Scale and offset are pre-tiled to (H, W, 3): broadcasting a 3-vector over the innermost dimension
+    runs ~3x slower on the CPU than this same-shape multiply-add."""
+    scale, offset = _norm_pattern(tuple(x.shape[1:]), x.device)
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    out.copy_(x).mul_(scale).add_(offset)
+    return out.to(dtype).permute(0, 3, 1, 2)
 
 
-def _norm_pattern(shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    if shape not in _NORM_PATTERNS:
-        scale = torch.tensor([1.0 / s for s in IMAGENET_STD_255]).expand(shape).contiguous()
-        offset = torch.tensor([-m / s for m, s in zip(IMAGENET_MEAN_255, IMAGENET_STD_255)]).expand(shape)
-        _NORM_PATTERNS[shape] = (scale, offset.contiguous())
-    return _NORM_PATTERNS[shape]
+_NORM_PATTERNS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _norm_pattern(shape: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    key = (shape, str(device))
+    if key not in _NORM_PATTERNS:
+        scale = torch.tensor([1.0 / s for s in IMAGENET_STD_255], device=device).expand(shape).contiguous()
+        offset = torch.tensor([-m / s for m, s in zip(IMAGENET_MEAN_255, IMAGENET_STD_255)], device=device)
+        _NORM_PATTERNS[key] = (scale, offset.expand(shape).contiguous())
+    return _NORM_PATTERNS[key]
+
+
+def shared_uint8(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised uint8 tensor allocated straight in shared memory (as DataLoader's collate does):
+    `empty().share_memory_()` would allocate twice and copy."""
+    n = int(np.prod(shape))
+    try:
+        storage = torch.UntypedStorage._new_shared(n)
+    except AttributeError:  # private API gone: the slower public way
+        return torch.empty(shape, dtype=torch.uint8).share_memory_()
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
 
 
 class BatchBuilder(torch.utils.data.Dataset):
-    """Item k = batch k of `chunks`, built whole in one worker: NHWC images (uint8, or normalised in
-    `out_dtype`) in shared memory, so the main process receives them without a copy."""
+    """Item k = batch k of `chunks`, built whole in one worker: uint8 NHWC images written straight
+    into shared memory, so the main process receives them without a copy."""
 
     def __init__(self, index: ShardIndex, spec: AugSpec, seed: int, aug_epoch: int, train: bool,
-                 chunks: Sequence[np.ndarray], skip_corrupt: bool, out_dtype: torch.dtype = torch.uint8):
+                 chunks: Sequence[np.ndarray], skip_corrupt: bool):
         self.index, self.spec, self.seed, self.aug_epoch = index, spec, seed, aug_epoch
-        self.train, self.chunks, self.skip_corrupt, self.out_dtype = train, list(chunks), skip_corrupt, out_dtype
+        self.train, self.chunks, self.skip_corrupt = train, list(chunks), skip_corrupt
 
     def __len__(self) -> int:
         return len(self.chunks)
@@ -155,9 +166,9 @@ class BatchBuilder(torch.utils.data.Dataset):
         idx, s = self.index, self.spec.image_size
         p = sample_params(self.spec, self.seed, self.aug_epoch, ids, idx.heights[ids], idx.widths[ids]) \
             if self.train else None
-        out = torch.empty((len(ids), s, s, 3), dtype=self.out_dtype)
-        if torch.utils.data.get_worker_info() is not None:
-            out.share_memory_()  # the DataLoader then passes the storage, not a copy
+        shape = (len(ids), s, s, 3)
+        out = shared_uint8(shape) if torch.utils.data.get_worker_info() is not None else \
+            torch.empty(shape, dtype=torch.uint8)
         keep: list[int] = []
         skipped: list[tuple[int, str]] = []
         for i, sid in enumerate(ids.tolist()):
@@ -172,10 +183,7 @@ class BatchBuilder(torch.utils.data.Dataset):
                     raise
                 skipped.append((sid, str(e)))
                 continue
-            if self.out_dtype == torch.uint8:
-                out[len(keep)] = hwc
-            else:
-                normalize_hwc(hwc, out[len(keep)])
+            out[len(keep)] = hwc
             keep.append(i)
         sel = ids[np.asarray(keep, dtype=np.int64)]
         return {"images": out[:len(keep)], "ids": torch.from_numpy(sel),
@@ -237,21 +245,18 @@ class TorchBackend:
         if self.device.type == "cuda":
             yield from self._iter_cuda(chunks, aug_epoch)
             return
-        # On the CPU the workers normalise (in parallel, image by image, into shared memory); elsewhere
-        # uint8 travels and the device normalises.
-        on_cpu = self.device.type == "cpu"
-        out_dtype = self.dtype if (self.normalize and on_cpu) else torch.uint8
-        builder = BatchBuilder(self.index, self.spec, self.seed, aug_epoch, self.train, chunks, self.skip_corrupt,
-                               out_dtype)
+        # uint8 crosses from the workers (4x fewer bytes than float32, and fresh float32 shared memory
+        # costs more in page faults than normalising here); the target device normalises.
+        builder = BatchBuilder(self.index, self.spec, self.seed, aug_epoch, self.train, chunks, self.skip_corrupt)
         workers = min(self.num_workers, len(chunks))
         dl = torch.utils.data.DataLoader(builder, batch_size=None, shuffle=False, num_workers=workers,
                                          worker_init_fn=_worker_init if workers else None,
                                          prefetch_factor=4 if workers else None)
         for item in dl:
             self.skipped.extend(item["skipped"])
-            x = item["images"].to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # NHWC = channels_last
-            if self.normalize and x.dtype == torch.uint8:
-                x = normalize_images(x, self.dtype)
+            x = item["images"].to(self.device, non_blocking=True)
+            # NHWC memory is NCHW channels_last: permute is a view
+            x = normalize_nhwc(x, self.dtype) if self.normalize else x.permute(0, 3, 1, 2)
             yield x, item["labels"].to(self.device), item["ids"].to(self.device)
 
     def _decode_cuda(self, chunk: np.ndarray) -> tuple[list[torch.Tensor], np.ndarray]:
