@@ -55,3 +55,31 @@ def test_two_gloo_ranks_keep_students_in_sync(tmp_path):
     assert recs[0]["val_images"] == 32
     # the ranks saw different data, so training moved the weights (they did not just stay at init)
     assert recs[-1]["s0"]["loss"] < recs[0]["s0"]["loss"]
+
+
+@pytest.mark.slow
+def test_kdpipe_train_under_torchrun_with_two_cpu_ranks(tmp_path):
+    """The real job: torchrun starts 2 ranks, each loads its share of the shards, DDP keeps one model."""
+    import subprocess
+    import sys
+
+    from pipeline.learnable import make_learnable_tree
+    from pipeline.shards import ShardOptions, build_shards
+    from trainer.checkpoint import load_checkpoint
+
+    wnids = ["n02869837", "n01749939", "n02488291", "n02107142"]
+    make_learnable_tree(tmp_path / "tree", wnids, train_per_class=8, val_per_class=3, size=40, ambiguous_share=0.0)
+    build_shards(tmp_path / "tree", tmp_path / "shards", classes=wnids, options=ShardOptions(shard_size=16),
+                 workers=1, progress=False)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "trainer.cli", "train", "--shards", str(tmp_path / "shards"), "--out", str(tmp_path / "run"),
+           "--mode", "hard", "--students", "tiny_cnn,tiny_mobilenet", "--epochs", "2", "--batch-size", "8",
+           "--image-size", "32", "--backend", "torch", "--num-workers", "0", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    recs = read_metrics(tmp_path / "run")
+    assert [r["epoch"] for r in recs] == [0, 1]
+    assert recs[0]["images"] == 32  # 2 ranks x 2 steps x 8 images: the epoch split between the ranks
+    assert recs[0]["val_images"] == 12  # every val image once, across both ranks
+    assert load_checkpoint(tmp_path / "run" / "checkpoint-last.pt")["epoch"] == 2
