@@ -274,9 +274,12 @@ class TeacherCacheWriter:
         return np.asarray(self._done[:], dtype=bool)
 
     def pending_units(self, rank: int = 0, world_size: int = 1) -> list[tuple[int, int]]:
-        """This rank's units not yet written, in order."""
+        """This rank's share of the units not yet written: pending units r, r+W, ... (epoch-major).
+
+        Dealing out the *pending* units keeps ranks balanced on a resume. All ranks must read the same
+        progress: call it on every rank before any rank writes (the job puts a barrier after it)."""
         done = self.done_mask()
-        return [(e, c) for e, c in self.layout.units(rank, world_size) if not done[e, c]]
+        return [(e, c) for e, c in self.layout.units() if not done[e, c]][rank::world_size]
 
     def write_unit(self, epoch: int, chunk: int, logits: np.ndarray) -> None:
         """Store the float32 teacher logits (n, C) of ids id_range(chunk) at `epoch`, then mark the unit done."""

@@ -238,20 +238,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_gloo_ranks_write_the_same_store_as_one(data, tmp_path):
+def run_ranks(cfg: CacheTeacherConfig, world: int = 2) -> list[list[tuple[int, int]]]:
+    """Run the job as `world` gloo processes (torchrun's environment); the units each one wrote."""
     import json
 
-    cfg = variant(data, tmp_path, "c.zarr")
-    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    env = {**os.environ, "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     procs = [subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(dataclasses.asdict(cfg)), "run"],
                               env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE, text=True)
-             for r in range(2)]
+             for r in range(world)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
-    units = [[tuple(map(int, line.split())) for line in out.splitlines()] for out in outs]
-    assert units[0] == [(0, 0), (0, 2), (1, 1)] and units[1] == [(0, 1), (1, 0), (1, 2)]
+    assert [p.returncode for p in procs] == [0] * world, outs
+    return [[tuple(map(int, line.split())) for line in out.splitlines()] for out in outs]
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_write_the_same_store_as_one(data, tmp_path):
+    cfg = variant(data, tmp_path, "c.zarr")
+    units = run_ranks(cfg)
+    assert units == [[(0, 0), (0, 2), (1, 1)], [(0, 1), (1, 0), (1, 2)]]  # chunk-aligned units r, r+2, ...
     assert_same_store(cfg.out, data["cfg"].out)
+    # resuming a store one process left half done: the pending units are dealt out evenly
+    resumed = variant(data, tmp_path, "r.zarr")
+    def crash_after_second_unit(epoch: int, chunk: int) -> None:
+        if (epoch, chunk) == (0, 1):
+            raise Crash
+
+    with pytest.raises(Crash):
+        cache_teacher(resumed, on_unit=crash_after_second_unit)
+    assert run_ranks(resumed) == [[(0, 2), (1, 1)], [(1, 0), (1, 2)]]
+    assert_same_store(resumed.out, data["cfg"].out)
 
 
 def test_topk_store_round_trips_against_full_logits(data, tmp_path):

@@ -117,7 +117,7 @@ def test_reopen_resumes_and_refuses_a_different_fingerprint(tmp_path, layout):
     fill(w, layout.units()[:4])
     again = TeacherCacheWriter.create(path, layout, FP)
     assert again.pending_units() == layout.units()[4:]
-    assert again.pending_units(1, 2) == [u for u in layout.units(1, 2) if u not in layout.units()[:4]]
+    assert again.pending_units(1, 2) == layout.units()[4:][1::2]  # the pending units, dealt out evenly
     with pytest.raises(CacheMismatchError, match="teacher: cache has 'resnet50', expected 'resnet18'"):
         TeacherCacheWriter.create(path, layout, {**FP, "teacher": "resnet18"})
     with pytest.raises(CacheMismatchError, match="epochs: cache has 3, expected 4"):

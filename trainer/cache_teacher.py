@@ -212,6 +212,7 @@ def cache_teacher(cfg: CacheTeacherConfig, *, on_unit: Callable[[int, int], Any]
         if rank != 0:
             writer = TeacherCacheWriter.create(cfg.out, layout, fp)
         units = writer.pending_units(rank, world)
+        _barrier()  # every rank has read the same progress before anyone writes
         model = load_teacher(cfg.teacher, cfg.teacher_weights, wnids, device)
         todo = sum(np.subtract(*layout.id_range(c)[::-1]) for _, c in units)
         desc = f"cache-teacher {cfg.teacher} ({precision}, {backend_name})" + (f" rank {rank}/{world}" if world > 1 else "")
