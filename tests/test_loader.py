@@ -216,3 +216,27 @@ def test_dali_backend_through_the_loader(shards, split):
     dali = make(shards, split, batch_size=5, backend="dali")
     assert dali.backend_name == "dali"
     assert _mean_abs_diff(dali, make(shards, split, batch_size=5)) < 2.5
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_device_decode_path_on_the_cpu(shards, split):
+    """The CUDA path's code (batched decode_jpeg on a list, torch-op augmentation) run with the CPU
+    decoder: same ids in the same order, pixels close to the worker path, same output contract."""
+    dev = make(shards, split, batch_size=5, drop_last=False)
+    dev.backend.device_decode = True
+    assert _mean_abs_diff(dev, make(shards, split, batch_size=5, drop_last=False)) < 1.0
+    dev = make(shards, split, batch_size=5, normalize=True, dtype=torch.float16)
+    dev.backend.device_decode = True
+    b = next(iter(dev))
+    assert b.images.dtype == torch.float16 and b.images.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_device_decode_path_bad_input(shards, tmp_path):
+    bad, victim = _corrupt_copy(shards, tmp_path, "garbage")
+    loader = make(bad, batch_size=4, drop_last=False)
+    loader.backend.device_decode = True
+    with pytest.raises(RuntimeError, match=rf"train sample {victim} in shard .*train-000001\.tar"):
+        list(loader)
+    loader = make(bad, batch_size=4, drop_last=False, skip_corrupt=True)
+    loader.backend.device_decode = True
+    assert len([i for b in loader for i in b.ids.tolist()]) == 23 and [i for i, _ in loader.skipped] == [victim]

@@ -13,6 +13,7 @@ The pixel definition all backends follow is in docs/loader.md.
 from __future__ import annotations
 
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
@@ -56,9 +57,13 @@ def read_and_decode(index: ShardIndex, sample_id: int) -> torch.Tensor:
     """Bytes from the shard, decoded to RGB uint8 (3, H, W) (channels_last strides); clear errors."""
     try:
         data = index.read(sample_id)
-        return tio.decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=tio.ImageReadMode.RGB)
+        img = tio.decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=tio.ImageReadMode.RGB)
     except (OSError, RuntimeError, ValueError) as e:
         raise sample_error(index, sample_id, e) from e
+    h, w = int(index.heights[sample_id]), int(index.widths[sample_id])
+    if tuple(img.shape[1:]) != (h, w):  # crops are computed from the index's size: they must agree
+        raise sample_error(index, sample_id, f"decoded {img.shape[1]}x{img.shape[2]} but the index says {h}x{w}")
+    return img
 
 
 def resize_uint8(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -100,9 +105,6 @@ def colour_hwc(hwc: np.ndarray, b: float, c: float, s: float) -> Image.Image:
 def train_view(img: torch.Tensor, p: AugParams, i: int, size: int) -> torch.Tensor:
     """Row i of the params applied to a decoded image: (size, size, 3) uint8 HWC."""
     t, l, h, w = int(p.top[i]), int(p.left[i]), int(p.height[i]), int(p.width[i])
-    if t + h > img.shape[1] or l + w > img.shape[2]:
-        raise ValueError(f"crop {h}x{w}+{t}+{l} outside the decoded {img.shape[1]}x{img.shape[2]} image "
-                         "(does the index's height/width match the JPEG?)")
     out = np.ascontiguousarray(resize_uint8(img[:, t:t + h, l:l + w], (size, size)).permute(1, 2, 0).numpy())
     im = colour_hwc(out, float(p.brightness[i]), float(p.contrast[i]), float(p.saturation[i]))
     x = torch.from_numpy(np.array(im))  # writable copy, so torch.from_numpy is safe
@@ -236,14 +238,17 @@ class TorchBackend:
         self.device, self.normalize, self.dtype = torch.device(device), normalize, dtype
         self.num_workers, self.skip_corrupt = num_workers, skip_corrupt
         self.skipped: list[tuple[int, str]] = []  # (sample id, reason) of every dropped sample
+        # CUDA: batched nvJPEG decode + torch ops on the GPU, in this process. Elsewhere CPU workers.
+        # (Tests set it on the CPU to run the same code with torchvision's CPU decoder.)
+        self.device_decode = self.device.type == "cuda"
 
     def iter_batches(self, ids: np.ndarray, aug_epoch: int, batch_size: int
                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(images, labels, ids) for `ids` in exactly this order, `batch_size` at a time."""
         ids = np.asarray(ids, dtype=np.int64)
         chunks = [ids[i:i + batch_size] for i in range(0, len(ids), batch_size)]
-        if self.device.type == "cuda":
-            yield from self._iter_cuda(chunks, aug_epoch)
+        if self.device_decode:
+            yield from self._iter_device(chunks, aug_epoch)
             return
         # uint8 crosses from the workers (4x fewer bytes than float32, and fresh float32 shared memory
         # costs more in page faults than normalising here); the target device normalises.
@@ -259,8 +264,8 @@ class TorchBackend:
             x = normalize_nhwc(x, self.dtype) if self.normalize else x.permute(0, 3, 1, 2)
             yield x, item["labels"].to(self.device), item["ids"].to(self.device)
 
-    def _decode_cuda(self, chunk: np.ndarray) -> tuple[list[torch.Tensor], np.ndarray]:
-        """One batched GPU decode; on failure, image by image to name (or skip) the bad sample."""
+    def _read_chunk(self, chunk: np.ndarray) -> tuple[list[torch.Tensor], list[int]]:
+        """Encoded bytes of a batch (runs on a reader thread: pread releases the GIL)."""
         datas, keep = [], []
         for sid in chunk.tolist():
             try:
@@ -268,17 +273,30 @@ class TorchBackend:
                 keep.append(sid)
             except OSError as e:
                 self._bad(sid, e)
+        return datas, keep
+
+    def _decode_on_device(self, datas: list[torch.Tensor], keep: list[int]) -> tuple[list[torch.Tensor], np.ndarray]:
+        """One batched decode on the device; on failure, image by image to name (or skip) the bad one."""
+        mode = tio.ImageReadMode.RGB
         try:
-            return tio.decode_jpeg(datas, mode=tio.ImageReadMode.RGB, device=self.device), np.asarray(keep, np.int64)
+            imgs, ok = (tio.decode_jpeg(datas, mode=mode, device=self.device) if datas else []), list(keep)
         except RuntimeError:
             imgs, ok = [], []
             for sid, data in zip(keep, datas):
                 try:
-                    imgs.append(tio.decode_jpeg(data, mode=tio.ImageReadMode.RGB, device=self.device))
+                    imgs.append(tio.decode_jpeg(data, mode=mode, device=self.device))
                     ok.append(sid)
                 except RuntimeError as e:
                     self._bad(sid, e)
-            return imgs, np.asarray(ok, np.int64)
+        good = [(img, sid) for img, sid in zip(imgs, ok) if self._size_ok(img, sid)]
+        return [g[0] for g in good], np.asarray([g[1] for g in good], dtype=np.int64)
+
+    def _size_ok(self, img: torch.Tensor, sid: int) -> bool:
+        h, w = int(self.index.heights[sid]), int(self.index.widths[sid])
+        if tuple(img.shape[1:]) == (h, w):
+            return True
+        self._bad(sid, f"decoded {img.shape[1]}x{img.shape[2]} but the index says {h}x{w}")
+        return False
 
     def _bad(self, sid: int, reason: object) -> None:
         err = sample_error(self.index, sid, reason)
@@ -286,14 +304,20 @@ class TorchBackend:
             raise err
         self.skipped.append((sid, str(err)))
 
-    def _iter_cuda(self, chunks: list[np.ndarray], aug_epoch: int):
-        idx = self.index
-        for chunk in chunks:
-            imgs, ids = self._decode_cuda(chunk)
-            p = sample_params(self.spec, self.seed, aug_epoch, ids, idx.heights[ids], idx.widths[ids]) \
-                if self.train else None
-            x = augment_decoded(imgs, p, self.spec) if len(ids) else \
-                torch.empty((0, 3, self.spec.image_size, self.spec.image_size), dtype=torch.uint8, device=self.device)
-            if self.normalize:
-                x = normalize_images(x, self.dtype)
-            yield x, torch.from_numpy(idx.labels[ids].astype(np.int64)).to(self.device), torch.from_numpy(ids).to(self.device)
+    def _iter_device(self, chunks: list[np.ndarray], aug_epoch: int):
+        """Decode and augment on the device (CUDA), batch by batch; a thread reads the next batch's bytes."""
+        idx, s = self.index, self.spec.image_size
+        with ThreadPoolExecutor(1, thread_name_prefix="kdpipe-read") as pool:
+            pending = pool.submit(self._read_chunk, chunks[0]) if chunks else None
+            for k in range(len(chunks)):
+                datas, keep = pending.result()
+                pending = pool.submit(self._read_chunk, chunks[k + 1]) if k + 1 < len(chunks) else None
+                imgs, ids = self._decode_on_device(datas, keep)
+                p = sample_params(self.spec, self.seed, aug_epoch, ids, idx.heights[ids], idx.widths[ids]) \
+                    if self.train else None
+                x = augment_decoded(imgs, p, self.spec) if len(ids) else \
+                    torch.empty((0, 3, s, s), dtype=torch.uint8, device=self.device)
+                if self.normalize:
+                    x = normalize_images(x, self.dtype)
+                labels = torch.from_numpy(idx.labels[ids].astype(np.int64))
+                yield x, labels.to(self.device), torch.from_numpy(ids).to(self.device)
