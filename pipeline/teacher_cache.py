@@ -296,6 +296,9 @@ class TeacherCacheWriter:
             self.group["topk_values"][epoch, lo:hi] = values
             self.group["topk_indices"][epoch, lo:hi] = indices
         else:
+            if np.abs(z).max() > np.finfo(np.float16).max:
+                raise ValueError(f"teacher logits for epoch {epoch}, ids [{lo}, {hi}) exceed float16's range "
+                                 f"(max |z| = {np.abs(z).max():.4g} > 65504); use --topk (log-probabilities)")
             self.group["logits"][epoch, lo:hi] = z.astype(np.float16)
         self.group["weight"][epoch, lo:hi] = w
         self.group["entropy"][epoch, lo:hi] = ent

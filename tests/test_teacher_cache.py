@@ -132,6 +132,9 @@ def test_writer_refuses_bad_logits(tmp_path, layout):
     bad[3, 1] = np.nan
     with pytest.raises(ValueError, match=r"non-finite .* epoch 0, ids \[0, 8\)"):
         w.write_unit(0, 0, bad)
+    bad[3, 1] = 1e5
+    with pytest.raises(ValueError, match=r"exceed float16's range \(max \|z\| = 1e\+05"):
+        w.write_unit(0, 0, bad)
     assert not w.done_mask().any()
 
 
