@@ -221,8 +221,10 @@ def epoch_order(num_samples: int, seed: int, epoch: int, rank: int = 0, world_si
         raise ValueError(f"num_samples must be >= 0, got {num_samples}")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    if epoch < 0:
+        raise ValueError(f"epoch must be >= 0, got {epoch}")
     if shuffle:
-        rng = np.random.Generator(np.random.PCG64([seed & 0xFFFFFFFF, seed >> 32 & 0xFFFFFFFF, epoch, 0x6B64]))
+        rng = np.random.Generator(np.random.PCG64([seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, epoch, 0x6B64]))
         order = rng.permutation(num_samples).astype(np.int64)
     else:
         order = np.arange(num_samples, dtype=np.int64)

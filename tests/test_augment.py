@@ -164,3 +164,8 @@ def test_epoch_order_seeded_and_different_per_epoch():
     np.testing.assert_array_equal(epoch_order(10, 1, 0, shuffle=False), np.arange(10))
     with pytest.raises(ValueError, match="rank"):
         epoch_order(10, 0, 0, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="epoch"):
+        epoch_order(10, 0, -1)
+    for seed in (-1, 2**40 + 3):  # any Python int seeds both the order and the views
+        assert sorted(epoch_order(50, seed, 0).tolist()) == list(range(50))
+        assert len(sample_params(AugSpec(), seed, 0, [1, 2], [30, 30], [40, 40])) == 2
