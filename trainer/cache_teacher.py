@@ -156,19 +156,19 @@ def epoch_unit_logits(model: torch.nn.Module, views: Any, layout: CacheLayout, a
     device = next(model.parameters()).device
     pending = iter(zip(chunks, ranges))
     chunk, (lo, hi) = next(pending)
-    out: list[torch.Tensor] = []
-    seen: list[np.ndarray] = []
+    out: list[torch.Tensor] = []  # logits and ids stay on the device until the unit is whole:
+    seen: list[torch.Tensor] = []  # one host sync per unit, not per batch
     for images, _labels, got in views.iter_batches(ids, aug_epoch, batch_size):
-        out.append(teacher_logits(model, images.to(device, non_blocking=True), precision).cpu())
-        seen.append(np.asarray(got.cpu(), dtype=np.int64))
+        out.append(teacher_logits(model, images.to(device, non_blocking=True), precision))
+        seen.append(got)
         advance(len(got))
         if sum(map(len, seen)) >= hi - lo:
-            _check_ids(np.concatenate(seen), lo, hi, aug_epoch)
-            yield chunk, torch.cat(out).numpy()
+            _check_ids(torch.cat(seen).cpu().numpy(), lo, hi, aug_epoch)
+            yield chunk, torch.cat(out).cpu().numpy()
             out, seen = [], []
             chunk, (lo, hi) = next(pending, (None, (0, 0)))
     if chunk is not None:
-        _check_ids(np.concatenate(seen) if seen else np.empty(0, np.int64), lo, hi, aug_epoch)
+        _check_ids(torch.cat(seen).cpu().numpy() if seen else np.empty(0, np.int64), lo, hi, aug_epoch)
 
 
 def _check_ids(seen: np.ndarray, lo: int, hi: int, aug_epoch: int) -> None:
