@@ -20,10 +20,12 @@ _EXPORTS = {
     "sample_params": "pipeline.augment",
     "epoch_order": "pipeline.augment",
     "build_shards": "pipeline.shards",
+    "CorruptSampleError": "pipeline.backends.torch_backend",  # raised by every backend for a bad sample
 }
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
+    from .backends.torch_backend import CorruptSampleError
     from .augment import AugParams, AugSpec, epoch_order, sample_params
     from .batch import Batch
     from .loader import ImageNet100Loader
