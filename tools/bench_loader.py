@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
-    ap.add_argument("--backends", default="torch", help="Comma-separated kdpipe backends: torch,dali.")
+    ap.add_argument("--backends", "--backend", default="torch", help="Comma-separated kdpipe backends: torch,dali.")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip-stages", action="store_true", help="Only the throughput rounds.")
     args = ap.parse_args(argv)
