@@ -4,8 +4,9 @@ CPU (any device without CUDA): DataLoader worker processes each build whole batc
 decode (`torchvision.io.decode_jpeg`), crop as a view, uint8 antialiased resize to S×S
 (`interpolate(antialias=True)` on channels_last uint8, the fast path), colour with one lookup table
 (brightness, contrast) and one 3×3 matrix (saturation) in PIL's C code, flip — and send one uint8
-NHWC tensor per batch; the main process only normalises (on the target device). Measured on 2 cores,
-colour batched as float32 torch ops cost ~2.7 ms an image against ~0.3 ms this way (docs/loader.md).
+NHWC tensor per batch, written straight into shared memory; the main process only normalises (on the
+target device). Why not colour as batched float32 torch ops: on this 2-core machine those took ~2.7 ms
+an image (several full passes over 64x224x224x3 floats) against ~0.3-0.5 ms for the LUT + matrix.
 CUDA: `decode_jpeg(list, device="cuda")` decodes a batch at once on the GPU; crop, resize and colour
 run there as torch ops (`augment_decoded`, which the CPU tests also exercise).
 The pixel definition all backends follow is in docs/loader.md.
