@@ -78,7 +78,7 @@ def test_epochs_differ_and_orders_are_seeded(shards):
     assert all(len(x) == 4 for x in o0) and len(o0) == len(loader) == 6
 
 
-@pytest.mark.parametrize("world", [1, 3, 5])
+@pytest.mark.parametrize("world", [1, 3, 4, 5])
 def test_every_sample_once_per_epoch_over_ranks(shards, world):
     val = [make(shards, "val", batch_size=2, rank=r, world_size=world) for r in range(world)]
     ids = [i for ld in val for b in ld for i in b.ids.tolist()]
@@ -88,6 +88,8 @@ def test_every_sample_once_per_epoch_over_ranks(shards, world):
     assert len({len(p) for p in per_rank}) == 1  # equal counts: padded by wrapping the permutation
     flat = sum(per_rank, [])
     assert set(flat) == set(range(24)) and len(flat) - 24 == (-24) % world
+    if 24 % world == 0:
+        assert sorted(flat) == list(range(24))  # no remainder: exactly once
 
 
 def test_drop_last_and_len(shards):
@@ -240,3 +242,11 @@ def test_device_decode_path_bad_input(shards, tmp_path):
     loader = make(bad, batch_size=4, drop_last=False, skip_corrupt=True)
     loader.backend.device_decode = True
     assert len([i for b in loader for i in b.ids.tolist()]) == 23 and [i for i, _ in loader.skipped] == [victim]
+
+
+def test_import_pipeline_stays_light():
+    import subprocess
+    import sys
+
+    code = "import sys, pipeline; assert 'torch' not in sys.modules and 'numpy' not in sys.modules; pipeline.AugSpec"
+    subprocess.run([sys.executable, "-c", code], check=True)
