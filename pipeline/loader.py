@@ -105,6 +105,8 @@ class ImageNet100Loader:
         self.train = split == "train"
         self.drop_last = self.train if drop_last is None else drop_last
         self.normalize, self.dtype = normalize, dtype
+        if teacher_cache is not None and not self.train:
+            raise ValueError(f"teacher_cache holds logits of training views; split {split!r} has none")
         self.teacher_cache = None if teacher_cache is None else open_teacher_cache(teacher_cache)
         if self.teacher_cache is not None and getattr(self.teacher_cache, "num_samples", len(self.index)) != len(self.index):
             raise ValueError(f"teacher cache has {self.teacher_cache.num_samples} samples, "

@@ -150,6 +150,8 @@ def test_invalid_arguments_fail_fast(shards):
                     (dict(num_workers=-1), "num_workers")]:
         with pytest.raises(ValueError, match=msg):
             make(shards, **{"batch_size": 4} | kw)
+    with pytest.raises(ValueError, match="teacher_cache"):
+        make(shards, "val", batch_size=4, teacher_cache=FakeCache())
     with pytest.raises(KeyError, match="no split 'test'"):
         make(shards, "test", batch_size=4)
     with pytest.raises(FileNotFoundError, match="manifest"):
