@@ -1,15 +1,8 @@
 """The teacher cache: a Zarr v3 store of teacher logits and confidence weights per (aug epoch, sample id).
 
-Layout (one group; standard codecs only -- bytes + zstd -- so any Zarr v3 reader opens it):
-
-    logits   (E, N, C) float16   raw teacher logits            chunks (1, chunk_n, C)
-    -- or, with top-k K --
-    topk_values  (E, N, K) float16   log-probabilities (tau=1) of the K most likely classes, descending
-    topk_indices (E, N, K) int16     their class indices
-    weight   (E, N) float32   w = 1 - H(softmax(z)) / log C, at tau=1, from the float32 logits
-    entropy  (E, N) float32   H(softmax(z)) in nats, at tau=1
-    done     (E, n_chunks) uint8  1 once unit (epoch e, id chunk c) is fully written; chunks (1, 1)
-    attributes: format, layout_version, epochs, num_samples, num_classes, chunk_n, topk, fingerprint
+Arrays (standard codecs, bytes + zstd; full layout in docs/cache.md): `logits` (E, N, C) float16, or
+`topk_values` float16 log-probabilities + `topk_indices` int16 (E, N, K); `weight` and `entropy` (E, N)
+float32 at tau=1; `done` (E, chunks) uint8 progress. Attributes: layout and `fingerprint`.
 
 A unit of work is (epoch e, chunk c) = ids [c*chunk_n, (c+1)*chunk_n): it covers exactly one chunk of every
 array, so parallel writers that own disjoint units never touch one chunk file. Its `done` marker is written
@@ -60,11 +53,9 @@ def entropy_and_weight(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Entropy H (nats) of softmax(logits) per row and the confidence weight 1 - H / log C, at tau=1.
 
     Computed in float64 from the full-precision logits so the cached weight does not carry float16 error."""
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    logp = log_softmax(logits)
     ent = -(np.exp(logp) * logp).sum(axis=1)
-    return ent.astype(np.float32), (1.0 - ent / math.log(z.shape[1])).astype(np.float32)
+    return ent.astype(np.float32), (1.0 - ent / math.log(logp.shape[1])).astype(np.float32)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -88,12 +79,8 @@ def expand_topk(values: np.ndarray, indices: np.ndarray, num_classes: int) -> np
     """Full (n, C) float32 log-probabilities from top-k: the kept classes get their stored log-probability,
     the remaining mass 1 - sum(exp(kept)) is spread uniformly over the other C - k classes."""
     v = np.asarray(values, dtype=np.float64)
-    n, k = v.shape
-    if k >= num_classes:
-        out = np.empty((n, num_classes))
-    else:
-        rest = np.clip(1.0 - np.exp(v).sum(axis=1), 1e-12, None)  # float16 rounding can push the sum past 1
-        out = np.repeat((np.log(rest) - math.log(num_classes - k))[:, None], num_classes, axis=1)
+    rest = np.clip(1.0 - np.exp(v).sum(axis=1), 1e-12, None)  # float16 rounding can push the sum past 1
+    out = np.repeat((np.log(rest) - math.log(num_classes - v.shape[1]))[:, None], num_classes, axis=1)
     np.put_along_axis(out, np.asarray(indices, dtype=np.int64), v, axis=1)
     return out.astype(np.float32)
 
@@ -327,9 +314,6 @@ class TeacherCache:
         self.epochs, self.num_samples, self.num_classes = (self.layout.epochs, self.layout.num_samples,
                                                            self.layout.num_classes)
         self.fingerprint: dict[str, Any] = dict(self._group.attrs["fingerprint"])
-        self._init_state()
-
-    def _init_state(self) -> None:
         self._lock = threading.Lock()
         self._current: tuple[int, _EpochSlice] | None = None
         self._next: tuple[int, Future] | None = None  # the prefetch of the following epoch
