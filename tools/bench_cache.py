@@ -48,7 +48,8 @@ def make_data(root: Path, per_class: int, teacher: str) -> tuple[Path, Path]:
 def bench_job(args, root: Path, device: torch.device) -> None:
     """cache-teacher (decode + augment + teacher + store) vs the teacher alone on the same batches."""
     from pipeline.augment import AugSpec
-    from trainer.cache_teacher import CacheTeacherConfig, cache_teacher, load_teacher, open_views, teacher_logits
+    from trainer.cache_teacher import (CacheTeacherConfig, cache_teacher, load_teacher, open_views,
+                                       resolve_precision, teacher_logits)
 
     shards, weights = make_data(root, args.per_class, args.teacher)
     cfg = CacheTeacherConfig(shards=str(shards), out=str(root / "job.zarr"), teacher_weights=str(weights),
@@ -58,21 +59,27 @@ def bench_job(args, root: Path, device: torch.device) -> None:
     views, backend = open_views(cfg, AugSpec(image_size=args.image_size), device)
     batches = [b[0].to(device) for b in views.iter_batches(np.arange(n), 0, args.batch_size)]
     model = load_teacher(args.teacher, weights, WNIDS, device)
-    from trainer.cache_teacher import resolve_precision
     precision = resolve_precision("auto", device)
     teacher_logits(model, batches[0], precision)  # warm-up
-    sync(device)
-    t0 = time.perf_counter()
-    for images in batches:
-        teacher_logits(model, images, precision)
-    sync(device)
-    infer = n / (time.perf_counter() - t0)
+
+    def inference() -> float:
+        sync(device)
+        t0 = time.perf_counter()
+        for images in batches:
+            teacher_logits(model, images, precision)
+        sync(device)
+        return n / (time.perf_counter() - t0)
+
+    before = inference()
     t0 = time.perf_counter()
     cache_teacher(cfg)
     job = n / (time.perf_counter() - t0)
+    after = inference()  # the baseline before and after the job: the spread shows the machine's noise
+    infer = (before + after) / 2
     print(f"[job] {n} images {args.image_size}px, teacher {args.teacher} ({precision}), backend {backend}, "
           f"batch {args.batch_size}")
-    print(f"[job] teacher inference only (pre-built batches): {infer:8.1f} img/s")
+    print(f"[job] teacher inference only (pre-built batches): {infer:8.1f} img/s "
+          f"(before {before:.1f}, after {after:.1f})")
     print(f"[job] cache-teacher end to end (views + teacher + store): {job:8.1f} img/s  "
           f"ratio {job / infer:.2f} of pure inference")
 
