@@ -281,3 +281,24 @@ def test_gpu_mixed_decode_is_deterministic_and_close_to_the_cpu_graph(shards):
     assert (a.cpu().float() - cpu.float()).abs().mean() < 1.5
     x = next(iter(gpu(normalize=True, dtype=torch.bfloat16).iter_batches(ids, 0, 8)))[0]
     assert x.is_cuda and x.dtype == torch.bfloat16 and x.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.dali
+def test_greyscale_and_reencoded_oddities_decode_like_the_torch_backend(tmp_path, small_wnids):
+    """Greyscale JPEGs come out as 3 equal channels; CMYK and PNG-as-JPEG arrive re-encoded by the writer."""
+    from pipeline.backends.torch_backend import TorchBackend
+
+    tree = make_imagenet_tree(tmp_path / "tree", small_wnids, train_per_class=2, val_per_class=0, val_layout=None,
+                              size=(48, 64), oddities=True)
+    build_shards(tree.root, tmp_path / "shards", classes=small_wnids, options=ShardOptions(shard_size=16),
+                 workers=1, progress=False)
+    index = ShardIndex(tmp_path / "shards", "train")
+    ids = np.arange(len(index))
+    (d, _, _), _ = collect(dali(tmp_path / "shards", spec=NO_COLOUR), ids, batch_size=4)
+    torch_backend = TorchBackend(index, spec=NO_COLOUR, seed=7, train=True, device=torch.device("cpu"),
+                                 normalize=False, dtype=torch.uint8, num_workers=0, skip_corrupt=False)
+    (t, _, _), _ = collect(torch_backend, ids, batch_size=4)
+    assert d.shape == t.shape == (len(ids), 3, 32, 32)
+    assert (d.float() - t.float()).abs().mean() < 0.5
+    grey = [j for j, i in enumerate(ids.tolist()) if Image.open(io.BytesIO(index.read(i))).mode == "L"]
+    assert grey and all(torch.equal(d[j][0], d[j][1]) and torch.equal(d[j][1], d[j][2]) for j in grey)
