@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from trainer import report as rep
 from trainer.cli import main
+from trainer.report_teacher import sample_kinds
 
 
 def _line(epoch, students, top1, top5, *, images=1000, t=10.0, w=None, ens=None):
@@ -104,12 +105,13 @@ def test_teacher_statistics_from_the_cache(tmp_path):
     stats = rep.teacher_stats(tmp_path / "t.zarr", tau=4.0, low_w=0.5)
     p = np.exp(12.0) / (np.exp(12.0) + 9)
     h1 = -(p * math.log(p) + (1 - p) * math.log((1 - p) / 9))
-    assert stats["low_share"] == pytest.approx(0.25)
-    assert stats["entropy_tau1"] == pytest.approx((30 * h1 + 10 * math.log(c)) / 40, rel=1e-3)
-    assert stats["w_mean"] == pytest.approx((30 * (1 - h1 / math.log(c))) / 40, rel=1e-3)
-    assert stats["entropy_tau1"] < stats["entropy_tau"] <= math.log(c)
+    a = stats["all"]
+    assert a["low_share"] == pytest.approx(0.25) and a["count"] == 40
+    assert a["entropy_tau1"] == pytest.approx((30 * h1 + 10 * math.log(c)) / 40, rel=1e-3)
+    assert a["w_mean"] == pytest.approx((30 * (1 - h1 / math.log(c))) / 40, rel=1e-3)
+    assert a["entropy_tau1"] < a["entropy_tau"] <= math.log(c)
     text = rep.write_report([run], tmp_path / "out").read_text()
-    assert f"| {stats['w_mean']:.4f} | {stats['entropy_tau1']:.4f} | {stats['entropy_tau']:.4f} | 25.0 % |" in text
+    assert f"| all samples | 40 | {a['w_mean']:.4f} | {a['entropy_tau1']:.4f} | {a['entropy_tau']:.4f} | 25.0 % |" in text
     assert (tmp_path / "out" / "w_histogram.png").stat().st_size > 1000
     assert "| dual | dual | 0.6000 | 1.5000 | 4.2000 |" in text  # the trainer's own batch statistics
 
@@ -149,3 +151,29 @@ def test_cli_report(tmp_path, ladder):
     assert (tmp_path / "r" / "report.md").is_file() and "report.md" in result.output
     bad = CliRunner().invoke(main, ["report", str(tmp_path), "--out", str(tmp_path / "r2")])
     assert bad.exit_code != 0 and "config.json not found" in bad.output
+
+
+def test_teacher_statistics_split_clean_and_ambiguous(tmp_path):
+    """With the learnable dataset's description, w is broken down by kind (ids found through the shards)."""
+    from pipeline.learnable import make_learnable_tree
+    from pipeline.shards import ShardOptions, build_shards
+
+    wnids = ["n01749939", "n02488291", "n02869837"]
+    tree = make_learnable_tree(tmp_path / "data", wnids, train_per_class=8, val_per_class=1, size=24,
+                               ambiguous_share=0.25, seed=0)
+    build_shards(tmp_path / "data", tmp_path / "shards", classes=wnids, options=ShardOptions(shard_size=10),
+                 workers=1, progress=False)
+    kinds = sample_kinds(tmp_path / "shards", tmp_path / "data" / "learnable.json")
+    assert len(kinds) == 24 and (kinds != "").sum() == len(tree.ambiguous_in("train")) == 6
+    logits = np.zeros((1, 24, 3), np.float32)
+    logits[0, kinds == "", 0] = 10.0  # confident on clean samples, uniform on ambiguous ones
+    _cache(tmp_path / "t.zarr", logits)
+    run = make_run(tmp_path, "kd", "kd", ["resnet18"], [50.0], cache=str(tmp_path / "t.zarr"))
+    cfg = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**cfg, "shards": str(tmp_path / "shards")}))
+    text = rep.write_report([run], tmp_path / "out", learnable=tmp_path / "data").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and line.split("|")[1].strip().endswith(" samples")]
+    by = {line.split("|")[1].strip(): line for line in rows}
+    assert "| clean samples | 18 |" in by["clean samples"] and "| 0.0 % |" in by["clean samples"]
+    amb = [k for k in by if k not in ("all samples", "clean samples")]
+    assert amb and all("| 0.0000 |" in by[k] and "| 100.0 % |" in by[k] for k in amb)

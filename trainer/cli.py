@@ -173,12 +173,15 @@ def cache_teacher_cmd(shards, teacher, teacher_weights, out, epochs, seed, image
                    "--teacher-weights lie in one of the RUNS).")
 @click.option("--low-w", type=float, default=0.5, show_default=True,
               help="Samples with teacher weight w below this count as low-confidence.")
-def report(runs, out, teacher_run, low_w):
+@click.option("--learnable", type=click.Path(exists=True, path_type=Path), default=None,
+              help="The learnable dataset the shards came from (tree or its learnable.json): split the teacher's "
+                   "statistics into clean and ambiguous samples.")
+def report(runs, out, teacher_run, low_w, learnable):
     """Write OUT/report.md (Tables I-III, teacher uncertainty, accuracy per epoch) and PNG plots from RUNS."""
     from trainer.report import write_report
 
     try:
-        path = write_report(list(runs), out, teacher=teacher_run, low_w=low_w)
+        path = write_report(list(runs), out, teacher=teacher_run, low_w=low_w, learnable=learnable)
     except (FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(f"wrote {path}")

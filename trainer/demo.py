@@ -154,7 +154,7 @@ def run_demo(out: str | Path = "demo", cfg: DemoConfig = DemoConfig()) -> Path:
                                                           cache))
     report_path: list[Path] = []
     stage("report", lambda: report_path.append(write_report(
-        [teacher_run] + [runs / m for m in LADDER], out / "report", teacher=teacher_run,
+        [teacher_run] + [runs / m for m in LADDER], out / "report", teacher=teacher_run, learnable=data,
         appendix=_timings_section(timings, t_all))))
     total = time.perf_counter() - t_all
     _atomic_json(out / "timings.json", {"stages": dict(timings), "total_s": total})

@@ -10,7 +10,6 @@ Every accuracy is the run's final epoch; the report names the file and epoch eac
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -18,7 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.learnable import DESCRIPTION_FILE
+
 from . import report_plots as plots
+from .report_teacher import sample_kinds, teacher_section, teacher_stats
 
 LADDER = ("hard", "kd", "uw-kd", "dual")  # the paper's ablation order
 LADDER_LABEL = {"hard": "hard labels", "kd": "+KD", "uw-kd": "+uncertainty weight", "dual": "+peer (dual)"}
@@ -151,33 +153,6 @@ def _mean_acc(entries: list[tuple[Run, Epoch]], student: str, k: int) -> float |
     return float(np.mean(vals)) if vals else None
 
 
-def teacher_stats(cache_path: str | Path, tau: float, low_w: float = 0.5) -> dict:
-    """Mean w, mean entropy at tau=1 and at tau (nats), share with w < low_w, over every cached (epoch, sample)."""
-    from pipeline.teacher_cache import TeacherCache
-
-    with TeacherCache(cache_path, prefetch=False) as cache:
-        cache.check_complete()
-        ws, h1, ht = [], [], []
-        for e in range(cache.epochs):
-            logits, w = cache.lookup(e, np.arange(cache.num_samples))
-            ws.append(w)
-            h1.append(_entropy(logits, 1.0))
-            ht.append(_entropy(logits, tau))
-        c = cache.num_classes
-    w = np.concatenate(ws)
-    return {"path": str(cache_path), "epochs": len(ws), "samples": int(w.size // len(ws)), "classes": c,
-            "tau": tau, "low_w": low_w, "w_mean": float(w.mean()), "entropy_tau1": float(np.concatenate(h1).mean()),
-            "entropy_tau": float(np.concatenate(ht).mean()), "low_share": float((w < low_w).mean()),
-            "log_c": math.log(c), "w": w}
-
-
-def _entropy(logits: np.ndarray, tau: float) -> np.ndarray:
-    z = logits.astype(np.float64) / tau
-    z -= z.max(axis=1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    return -(np.exp(logp) * logp).sum(axis=1)
-
-
 # ------------------------------------------------------------------------------------- markdown
 
 
@@ -262,28 +237,6 @@ def table_three(runs: list[Run]) -> list[str]:
     return out + [""] + (notes + [""] if notes else [])
 
 
-def teacher_section(runs: list[Run], stats: dict | None, hist_png: str | None) -> list[str]:
-    out = ["## Teacher uncertainty", ""]
-    if stats is not None:
-        out += [f"From the teacher cache `{stats['path']}` ({stats['epochs']} augmentation epoch(s) x "
-                f"{stats['samples']} samples, C = {stats['classes']}, log C = {stats['log_c']:.3f} nats):", ""]
-        out += _table(["mean w", "mean entropy, tau=1 (nats)", f"mean entropy, tau={stats['tau']:g} (nats)",
-                       f"share with w < {stats['low_w']:g}"],
-                      [[f"{stats['w_mean']:.4f}", f"{stats['entropy_tau1']:.4f}", f"{stats['entropy_tau']:.4f}",
-                        f"{100 * stats['low_share']:.1f} %"]])
-        out += ["", "w = 1 - H(softmax(z_T)) / log C at tau = 1 (the weight the trainer uses by default).", ""]
-        if hist_png:
-            out += [f"![histogram of w]({hist_png})", ""]
-    rows = [[r.name, r.mode, _f(r.final.w_mean, 4), _f(r.final.entropy_tau1, 4), _f(r.final.entropy_tau, 4)]
-            for r in runs if r.final.w_mean is not None]
-    if rows:
-        out += ["As seen by the trainer on its training batches (final epoch):", ""]
-        out += _table(["run", "mode", "mean w", "mean entropy tau=1", "mean entropy tau"], rows) + [""]
-    if stats is None and not rows:
-        out += ["No run used a teacher, so there are no teacher statistics.", ""]
-    return out
-
-
 def epochs_section(runs: list[Run], plot_png: str | None) -> list[str]:
     out = ["## Validation top-1 per epoch", ""]
     if plot_png:
@@ -307,12 +260,12 @@ def _student_order(runs: list[Run]):
 # ------------------------------------------------------------------------------------- the job
 
 
-def _cache_of(runs: list[Run]) -> tuple[str, float] | None:
-    """The first teacher cache a run names that still exists, with that run's tau."""
+def _cache_of(runs: list[Run]) -> tuple[str, float, str] | None:
+    """The first teacher cache a run names that still exists, with that run's tau and shards."""
     for r in runs:
         c = r.config.get("teacher_cache")
         if c and Path(c).exists():
-            return c, float(r.config.get("loss", {}).get("tau", 4.0))
+            return c, float(r.config.get("loss", {}).get("tau", 4.0)), str(r.config.get("shards", ""))
     return None
 
 
@@ -329,10 +282,11 @@ def _teacher_run(runs: list[Run], teacher: Run | None) -> Run | None:
 
 
 def write_report(run_dirs: list[str | Path], out: str | Path, *, teacher: str | Path | None = None,
-                 low_w: float = 0.5, appendix: list[str] | None = None) -> Path:
+                 low_w: float = 0.5, learnable: str | Path | None = None, appendix: list[str] | None = None) -> Path:
     """Build OUT/report.md (+ PNGs when matplotlib is there) from the runs; returns the report's path.
 
-    appendix: extra markdown lines put at the end (the demo adds its stage timings)."""
+    learnable: the learnable dataset's tree (or its learnable.json) the shards came from, to split the
+    teacher statistics into clean and ambiguous samples. appendix: markdown lines put at the end."""
     if not run_dirs:
         raise ValueError("give at least one run directory")
     runs = [load_run(p) for p in run_dirs]
@@ -341,7 +295,12 @@ def write_report(run_dirs: list[str | Path], out: str | Path, *, teacher: str | 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cache = _cache_of(runs)
-    stats = teacher_stats(cache[0], cache[1], low_w) if cache else None
+    kinds = None
+    if cache and learnable is not None:
+        desc = Path(learnable)
+        desc = desc / DESCRIPTION_FILE if desc.is_dir() else desc
+        kinds = sample_kinds(cache[2], desc)
+    stats = teacher_stats(cache[0], cache[1], low_w, kinds) if cache else None
     acc_png = "val_accuracy.png" if plots.plot_accuracy(students_runs or runs, out / "val_accuracy.png") else None
     hist_png = "w_histogram.png" if stats is not None and plots.plot_w_hist(stats, out / "w_histogram.png") else None
 
@@ -357,7 +316,7 @@ def write_report(run_dirs: list[str | Path], out: str | Path, *, teacher: str | 
     lines += table_one(students_runs, teacher_run)
     lines += table_two(runs)
     lines += table_three(students_runs)
-    lines += teacher_section(students_runs, stats, hist_png)
+    lines += teacher_section(students_runs, stats, hist_png, _table)
     lines += epochs_section(runs, acc_png)
     lines += appendix or []
     path = out / "report.md"

@@ -55,9 +55,13 @@ def plot_w_hist(stats: dict, path: Path) -> bool:
     if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(5, 3.4))
-    ax.hist(stats["w"], bins=50, range=(0.0, 1.0), color="tab:blue")
+    if "w_clean" in stats:  # the learnable dataset: clean and deliberately ambiguous samples, stacked
+        ax.hist([stats["w_clean"], stats["w_ambiguous"]], bins=50, range=(0.0, 1.0), stacked=True,
+                color=["tab:blue", "tab:orange"], label=["clean", "ambiguous"])
+    else:
+        ax.hist(stats["w"], bins=50, range=(0.0, 1.0), color="tab:blue")
     ax.axvline(stats["low_w"], color="tab:red", ls="--", label=f"w = {stats['low_w']:g}")
-    ax.axvline(stats["w_mean"], color="k", ls=":", label=f"mean {stats['w_mean']:.3f}")
+    ax.axvline(stats["all"]["w_mean"], color="k", ls=":", label=f"mean {stats['all']['w_mean']:.3f}")
     ax.set_xlabel("teacher confidence weight w = 1 - H / log C")
     ax.set_ylabel("samples x aug. epochs")
     ax.legend(fontsize=8)

@@ -1,0 +1,105 @@
+"""The report's teacher-uncertainty part: statistics of w and entropy over a teacher cache, optionally split
+by the learnable dataset's clean and ambiguous samples (does the teacher's confidence track ambiguity?)."""
+from __future__ import annotations
+
+import json
+import math
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+
+def teacher_stats(cache_path: str | Path, tau: float, low_w: float = 0.5,
+                  kinds: np.ndarray | None = None) -> dict:
+    """Mean w, mean entropy at tau=1 and at tau (nats), share with w < low_w, over every cached (epoch, sample).
+
+    kinds: optional label per train sample id ("" = clean, else the ambiguity kind); adds a per-kind breakdown.
+    """
+    from pipeline.teacher_cache import TeacherCache
+
+    with TeacherCache(cache_path, prefetch=False) as cache:
+        cache.check_complete()
+        ws, h1, ht = [], [], []
+        for e in range(cache.epochs):
+            logits, w = cache.lookup(e, np.arange(cache.num_samples))
+            ws.append(w)
+            h1.append(entropy(logits, 1.0))
+            ht.append(entropy(logits, tau))
+        c, n = cache.num_classes, cache.num_samples
+    w, e1, et = np.stack(ws), np.stack(h1), np.stack(ht)  # (E, N)
+    out = {"path": str(cache_path), "epochs": len(ws), "samples": n, "classes": c, "tau": tau, "low_w": low_w,
+           "log_c": math.log(c), "w": w.ravel(), "all": _summary(w, e1, et, low_w), "by_kind": {}}
+    if kinds is not None:
+        if len(kinds) != n:
+            raise ValueError(f"{len(kinds)} sample kinds for a cache of {n} samples")
+        for kind in sorted(set(kinds.tolist()), key=lambda k: (k != "", k)):
+            sel = kinds == kind
+            out["by_kind"][kind or "clean"] = _summary(w[:, sel], e1[:, sel], et[:, sel], low_w)
+        out["w_clean"], out["w_ambiguous"] = w[:, kinds == ""].ravel(), w[:, kinds != ""].ravel()
+    return out
+
+
+def _summary(w: np.ndarray, e1: np.ndarray, et: np.ndarray, low_w: float) -> dict:
+    return {"count": int(w.shape[1]), "w_mean": float(w.mean()), "entropy_tau1": float(e1.mean()),
+            "entropy_tau": float(et.mean()), "low_share": float((w < low_w).mean())}
+
+
+def entropy(logits: np.ndarray, tau: float) -> np.ndarray:
+    """Entropy (nats) of softmax(logits / tau) per row, in float64."""
+    z = logits.astype(np.float64) / tau
+    z -= z.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return -(np.exp(logp) * logp).sum(axis=1)
+
+
+def sample_kinds(shards: str | Path, description: str | Path) -> np.ndarray:
+    """Per train sample id: "" for a clean sample, else its ambiguity kind from the learnable dataset's
+    learnable.json. Sources come from each sample's .json member, read in order (no extraction by name)."""
+    from pipeline.index import read_manifest
+
+    shards = Path(shards)
+    ambiguous = json.loads(Path(description).read_text())["ambiguous"]
+    train = read_manifest(shards)["splits"]["train"]
+    kinds = np.full(int(train["count"]), "", dtype=object)
+    seen = 0
+    for shard in train["shards"]:
+        with tarfile.open(shards / shard["name"]) as tar:
+            for member in tar:
+                if member.isfile() and member.name.endswith(".json"):
+                    meta = json.load(tar.extractfile(member))
+                    kinds[int(meta["id"])] = ambiguous.get(meta["source"], {}).get("kind", "")
+                    seen += 1
+    if seen != len(kinds):
+        raise ValueError(f"{shards}: found {seen} sample records in the train shards, manifest says {len(kinds)}")
+    return kinds
+
+
+def teacher_section(runs: list, stats: dict | None, hist_png: str | None, table) -> list[str]:
+    """Markdown: the cache's statistics (and per kind), the histogram, and the trainer's own batch means."""
+    out = ["## Teacher uncertainty", ""]
+    if stats is not None:
+        out += [f"From the teacher cache `{stats['path']}` ({stats['epochs']} augmentation epoch(s) x "
+                f"{stats['samples']} samples, C = {stats['classes']}, log C = {stats['log_c']:.3f} nats):", ""]
+        groups = [("all samples", stats["all"])] + [(f"{k} samples", v) for k, v in stats["by_kind"].items()]
+        out += table(["samples", "count", "mean w", "mean entropy, tau=1 (nats)",
+                      f"mean entropy, tau={stats['tau']:g} (nats)", f"share with w < {stats['low_w']:g}"],
+                     [[name, str(s["count"]), f"{s['w_mean']:.4f}", f"{s['entropy_tau1']:.4f}",
+                       f"{s['entropy_tau']:.4f}", f"{100 * s['low_share']:.1f} %"] for name, s in groups])
+        out += ["", "w = 1 - H(softmax(z_T)) / log C at tau = 1 (the weight the trainer uses by default)."
+                + (" Kinds are the learnable dataset's deliberately ambiguous samples (mix: blended with another "
+                   "class; occlude: a patch over the shape; noise: heavy noise)." if stats["by_kind"] else ""), ""]
+        if hist_png:
+            out += [f"![histogram of w]({hist_png})", ""]
+    rows = [[r.name, r.mode, _f4(r.final.w_mean), _f4(r.final.entropy_tau1), _f4(r.final.entropy_tau)]
+            for r in runs if r.final.w_mean is not None]
+    if rows:
+        out += ["As seen by the trainer on its training batches (final epoch):", ""]
+        out += table(["run", "mode", "mean w", "mean entropy tau=1", "mean entropy tau"], rows) + [""]
+    if stats is None and not rows:
+        out += ["No run used a teacher, so there are no teacher statistics.", ""]
+    return out
+
+
+def _f4(x: float | None) -> str:
+    return "—" if x is None else f"{x:.4f}"
