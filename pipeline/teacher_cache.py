@@ -71,7 +71,8 @@ def topk_logprobs(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     Log-probabilities rather than logits: softmax(logp / tau) == softmax(z / tau) for every tau, and the
     probability mass left for the other classes is known without the dropped logits."""
     logp = log_softmax(logits)
-    idx = np.argsort(-logp, axis=1, kind="stable")[:, :k]
+    idx = np.argpartition(-logp, k - 1, axis=1)[:, :k]  # the k largest, unordered: O(C), not O(C log C)
+    idx = np.take_along_axis(idx, np.argsort(-np.take_along_axis(logp, idx, 1), axis=1, kind="stable"), 1)
     return np.take_along_axis(logp, idx, axis=1).astype(np.float16), idx.astype(np.int16)
 
 
@@ -229,6 +230,8 @@ class TeacherCacheWriter:
             lfields, llines = fingerprint_diff(writer.layout.attrs(), layout.attrs())
             if fields or lfields:
                 raise CacheMismatchError(writer.path, fields + lfields, lines + llines)
+            for stale in Path(path).rglob("*.partial"):  # zarr's temp files from a killed write
+                stale.unlink(missing_ok=True)
             return writer
         if Path(path).exists():
             raise FileExistsError(f"{path} exists and is not a teacher cache; choose another --out")
@@ -289,7 +292,28 @@ class TeacherCacheWriter:
             self.group["logits"][epoch, lo:hi] = z.astype(np.float16)
         self.group["weight"][epoch, lo:hi] = w
         self.group["entropy"][epoch, lo:hi] = ent
+        names = ("topk_values", "topk_indices") if self.layout.topk else ("logits",)
+        self._fsync([(n, (epoch, chunk, 0)) for n in names] + [("weight", (epoch, chunk)), ("entropy", (epoch, chunk))])
         self._done[epoch, chunk] = 1  # last: the unit counts only once all its data is on disk
+        self._fsync([("done", (epoch, chunk))])
+
+    def _fsync(self, chunks: list[tuple[str, tuple[int, ...]]]) -> None:
+        """Flush chunk files and their directories to the disk (local stores), so the order data -> marker
+        also holds across a power loss, not only a killed process. A few ms per unit."""
+        root = getattr(self.group.store, "root", None)
+        if root is None:
+            return
+        for name, coords in chunks:
+            path = Path(root) / name / self.group[name].metadata.encode_chunk_key(coords)
+            for target, flags in ((path, os.O_RDONLY), (path.parent, os.O_RDONLY | os.O_DIRECTORY)):
+                try:
+                    fd = os.open(target, flags)
+                except FileNotFoundError:  # an all-zero chunk equal to the fill value is not stored
+                    continue
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
 
 
 # ---------------------------------------------------------------- reader

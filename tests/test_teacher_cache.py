@@ -115,7 +115,11 @@ def test_reopen_resumes_and_refuses_a_different_fingerprint(tmp_path, layout):
     path = tmp_path / "c.zarr"
     w = TeacherCacheWriter.create(path, layout, FP)
     fill(w, layout.units()[:4])
+    stale = path / "logits" / "c" / "2" / "0.0123abcd.partial"  # what a kill -9 inside a chunk write leaves
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_bytes(b"half a chunk")
     again = TeacherCacheWriter.create(path, layout, FP)
+    assert not stale.exists()
     assert again.pending_units() == layout.units()[4:]
     assert again.pending_units(1, 2) == layout.units()[4:][1::2]  # the pending units, dealt out evenly
     with pytest.raises(CacheMismatchError, match="teacher: cache has 'resnet50', expected 'resnet18'"):
