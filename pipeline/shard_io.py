@@ -111,6 +111,11 @@ def prepare_many(paths: Sequence[str], quality: int, max_side: int | None) -> li
     return [prepare_image(p, quality, max_side) for p in paths]
 
 
+def jpg_digest(data: bytes) -> str:
+    """Per-sample checksum stored in each sample's .json, so verify can name a sample whose bytes changed."""
+    return hashlib.sha256(data).hexdigest()
+
+
 # ---------------------------------------------------------------------------------- process pool
 
 
@@ -118,6 +123,21 @@ def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
     it = iter(items)
     while chunk := list(islice(it, size)):
         yield chunk
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Pool initializer: a worker exits when its parent dies (a kill -9 would otherwise orphan it forever,
+    blocked on the task queue). Linux prctl(PR_SET_PDEATHSIG); elsewhere a no-op."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def ordered_map(fn: Callable[[list[T]], list[R]], items: Iterable[T], workers: int, chunk: int = 16,
@@ -136,7 +156,7 @@ def ordered_map(fn: Callable[[list[T]], list[R]], items: Iterable[T], workers: i
     # fork (like torch's DataLoader on Linux): no re-import of __main__, works from scripts and stdin;
     # the children run only PIL and file reads.
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    ex = ProcessPoolExecutor(workers, mp_context=ctx)
+    ex = ProcessPoolExecutor(workers, mp_context=ctx, initializer=die_with_parent, initargs=(os.getpid(),))
     try:
         todo = _chunks(items, chunk)
         pending = deque(ex.submit(fn, c) for c in islice(todo, workers * window))

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from .index import INDEX_DTYPE, index_path, read_manifest
-from .shard_io import dali_index_text, ordered_map
+from .shard_io import dali_index_text, jpg_digest, ordered_map
 
 EXTS = ("jpg", "cls", "json", "i64")
 
@@ -70,6 +70,8 @@ def check_sample(sid: int, parts: dict[str, tuple[int, bytes]], row: np.void) ->
     try:
         meta = json.loads(meta_raw)
         want = {"id": sid, "label": int(row["label"]), "height": h, "width": w}
+        if meta.get("jpg_sha256") != jpg_digest(jpg):
+            out.append(f"sample {sid}: .jpg bytes differ from the checksum in its .json")
         bad = [k for k, v in want.items() if meta.get(k) != v]
         if bad:
             out.append(f"sample {sid}: .json fields {bad} disagree")

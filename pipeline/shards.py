@@ -27,7 +27,7 @@ from .classes import load_class_list, wnid_names
 from .imagenet import ImageNetTree, SourceFile, discover
 from .index import INDEX_DTYPE, MANIFEST, index_path, read_manifest
 from .shard_io import (Prepared, TarShardWriter, atomic_write_bytes, atomic_write_json, dali_index_text,
-                       ordered_map, prepare_many)
+                       jpg_digest, ordered_map, prepare_many)
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
@@ -89,7 +89,7 @@ def sample_members(sample_id: int, src: SourceFile, img: Prepared) -> list[tuple
     """The four members of one sample, in the contract's order."""
     key = f"{sample_id:08d}"
     meta = {"id": sample_id, "wnid": src.wnid, "label": src.label, "height": img.height, "width": img.width,
-            "source": src.rel}
+            "source": src.rel, "jpg_sha256": jpg_digest(img.data)}
     return [(f"{key}.jpg", img.data), (f"{key}.cls", str(src.label).encode()),
             (f"{key}.json", json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()),
             (f"{key}.i64", struct.pack("<q", sample_id))]

@@ -160,3 +160,99 @@ def test_max_side_downscales(tmp_path, small_wnids):
     idx = np.load(tmp_path / "out" / "train.index.npy")
     assert (idx["width"] == 32).all() and (idx["height"] == 16).all()
     assert report.manifest["splits"]["train"]["reencoded"] == 2
+
+
+# ------------------------------------------------------------------ resume after kill -9, verify, CLI
+
+KILL_SCRIPT = """
+import os, signal, sys
+import pipeline.shard_io as io_, pipeline.shards as sh
+from pipeline.shards import ShardOptions, build_shards
+mode, root, out, wnids = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].split(",")
+if mode == "mid_tar":  # die while the third shard is half written (2 of its samples)
+    add = io_.TarShardWriter.add
+    def dying_add(self, name, data):
+        if self.path.name == "train-000002.tar" and len(self.members) == 8:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return add(self, name, data)
+    io_.TarShardWriter.add = dying_add
+else:  # die after train-000001.tar is renamed into place but before its sidecar exists
+    write_json = sh.atomic_write_json
+    def dying_write(path, obj):
+        if path.name == "train-000001.tar.json":
+            os.kill(os.getpid(), signal.SIGKILL)
+        write_json(path, obj)
+    sh.atomic_write_json = dying_write
+build_shards(root, out, classes=wnids, options=ShardOptions(shard_size=5), workers=2, progress=False)
+"""
+
+
+@pytest.mark.parametrize("mode", ["mid_tar", "before_sidecar"])
+def test_resume_after_kill9_gives_identical_output(tmp_path, odd_tree, mode):
+    import signal
+    import sys
+
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    build(odd_tree, ref)
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, mode, str(odd_tree.root), str(out),
+                           ",".join(odd_tree.wnids)], capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert not (out / "manifest.json").exists()
+    finished = {p.name for p in out.glob("train-*.tar")}
+    assert finished == ({"train-000000.tar", "train-000001.tar"} if mode == "mid_tar" else
+                        {"train-000000.tar", "train-000001.tar"})
+    if mode == "mid_tar":
+        assert (out / ".train-000002.tar.tmp").exists()  # the partial shard never has a final name
+    report = build(odd_tree, out, workers=2)
+    expect_reused = ["train-000000.tar", "train-000001.tar"] if mode == "mid_tar" else ["train-000000.tar"]
+    assert report.reused == expect_reused and "train-000002.tar" in report.written
+    ref_files = sorted(p.name for p in ref.iterdir() if p.is_file())
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == ref_files  # no temp files left
+    for name in ref_files:
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+
+
+def test_verify_names_bad_shards_and_samples(tmp_path, odd_tree):
+    from pipeline.shards import verify_shards
+
+    out = tmp_path / "out"
+    build(odd_tree, out)
+    assert verify_shards(out).ok
+    idx = np.load(out / "train.index.npy")
+    sid = 7  # in train-000001.tar; flip one byte in the middle of its JPEG data
+    path = out / "train-000001.tar"
+    data = bytearray(path.read_bytes())
+    data[idx[sid]["offset"] + idx[sid]["size"] // 2] ^= 0x55
+    path.write_bytes(bytes(data))
+    os_truncate = out / "val-000001.tar"
+    os_truncate.write_bytes(os_truncate.read_bytes()[:3000])
+    result = verify_shards(out, workers=2)
+    text = "\n".join(result.problems)
+    assert not result.ok
+    assert "train-000001.tar: sha256 differs" in text and f"train-000001.tar: sample {sid}:" in text
+    assert "val-000001.tar:" in text and "train-000000.tar" not in text
+    assert "train-000002.tar" not in text
+
+
+def test_cli_strict_summary_and_verify(tmp_path, odd_tree):
+    from click.testing import CliRunner
+
+    from trainer.cli import main
+
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(odd_tree.wnids) + "\n")
+    args = ["shard", "--imagenet", str(odd_tree.root), "--out", str(tmp_path / "o"), "--classes", str(classes),
+            "--shard-size", "5", "--workers", "1"]
+    runner = CliRunner()
+    first = runner.invoke(main, args)
+    assert first.exit_code == 0, first.output
+    assert "rejected 3 files" in first.output and "zero-byte file" in first.output
+    strict = runner.invoke(main, args + ["--strict"])
+    assert strict.exit_code == 1 and "already complete" in strict.output and "--strict" in strict.output
+    mismatch = runner.invoke(main, args[:-4] + ["--shard-size", "6"])
+    assert mismatch.exit_code == 1 and "shard_size: 5 -> 6" in mismatch.output
+    ok = runner.invoke(main, ["verify", "--shards", str(tmp_path / "o"), "--workers", "1"])
+    assert ok.exit_code == 0 and "samples OK" in ok.output
+    (tmp_path / "o" / "train-000003.tar").unlink()
+    bad = runner.invoke(main, ["verify", "--shards", str(tmp_path / "o"), "--workers", "1"])
+    assert bad.exit_code == 1 and "train-000003.tar: missing" in bad.output
