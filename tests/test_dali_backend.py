@@ -302,3 +302,16 @@ def test_greyscale_and_reencoded_oddities_decode_like_the_torch_backend(tmp_path
     assert (d.float() - t.float()).abs().mean() < 0.5
     grey = [j for j, i in enumerate(ids.tolist()) if Image.open(io.BytesIO(index.read(i))).mode == "L"]
     assert grey and all(torch.equal(d[j][0], d[j][1]) and torch.equal(d[j][1], d[j][2]) for j in grey)
+
+
+@pytest.mark.dali
+def test_invalid_arguments_fail_fast(shards):
+    with pytest.raises(ValueError, match="batch_size"):
+        next(dali(shards).iter_batches(np.arange(4), 0, 0))
+    with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
+        dali(shards, normalize=True, dtype=torch.uint8)
+    if not torch.cuda.is_available():
+        from pipeline.backends.dali_backend import DaliBackend
+
+        with pytest.raises(RuntimeError, match="CUDA is not available"):
+            DaliBackend(ShardIndex(shards, "train"), spec=SPEC, seed=0, train=True, device=torch.device("cuda"))
