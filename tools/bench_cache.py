@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import platform
 import tempfile
 import time
@@ -70,18 +71,22 @@ def bench_job(args, root: Path, device: torch.device) -> None:
         sync(device)
         return n / (time.perf_counter() - t0)
 
-    before = inference()
-    t0 = time.perf_counter()
-    cache_teacher(cfg)
-    job = n / (time.perf_counter() - t0)
-    after = inference()  # the baseline before and after the job: the spread shows the machine's noise
-    infer = (before + after) / 2
+    def job(i: int) -> float:
+        t0 = time.perf_counter()
+        cache_teacher(dataclasses.replace(cfg, out=str(root / f"job-{i}.zarr")))
+        return n / (time.perf_counter() - t0)
+
+    # interleaved rounds, medians: the machine's load drifts (other processes), so back-to-back pairs compare fairly
+    rounds = [(inference(), job(i)) for i in range(args.rounds)]
+    infer, job_rate = (float(np.median(col)) for col in zip(*rounds))
     print(f"[job] {n} images {args.image_size}px, teacher {args.teacher} ({precision}), backend {backend}, "
           f"batch {args.batch_size}")
-    print(f"[job] teacher inference only (pre-built batches): {infer:8.1f} img/s "
-          f"(before {before:.1f}, after {after:.1f})")
-    print(f"[job] cache-teacher end to end (views + teacher + store): {job:8.1f} img/s  "
-          f"ratio {job / infer:.2f} of pure inference")
+    print(f"[job] teacher inference only (pre-built batches): {infer:8.1f} img/s   rounds: "
+          + ", ".join(f"{a:.1f}" for a, _ in rounds))
+    print(f"[job] cache-teacher end to end (views + teacher + store, incl. start-up): {job_rate:8.1f} img/s   "
+          f"rounds: " + ", ".join(f"{b:.1f}" for _, b in rounds))
+    ratio = float(np.median([b / a for a, b in rounds]))
+    print(f"[job] ratio {ratio:.2f} of pure inference (median over {args.rounds} back-to-back pairs)")
 
 
 def bench_step(args, root: Path, device: torch.device) -> None:
@@ -171,7 +176,8 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=112)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--per-class", type=int, default=16, help="train images per class (8 classes) for the job")
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=3, help="interleaved training steps per variant")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved inference/job rounds")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--only", choices=["job", "step", "bytes"], default=None)
     args = p.parse_args()
