@@ -252,3 +252,21 @@ def test_import_pipeline_stays_light():
 
     code = "import sys, pipeline; assert 'torch' not in sys.modules and 'numpy' not in sys.modules; pipeline.AugSpec"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_teacher_cache_from_a_store_path(shards, tmp_path):
+    """A real Zarr store given by path: each batch carries the rows of exactly its ids and aug epoch."""
+    from pipeline.teacher_cache import CacheLayout, TeacherCacheWriter
+
+    layout = CacheLayout(epochs=2, num_samples=24, num_classes=4, chunk_n=8)
+    writer = TeacherCacheWriter.create(tmp_path / "cache", layout, {"test": 1})
+    table = np.random.default_rng(0).normal(size=(2, 24, 4)).astype(np.float32)
+    for e, c in layout.units():
+        lo, hi = layout.id_range(c)
+        writer.write_unit(e, c, table[e, lo:hi])
+    loader = make(shards, batch_size=6, teacher_cache=str(tmp_path / "cache"))
+    loader.set_epoch(3)  # augmentation epoch 1
+    for b in loader:
+        expect = torch.from_numpy(table[1, b.ids.numpy()]).half().float()  # stored as float16
+        torch.testing.assert_close(b.teacher_logits, expect)
+        assert b.teacher_weight.shape == (6,) and ((b.teacher_weight >= 0) & (b.teacher_weight <= 1)).all()
