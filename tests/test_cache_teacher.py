@@ -331,3 +331,27 @@ def test_dali_views_cache_matches_dali_training_batches(data, tmp_path):
     torch_loader, spec = loader_for(data, backend="torch")
     with pytest.warns(UserWarning, match="made with the dali backend, training uses torch"):
         validate_cache_for_training(cfg.out, loader=torch_loader, spec=spec, seed=5, image_size=32)
+
+
+@pytest.mark.gpu
+def test_cuda_cache_matches_the_bf16_teacher_on_cuda_batches(data, tmp_path):
+    """On a GPU: views decoded on the device, teacher under bf16 autocast (the trainer's default), same batches."""
+    from trainer.cache_teacher import autocast, load_teacher
+
+    cfg = variant(data, tmp_path, "g.zarr", device="cuda", epochs=1)
+    cache_teacher(cfg)
+    fp = zarr.open_group(cfg.out, mode="r").attrs["fingerprint"]
+    assert fp["precision"] == "bf16"
+    cuda = torch.device("cuda")
+    teacher = load_teacher("tiny_resnet", data["weights"], WNIDS, cuda)
+    from pipeline.augment import AugSpec
+    from pipeline.loader import ImageNet100Loader
+
+    loader = ImageNet100Loader(str(data["shards"]), "train", 8, seed=5, device=cuda, spec=AugSpec(image_size=32),
+                               teacher_cache=cfg.out)
+    assert loader.backend_name == fp["backend"]
+    for batch in loader:
+        assert batch.teacher_logits.device.type == "cuda"
+        with torch.no_grad(), autocast("bf16", cuda):
+            z = teacher(batch.images).float()
+        torch.testing.assert_close(batch.teacher_logits, z, atol=5e-2, rtol=2e-2)  # bf16 forward, float16 store
