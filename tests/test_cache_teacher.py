@@ -166,6 +166,9 @@ def test_the_trainer_refuses_a_cache_for_other_shards(data, tmp_path):
 
 def test_resuming_with_other_teacher_weights_is_refused(data, tmp_path):
     cfg = variant(data, tmp_path, "c.zarr", epochs=1)
+    with pytest.raises(ValueError, match="weights do not fit tiny_cnn"):  # wrong weights: no store is left behind
+        cache_teacher(dataclasses.replace(cfg, teacher="tiny_cnn"))
+    assert not Path(cfg.out).exists()
     cache_teacher(cfg)
     other = save_teacher(tmp_path / "other.pt", seed=1)
     with pytest.raises(CacheMismatchError, match="weights_sha256: cache has"):

@@ -201,6 +201,7 @@ def cache_teacher(cfg: CacheTeacherConfig, *, on_unit: Callable[[int, int], Any]
         wnids = [c["wnid"] for c in manifest["classes"]]
         spec = AugSpec(image_size=cfg.image_size)
         views, backend_name = open_views(cfg, spec, device)
+        model = load_teacher(cfg.teacher, cfg.teacher_weights, wnids, device)  # fails before any store exists
         fp = cache_fingerprint(manifest_sha256=manifest_sha256(cfg.shards), wnids=wnids, spec=spec,
                                seed=cfg.seed, teacher=cfg.teacher, weights_sha256=file_sha256(cfg.teacher_weights),
                                precision=precision, backend=backend_name, topk=cfg.topk)
@@ -213,7 +214,6 @@ def cache_teacher(cfg: CacheTeacherConfig, *, on_unit: Callable[[int, int], Any]
             writer = TeacherCacheWriter.create(cfg.out, layout, fp)
         units = writer.pending_units(rank, world)
         _barrier()  # every rank has read the same progress before anyone writes
-        model = load_teacher(cfg.teacher, cfg.teacher_weights, wnids, device)
         todo = sum(np.subtract(*layout.id_range(c)[::-1]) for _, c in units)
         desc = f"cache-teacher {cfg.teacher} ({precision}, {backend_name})" + (f" rank {rank}/{world}" if world > 1 else "")
         with tqdm(total=int(todo), unit="img", desc=desc, disable=not cfg.progress or rank != 0) as bar:
