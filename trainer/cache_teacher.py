@@ -11,6 +11,7 @@ import hashlib
 import os
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,14 +217,26 @@ def cache_teacher(cfg: CacheTeacherConfig, *, on_unit: Callable[[int, int], Any]
         _barrier()  # every rank has read the same progress before anyone writes
         todo = sum(np.subtract(*layout.id_range(c)[::-1]) for _, c in units)
         desc = f"cache-teacher {cfg.teacher} ({precision}, {backend_name})" + (f" rank {rank}/{world}" if world > 1 else "")
-        with tqdm(total=int(todo), unit="img", desc=desc, disable=not cfg.progress or rank != 0) as bar:
+        bar = tqdm(total=int(todo), unit="img", desc=desc, disable=not cfg.progress or rank != 0)
+        # a unit is stored (entropy, top-k, zstd, fsync) by a writer thread while the teacher runs the next one
+        with bar, ThreadPoolExecutor(1, thread_name_prefix="cache-writer") as pool:
+            inflight: tuple[int, int, Future] | None = None
+
+            def settle() -> None:
+                nonlocal inflight
+                if inflight is not None:
+                    (e, c, done), inflight = inflight, None
+                    done.result()  # re-raises a failed write here
+                    if on_unit is not None:
+                        on_unit(e, c)
+
             for epoch in sorted({e for e, _ in units}):
                 chunks = [c for e, c in units if e == epoch]
                 for chunk, logits in epoch_unit_logits(model, views, layout, epoch, chunks, cfg.batch_size,
                                                        precision, bar.update):
-                    writer.write_unit(epoch, chunk, logits)
-                    if on_unit is not None:
-                        on_unit(epoch, chunk)
+                    settle()  # at most one unit in flight: bounded memory, and on_unit means "on disk"
+                    inflight = (epoch, chunk, pool.submit(writer.write_unit, epoch, chunk, logits))
+            settle()
         _barrier()
         if rank == 0:
             TeacherCache(cfg.out, prefetch=False).check_complete()
