@@ -1,16 +1,15 @@
-"""Low-level pieces of the shard writer: preparing one image, a byte-reproducible tar writer,
-DALI index files, atomic writes and a bounded ordered process map.
+"""Low-level pieces of the shard writer: a byte-reproducible tar writer, DALI index files, atomic
+writes and a bounded ordered process map (image preparation is in `shard_image.py`).
 
 Kept apart from `shards.py` (the plan, resume and manifest logic) so each file stays readable.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
-import re
-import tarfile
+import queue
+import threading
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -18,102 +17,10 @@ from itertools import islice
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
-from PIL import Image, UnidentifiedImageError
-
-PASS_THROUGH_MODES = ("RGB", "L")  # JPEG colour modes every decoder (DALI, PIL, torchvision) reads as-is
 TAR_BLOCK = 512
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-# ----------------------------------------------------------------------------------------- images
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """One input file after preparation: JPEG bytes and size, or the reason it was rejected."""
-
-    data: bytes | None
-    height: int = 0
-    width: int = 0
-    reencoded: str = ""  # why it was re-encoded ("" = bytes passed through)
-    reason: str = ""  # rejection reason ("" = accepted)
-
-
-def jpeg_is_complete(data: bytes) -> bool:
-    """Cheap truncation check: starts with SOI and ends with EOI (ignoring trailing NUL padding)."""
-    return data[:2] == b"\xff\xd8" and data.rstrip(b"\x00")[-2:] == b"\xff\xd9"
-
-
-def _one_line(msg: object) -> str:
-    """An error message as one deterministic line (no tabs, newlines or object addresses)."""
-    return " ".join(re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "<file>", str(msg)).split())
-
-
-def encode_rgb_jpeg(im: Image.Image, quality: int, max_side: int | None) -> tuple[bytes, int, int]:
-    """Decode-side normalisation: any mode -> RGB, optional downscale so max(h, w) <= max_side, baseline JPEG."""
-    if im.mode in ("P", "PA", "LA", "RGBA", "La", "RGBa"):
-        im = im.convert("RGBA")
-    if im.mode != "RGB":
-        im = im.convert("RGB")
-    if max_side is not None and max(im.size) > max_side:
-        scale = max_side / max(im.size)
-        im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.BICUBIC,
-                       reducing_gap=3.0)
-    buf = io.BytesIO()
-    im.save(buf, format="JPEG", quality=quality)
-    return buf.getvalue(), im.height, im.width
-
-
-def prepare_image(path: str | Path, quality: int = 95, max_side: int | None = None) -> Prepared:
-    """Read one file and return shard-ready JPEG bytes, or a rejection with its reason.
-
-    RGB/greyscale baseline JPEGs pass through byte for byte after a cheap check (PIL header parse
-    plus SOI/EOI markers); a JPEG failing the marker check gets a full decode (accepted if it
-    decodes: trailing bytes after EOI are harmless). Everything else is fully decoded and
-    re-encoded as RGB JPEG at `quality`.
-    """
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        return Prepared(None, reason=f"unreadable: {_one_line(e.strerror or e)}")
-    if not data:
-        return Prepared(None, reason="zero-byte file")
-    try:
-        im = Image.open(io.BytesIO(data))
-        fmt, mode, (width, height) = im.format, im.mode, im.size
-        progressive = bool(im.info.get("progressive") or im.info.get("progression"))
-    except UnidentifiedImageError:
-        return Prepared(None, reason="not an image: format not recognised")
-    except Exception as e:  # PIL raises many types for broken headers; the reason is recorded, not swallowed
-        return Prepared(None, reason=f"not an image: {_one_line(e)}")
-    too_big = max_side is not None and max(width, height) > max_side
-    if fmt == "JPEG" and mode in PASS_THROUGH_MODES and not progressive and not too_big:
-        if jpeg_is_complete(data):
-            return Prepared(data, height, width)
-        try:
-            im.load()
-        except Exception as e:
-            return Prepared(None, reason=f"truncated or corrupt JPEG: {_one_line(e)}")
-        return Prepared(data, height, width)
-    why = "downscaled" if too_big else f"{fmt} {mode}{' progressive' if progressive else ''} -> RGB JPEG"
-    try:
-        im.load()
-        out, h, w = encode_rgb_jpeg(im, quality, max_side)
-    except Exception as e:
-        return Prepared(None, reason=f"truncated or corrupt {fmt}: {_one_line(e)}")
-    return Prepared(out, h, w, reencoded=why)
-
-
-def prepare_many(paths: Sequence[str], quality: int, max_side: int | None) -> list[Prepared]:
-    """A chunk of work for one pool task (fewer, larger messages than one task per image)."""
-    return [prepare_image(p, quality, max_side) for p in paths]
-
-
-def jpg_digest(data: bytes) -> str:
-    """Per-sample checksum stored in each sample's .json, so verify can name a sample whose bytes changed."""
-    return hashlib.sha256(data).hexdigest()
 
 
 # ---------------------------------------------------------------------------------- process pool
@@ -172,57 +79,104 @@ def ordered_map(fn: Callable[[list[T]], list[R]], items: Iterable[T], workers: i
 # ------------------------------------------------------------------------------------- tar files
 
 
-class _HashingFile:
-    """File wrapper that hashes and counts what tarfile writes (no second read for the sha256)."""
+def ustar_header(name: str, size: int) -> bytes:
+    """The 512-byte ustar header tarfile writes for a regular file with mode 0444, uid/gid 0, empty
+    owner names and mtime 0 (fixed metadata: shards are byte-reproducible). Built directly because
+    tarfile's general path costs ~70 us a member, the writer's biggest cost."""
+    raw = name.encode()
+    if len(raw) > 100:
+        raise ValueError(f"tar member name too long for ustar: {name!r}")
+    h = bytearray(TAR_BLOCK)
+    h[0:len(raw)] = raw
+    h[100:148] = b"0000444\x000000000\x000000000\x00" + b"%011o\x00" % size + b"00000000000\x00"
+    h[148:156] = b"        "
+    h[156] = 0x30  # REGTYPE "0"
+    h[257:265] = b"ustar\x0000"
+    h[148:155] = b"%06o\x00" % sum(h)
+    return bytes(h)
 
-    def __init__(self, f: io.BufferedWriter):
-        self.f, self.sha, self.pos = f, hashlib.sha256(), 0
 
-    def write(self, b: bytes) -> int:
-        self.sha.update(b)
-        self.pos += len(b)
-        return self.f.write(b)
+_ZEROS = bytes(TAR_BLOCK)
+RECORD = 20 * TAR_BLOCK  # tarfile pads the archive to a multiple of this
 
-    def tell(self) -> int:
-        return self.pos
+
+class _Hasher(threading.Thread):
+    """sha256 of the tar stream in a thread: hashlib releases the GIL, so hashing overlaps writing."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.sha = hashlib.sha256()
+        self.q: queue.Queue = queue.Queue(maxsize=64)  # bounded: memory stays small if hashing lags
+        self.start()
+
+    def run(self) -> None:
+        while (parts := self.q.get()) is not None:
+            for p in parts:
+                self.sha.update(p)
+
+    def finish(self) -> str:
+        self.q.put(None)
+        self.join()
+        return self.sha.hexdigest()
 
 
 class TarShardWriter:
-    """Writes one tar to `path` via a temp name; members carry fixed metadata so bytes are reproducible.
+    """Writes one tar to `path` via a temp name, one writev per sample, byte-identical to what
+    tarfile writes for the same members with fixed metadata.
 
-    add() returns each member's data offset; close() fsyncs and renames, so no partial tar ever
-    exists under the final name.
+    add_sample() returns each member's data offset; close() fsyncs and renames, so no partial tar
+    ever exists under the final name.
     """
 
     def __init__(self, path: Path):
         self.path, self.tmp = path, path.with_name(f".{path.name}.tmp")
-        self._f = open(self.tmp, "wb")
-        self._h = _HashingFile(self._f)
-        self._tar = tarfile.TarFile(fileobj=self._h, mode="w", format=tarfile.USTAR_FORMAT)
+        self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._hasher = _Hasher()
+        self.pos = 0
         self.members: list[tuple[str, int, int]] = []  # (name, data offset, size), for the DALI index
 
+    def add_sample(self, members: Sequence[tuple[str, bytes]]) -> list[int]:
+        """Append the members of one sample; returns their data offsets."""
+        parts, offsets = [], []
+        for name, data in members:
+            pad = -len(data) % TAR_BLOCK
+            parts += [ustar_header(name, len(data)), data, _ZEROS[:pad]]
+            offsets.append(self.pos + TAR_BLOCK)
+            self.members.append((name, self.pos + TAR_BLOCK, len(data)))
+            self.pos += TAR_BLOCK + len(data) + pad
+        self._writev(parts)
+        return offsets
+
     def add(self, name: str, data: bytes) -> int:
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode = len(data), 0, 0o444
-        info.uid = info.gid = 0
-        info.uname = info.gname = ""
-        self._tar.addfile(info, io.BytesIO(data))
-        offset = self._tar.offset - (len(data) + TAR_BLOCK - 1) // TAR_BLOCK * TAR_BLOCK
-        self.members.append((name, offset, len(data)))
-        return offset
+        return self.add_sample([(name, data)])[0]
+
+    def _writev(self, parts: list[bytes]) -> None:
+        total = sum(len(p) for p in parts)
+        written = os.writev(self._fd, parts)
+        if written != total:  # short write (rare): finish the rest plainly
+            rest = b"".join(parts)[written:]
+            while rest:
+                rest = rest[os.write(self._fd, rest):]
+        self._hasher.q.put(parts)
 
     def close(self) -> tuple[int, str]:
-        """Finish the tar; returns (bytes, sha256)."""
-        self._tar.close()
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
+        """Finish the tar (two zero blocks, padded to a 10 KiB record); returns (bytes, sha256)."""
+        end = 2 * TAR_BLOCK
+        end += -(self.pos + end) % RECORD
+        self._writev([bytes(end)])
+        self.pos += end
+        sha = self._hasher.finish()
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = -1
         os.replace(self.tmp, self.path)
-        return self._h.pos, self._h.sha.hexdigest()
+        return self.pos, sha
 
     def abort(self) -> None:
-        if not self._f.closed:
-            self._f.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+            self._hasher.finish()
         self.tmp.unlink(missing_ok=True)
 
 

@@ -2,7 +2,7 @@
 
 How a run works: the split's file list is ordered (train: seeded shuffle of the path-sorted list;
 val: sorted by label then path); shard k takes list positions [k*S, (k+1)*S). Worker processes read
-and prepare images (`shard_io.prepare_image`) in order with bounded in-flight work; this process
+and prepare images (`shard_image.prepare_image`) in order with bounded in-flight work; this process
 writes each shard sequentially to a temp name, fsyncs and renames it, then writes a small sidecar
 (`.kdpipe-shard/<shard>.json`: count, bytes, sha256, index rows, rejections). Resume finds finished
 shards by their sidecars, so a killed run (kill -9 included) rewrites only what is missing and ends
@@ -16,9 +16,10 @@ import os
 import re
 import struct
 from dataclasses import asdict, dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -26,8 +27,8 @@ from . import __version__
 from .classes import load_class_list, wnid_names
 from .imagenet import ImageNetTree, SourceFile, discover
 from .index import INDEX_DTYPE, MANIFEST, index_path, read_manifest
-from .shard_io import (Prepared, TarShardWriter, atomic_write_bytes, atomic_write_json, dali_index_text,
-                       jpg_digest, ordered_map, prepare_many)
+from .shard_image import Prepared, prepare_many
+from .shard_io import TarShardWriter, atomic_write_bytes, atomic_write_json, dali_index_text, ordered_map
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
@@ -85,12 +86,13 @@ def ordered_files(files: Sequence[SourceFile], split: str, seed: int) -> list[So
     return sorted(files, key=lambda f: (f.label, f.rel))
 
 
-def sample_members(sample_id: int, src: SourceFile, img: Prepared) -> list[tuple[str, bytes]]:
-    """The four members of one sample, in the contract's order."""
+def sample_members(sample_id: int, src: SourceFile, img: Prepared, jpg: bytes) -> list[tuple[str, bytes]]:
+    """The four members of one sample, in the contract's order. The .json carries the JPEG's crc32
+    so `verify` can name a sample whose bytes changed even when it still decodes."""
     key = f"{sample_id:08d}"
     meta = {"id": sample_id, "wnid": src.wnid, "label": src.label, "height": img.height, "width": img.width,
-            "source": src.rel, "jpg_sha256": jpg_digest(img.data)}
-    return [(f"{key}.jpg", img.data), (f"{key}.cls", str(src.label).encode()),
+            "source": src.rel, "jpg_crc32": img.crc32}
+    return [(f"{key}.jpg", jpg), (f"{key}.cls", str(src.label).encode()),
             (f"{key}.json", json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()),
             (f"{key}.i64", struct.pack("<q", sample_id))]
 
@@ -166,33 +168,56 @@ def load_sidecar(out: Path, name: str, positions: tuple[int, int]) -> dict | Non
 # ------------------------------------------------------------------------------------ writing
 
 
-def write_shard(out: Path, name: str, first_id: int, files: Sequence[SourceFile],
-                images: Iterator[Prepared], positions: tuple[int, int]) -> dict:
-    """Write one shard from the next len(files) prepared images; returns its sidecar."""
+def image_bytes(root: Path, src: SourceFile, img: Prepared) -> bytes | None:
+    """The bytes that go into the shard: re-encoded ones, or the file itself (read here, page-cache hot
+    from the worker's read, so images never travel through a pipe). None if the file changed meanwhile."""
+    if img.data is not None:
+        return img.data
+    fd = os.open(root / src.rel, os.O_RDONLY)
+    try:
+        data = os.read(fd, img.size + 1)  # one more byte than expected: a grown file shows up as a mismatch
+    finally:
+        os.close(fd)
+    return data if len(data) == img.size else None
+
+
+def write_shard(out: Path, root: Path, name: str, first_id: int, files: Sequence[SourceFile],
+                images: Iterator[Prepared], positions: tuple[int, int]) -> tuple[int, Callable[[], dict]]:
+    """Write one shard's samples from the next len(files) prepared images.
+
+    Returns the sample count and a `finish` callable (hash, fsync, rename, DALI index, sidecar) that
+    the caller runs in a thread, so the next shard's writing overlaps this one's fsync.
+    """
     writer = TarShardWriter(out / name)
     rows, rejected, reencoded, sid = [], [], 0, first_id
     try:
         for src in files:
             img = next(images)
-            if img.data is None:
-                rejected.append([src.rel, img.reason])
+            jpg = None if img.reason else image_bytes(root, src, img)
+            if jpg is None:
+                rejected.append([src.rel, img.reason or "file changed while sharding"])
                 continue
-            offset = None
-            for member, data in sample_members(sid, src, img):
-                off = writer.add(member, data)
-                offset = off if offset is None else offset
-            rows.append([offset, len(img.data), src.label, img.height, img.width])
+            offset = writer.add_sample(sample_members(sid, src, img, jpg))[0]
+            rows.append([offset, len(jpg), src.label, img.height, img.width])
             reencoded += bool(img.reencoded)
             sid += 1
-        nbytes, sha = writer.close()
     except BaseException:
         writer.abort()
         raise
-    atomic_write_bytes(out / name.replace(".tar", ".idx"), dali_index_text(writer.members).encode())
-    meta = {"name": name, "first_id": first_id, "count": len(rows), "bytes": nbytes, "sha256": sha,
-            "positions": list(positions), "rows": rows, "rejected": rejected, "reencoded": reencoded}
-    atomic_write_json(out / STATE_DIR / f"{name}.json", meta)
-    return meta
+
+    def finish() -> dict:
+        try:
+            nbytes, sha = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        atomic_write_bytes(out / name.replace(".tar", ".idx"), dali_index_text(writer.members).encode())
+        meta = {"name": name, "first_id": first_id, "count": len(rows), "bytes": nbytes, "sha256": sha,
+                "positions": list(positions), "rows": rows, "rejected": rejected, "reencoded": reencoded}
+        atomic_write_json(out / STATE_DIR / f"{name}.json", meta)  # last: marks the shard finished
+        return meta
+
+    return len(rows), finish
 
 
 def build_split(tree: ImageNetTree, out: Path, split: str, opts: ShardOptions, workers: int,
@@ -211,25 +236,30 @@ def build_split(tree: ImageNetTree, out: Path, split: str, opts: ShardOptions, w
                dynamic_ncols=True, smoothing=0.05)
     stream = ordered_map(work, paths, workers)
     images = _counting(stream, bar)
-    metas, next_id = [], 0
+    finisher = ThreadPoolExecutor(1, thread_name_prefix="shard-finish")
+    metas: list[dict | Future] = []
+    next_id = 0
     try:
         for k, span in spans:
             name, meta = shard_name(split, k), done[k]
             if meta is not None and meta["first_id"] == next_id:
                 report.reused.append(name)
-            else:
-                if meta is not None:
-                    raise RuntimeError(f"{out / name}: first id {meta['first_id']} on disk, {next_id} expected; "
-                                       "the input changed since the earlier run: rerun with --overwrite")
-                meta = write_shard(out, name, next_id, files[span[0]:span[1]], images, span)
-                report.written.append(name)
-            metas.append(meta)
-            next_id += meta["count"]
+                metas.append(meta)
+                next_id += meta["count"]
+                continue
+            if meta is not None:
+                raise RuntimeError(f"{out / name}: first id {meta['first_id']} on disk, {next_id} expected; "
+                                   "the input changed since the earlier run: rerun with --overwrite")
+            count, finish = write_shard(out, tree.root, name, next_id, files[span[0]:span[1]], images, span)
+            metas.append(finisher.submit(finish))
+            report.written.append(name)
+            next_id += count
     finally:
+        finisher.shutdown(wait=True)  # a started shard is always finished (or its temp file removed)
         images.close()
         stream.close()  # stops the worker pool if a write failed
         bar.close()
-    return metas
+    return [m.result() if isinstance(m, Future) else m for m in metas]
 
 
 def _counting(it: Iterator[Prepared], bar) -> Iterator[Prepared]:
