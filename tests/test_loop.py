@@ -169,3 +169,20 @@ def test_bf16_autocast_path_runs_on_cpu(tmp_path):
     train(cfg, teacher=seeded_teacher())
     r = read_metrics(tmp_path / "run")[0]
     assert all(torch.isfinite(torch.tensor(r[f"s{i}"]["loss"])) for i in range(2))
+
+
+def test_train_benchmark_runs_and_reports_its_ratios(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "bench_train.py"
+    spec = importlib.util.spec_from_file_location("bench_train", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.main(["--students", "tiny_cnn,tiny_mobilenet", "--teacher", "tiny_cnn", "--image-size", "32",
+                      "--batch-size", "8", "--num-classes", "10", "--steps", "1", "--warmup", "1", "--repeats", "2",
+                      "--device", "cpu"])
+    assert out["trainer_over_plain"] > 0 and out["cached_over_online"] > 0
+    assert set(out["runs"]) == {"trainer", "plain", "cached", "online"}
+    printed = capsys.readouterr().out
+    assert "ratio trainer/plain" in printed and "machine: CPU" in printed and "cores" in printed

@@ -10,8 +10,8 @@ Ratios, with the machine named:
                          (target >= 0.98: the trainer adds no overhead);
   cached / online        steps/s with teacher logits given over steps/s with a teacher forward
                          (the saving a teacher cache brings).
-Variants run interleaved (A B A B ...) and the median of the repeats is reported, because a shared
-machine drifts.
+Variants run in alternating rounds (A B, B A, ...); ratios are the median over rounds of the ratio
+within a round, because a shared machine's load drifts.
 """
 from __future__ import annotations
 
@@ -112,14 +112,22 @@ def steps_per_s(fn: Callable[[], None], steps: int, device: torch.device) -> flo
 
 def interleaved(fns: dict[str, Callable[[], None]], steps: int, warmup: int, repeats: int,
                 device: torch.device) -> dict[str, list[float]]:
+    """steps/s of each variant per round; rounds alternate the order (A B, B A, ...) so a drifting
+    machine load hits both variants alike."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     out: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            out[name].append(steps_per_s(fn, steps, device))
+    names = list(fns)
+    for r in range(repeats):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            out[name].append(steps_per_s(fns[name], steps, device))
     return out
+
+
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """Median over rounds of a/b measured in the same round (robust to load that changes between rounds)."""
+    return statistics.median(x / y for x, y in zip(a, b))
 
 
 def run(students: list[str], teacher_name: str, image_size: int, batch_size: int, num_classes: int, steps: int,
@@ -143,13 +151,17 @@ def run(students: list[str], teacher_name: str, image_size: int, batch_size: int
                      steps, warmup, repeats, device)
     med = {k: statistics.median(v) for k, v in {**r1, **r2}.items()}
     result = {"machine": machine(device), "steps_per_s": med, "runs": {**r1, **r2},
-              "trainer_over_plain": med["trainer"] / med["plain"], "cached_over_online": med["cached"] / med["online"],
+              "trainer_over_plain": paired_ratio(r1["trainer"], r1["plain"]),
+              "cached_over_online": paired_ratio(r2["cached"], r2["online"]),
               "images_per_s": {k: v * batch_size for k, v in med.items()}}
     s = "+".join(students)
     print(f"dual-student step ({s}): trainer {med['trainer']:.2f} steps/s, plain loop {med['plain']:.2f} steps/s, "
-          f"ratio trainer/plain = {result['trainer_over_plain']:.3f} (target >= 0.98)")
+          f"ratio trainer/plain = {result['trainer_over_plain']:.3f} (median of {repeats} paired rounds; "
+          f"target >= 0.98)")
     print(f"teacher ({teacher_name}): logits given {med['cached']:.2f} steps/s, online forward "
           f"{med['online']:.2f} steps/s, ratio cached/online = {result['cached_over_online']:.2f}x")
+    spread = {k: f"{min(v):.2f}-{max(v):.2f}" for k, v in result["runs"].items()}
+    print(f"steps/s range over rounds (machine load drifts): {spread}")
     return result
 
 
@@ -161,9 +173,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=None, help="default: 224 on CUDA, 64 on CPU")
     p.add_argument("--batch-size", type=int, default=None, help="default: 64 on CUDA, 32 on CPU")
     p.add_argument("--num-classes", type=int, default=100)
-    p.add_argument("--steps", type=int, default=None, help="timed steps per repeat (default 50 CUDA, 5 CPU)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per round (default 50 CUDA, 2 CPU)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=None, help="rounds (default 5 CUDA, 8 CPU)")
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     return p.parse_args(argv)
@@ -173,8 +185,8 @@ def main(argv: list[str] | None = None) -> dict:
     a = parse(argv)
     cuda = resolve_device(a.device).type == "cuda"
     return run(a.students.split(","), a.teacher, a.image_size or (224 if cuda else 64),
-               a.batch_size or (64 if cuda else 32), a.num_classes, a.steps or (50 if cuda else 5), a.warmup,
-               a.repeats, a.device, a.amp)
+               a.batch_size or (64 if cuda else 32), a.num_classes, a.steps or (50 if cuda else 2), a.warmup,
+               a.repeats or (5 if cuda else 8), a.device, a.amp)
 
 
 if __name__ == "__main__":

@@ -231,6 +231,7 @@ def train(shards, out, mode, students, teacher, teacher_weights, teacher_cache, 
           weight_decay, warmup_epochs, alpha, beta, gamma, tau, uncertainty, entropy_tau, kl_direction, image_size,
           seed, backend, num_workers, amp, channels_last, compile_, device, log_every, resume, stop_after_steps):
     """Train one or more students (the paper: ResNet-18 + MobileNetV2) from a teacher on ImageNet-100 shards."""
+    from pipeline.teacher_cache import IncompleteCacheError
     from trainer.config import make_config
     from trainer.loop import NonFiniteLossError
     from trainer.train_job import train as train_job
@@ -245,7 +246,7 @@ def train(shards, out, mode, students, teacher, teacher_weights, teacher_cache, 
                           seed=seed, backend=backend, num_workers=num_workers, amp=amp, channels_last=channels_last,
                           compile=compile_, device=device, log_every=log_every)
         result = train_job(cfg, resume=resume, stop_after_steps=stop_after_steps)
-    except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError, IncompleteCacheError) as e:
         raise click.ClickException(str(e)) from e
     if result["stopped"]:
         click.echo(f"stopped after {result['global_step']} steps; continue with --resume (checkpoint in {out})")
@@ -261,11 +262,12 @@ def train(shards, out, mode, students, teacher, teacher_weights, teacher_cache, 
 @click.option("--which", type=click.Choice(["last", "best"]), default="last", show_default=True)
 @click.option("--shards", type=click.Path(exists=True, file_okay=False), default=None,
               help="Shards to evaluate on (default: the run's own).")
+@click.option("--image-size", type=int, default=None, help="Crop size (default: the run's own, else 224).")
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--backend", type=click.Choice(["auto", "dali", "torch"]), default="auto", show_default=True)
 @click.option("--num-workers", type=int, default=None)
 @click.option("--device", default="auto", show_default=True)
-def eval_cmd(run_dir, checkpoint, which, shards, batch_size, backend, num_workers, device):
+def eval_cmd(run_dir, checkpoint, which, shards, image_size, batch_size, backend, num_workers, device):
     """Top-1 / top-5 on the val split for each student and their ensemble (mean of softmaxes)."""
     from trainer.evaluate import eval_checkpoint, format_table
 
@@ -273,8 +275,8 @@ def eval_cmd(run_dir, checkpoint, which, shards, batch_size, backend, num_worker
         raise click.UsageError("give exactly one of --run and --checkpoint")
     path = checkpoint or run_dir / f"checkpoint-{which}.pt"
     try:
-        names, result = eval_checkpoint(str(path), shards=shards, batch_size=batch_size, backend=backend,
-                                        device=device, num_workers=num_workers)
+        names, result = eval_checkpoint(str(path), shards=shards, image_size=image_size, batch_size=batch_size,
+                                        backend=backend, device=device, num_workers=num_workers)
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(f"{path}:")

@@ -76,8 +76,9 @@ def format_table(names: Sequence[str], result: dict) -> str:
     return "\n".join(rows)
 
 
-def eval_checkpoint(path: str, *, shards: str | None = None, batch_size: int = 128, backend: str = "auto",
-                    device: str = "auto", num_workers: int | None = None) -> tuple[list[str], dict]:
+def eval_checkpoint(path: str, *, shards: str | None = None, image_size: int | None = None, batch_size: int = 128,
+                    backend: str = "auto", device: str = "auto",
+                    num_workers: int | None = None) -> tuple[list[str], dict]:
     """The `kdpipe eval` job: the students of a kdpipe checkpoint (or one final-weights file) on the
     shards' val split. Shards and image size default to the run's own config."""
     from pipeline.augment import AugSpec
@@ -94,7 +95,7 @@ def eval_checkpoint(path: str, *, shards: str | None = None, batch_size: int = 1
     entries = state["students"] if "students" in state else [state]
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
-    spec = AugSpec(image_size=cfg.get("image_size", AugSpec().image_size))
+    spec = AugSpec(image_size=image_size or cfg.get("image_size", AugSpec().image_size))
     loader = ImageNet100Loader(shards, "val", batch_size, backend=backend, device=dev, spec=spec, drop_last=False,
                                num_workers=num_workers)
     if list(loader.classes) != list(state["classes"]):

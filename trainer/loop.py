@@ -161,9 +161,10 @@ class Distiller:
         for i, name in enumerate(self.names):
             out[f"s{i}"] = {"name": name, **{t: v[i * k + j] / n for j, t in enumerate(TERMS)},
                             "train_acc": 100.0 * v[s * k + i] / n}
-        out["w_mean"] = out["s0"]["w"] if self.cfg.uses_teacher else None
-        if self.cfg.uses_teacher:
-            out["teacher_entropy_tau1"], out["teacher_entropy_tau"] = v[-3] / n, v[-2] / n
+        teacher = self.cfg.uses_teacher
+        out["w_mean"] = out["s0"]["w"] if teacher else None
+        out["teacher_entropy_tau1"] = v[-3] / n if teacher else None
+        out["teacher_entropy_tau"] = v[-2] / n if teacher else None
         return out
 
     def sync_buffers(self) -> None:
@@ -255,6 +256,18 @@ class NanWatch:
         raise NonFiniteLossError(
             f"non-finite loss at step {step} (epoch {step // steps_per_epoch}, step {step % steps_per_epoch} of "
             f"the epoch): {', '.join(where)}; last good checkpoint: {kept if kept.is_file() else 'none yet'}")
+
+
+def epoch_line(r: dict, num_students: int, epochs: int) -> str:
+    """One human line per epoch: losses, val top-1 per student (and ensemble), speed."""
+    parts = [f"epoch {r['epoch'] + 1}/{epochs}"]
+    for i in range(num_students):
+        s = r[f"s{i}"]
+        parts.append(f"{s['name']} loss {s['loss']:.3f} val top-1 {s['val_top1']:.2f}%")
+    if num_students > 1:
+        parts.append(f"ensemble {r['val_ensemble_top1']:.2f}%")
+    parts.append(f"{r['images_per_s']:.0f} img/s, {r['epoch_time_s']:.1f} s")
+    return " | ".join(parts)
 
 
 def _open_run(cfg: TrainConfig, classes: list[str], resume: bool, rank: int) -> dict | None:
@@ -375,6 +388,8 @@ def run_training(cfg: TrainConfig, train_loader, val_loader, *, classes: list[st
         best = max(best, record["val_ensemble_top1"])
         if rank == 0:
             ck.write_metrics_line(run, record)
+            if progress:
+                print(epoch_line(record, len(cfg.students), cfg.epochs), file=sys.stderr, flush=True)
             save(run / ck.LAST, epoch, 0, None)
             if improved:
                 save(run / ck.BEST, epoch, 0, None)
