@@ -22,12 +22,12 @@ WNIDS = ["n02869837", "n01749939", "n02488291", "n02107142"]
 ARRAYS = ("logits", "weight", "entropy", "done")
 
 
-def make_shards(root: Path, per_class: int = 10, seed: int = 0) -> Path:
+def make_shards(root: Path, per_class: int = 10, seed: int = 0, wnids: list[str] = WNIDS) -> Path:
     from pipeline.shards import build_shards
     from pipeline.synthetic import make_imagenet_tree
 
-    make_imagenet_tree(root / "tree", WNIDS, train_per_class=per_class, val_per_class=1, size=(40, 56), seed=seed)
-    build_shards(root / "tree", root / "shards", classes=WNIDS, workers=1, progress=False)
+    make_imagenet_tree(root / "tree", wnids, train_per_class=per_class, val_per_class=1, size=(40, 56), seed=seed)
+    build_shards(root / "tree", root / "shards", classes=wnids, workers=1, progress=False)
     return root / "shards"
 
 
@@ -159,6 +159,12 @@ def test_the_trainer_refuses_a_cache_for_other_shards(data, tmp_path):
     with pytest.raises(CacheMismatchError, match="manifest_sha256: cache has") as err:
         validate_cache_for_training(data["cfg"].out, loader=loader, spec=spec, seed=5, image_size=32)
     assert err.value.fields == ["manifest_sha256"]
+    classes = make_shards(tmp_path / "classes", per_class=8, wnids=WNIDS[:3] + ["n01558993"])  # 40 -> 32 ids too
+    loader, spec = loader_for(data, shards=classes)
+    wnids_line = r'wnids: cache has \["n01749939", "n02107142".*expected \["n01558993"'
+    with pytest.raises(CacheMismatchError, match=wnids_line) as err:
+        validate_cache_for_training(data["cfg"].out, loader=loader, spec=spec, seed=5, image_size=32)
+    assert err.value.fields == ["manifest_sha256", "wnids"]
     loader, spec = loader_for(data)
     cache = validate_cache_for_training(data["cfg"].out, loader=loader, spec=spec, seed=5, image_size=32)
     assert isinstance(cache, TeacherCache) and cache.epochs == 2
