@@ -280,3 +280,58 @@ def test_tar_writer_is_byte_identical_to_tarfile(tmp_path):
     assert sha == hashlib.sha256(ours).hexdigest()
     assert [m[1] for m in read_tar(tmp_path / "ours.tar")] == offsets
     assert not (tmp_path / ".ours.tar.tmp").exists()
+
+
+def test_prepare_image_paths(tmp_path):
+    from pipeline.shard_image import jpeg_frame, prepare_image
+    from pipeline.synthetic import jpeg_bytes, synth_image
+
+    img = synth_image(np.random.default_rng(0), 30, 40)
+    base = jpeg_bytes(img)
+    assert jpeg_frame(base)[:5] == (0xC0, 8, 30, 40, 3)
+    (tmp_path / "base.jpg").write_bytes(base)
+    p = prepare_image(tmp_path / "base.jpg")
+    assert (p.reason, p.data, p.height, p.width, p.size) == ("", None, 30, 40, len(base))  # passes through
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", progressive=True)
+    (tmp_path / "prog.jpg").write_bytes(buf.getvalue())
+    p = prepare_image(tmp_path / "prog.jpg")
+    assert p.reencoded and jpeg_frame(p.data)[0] == 0xC0  # progressive -> baseline
+    (tmp_path / "tail.jpg").write_bytes(base + b"trailing junk")
+    p = prepare_image(tmp_path / "tail.jpg")
+    assert p.reason == "" and p.data is None and p.size == len(base) + 13  # decodes fully: kept as is
+    p = prepare_image(tmp_path / "missing.jpg")
+    assert p.reason.startswith("unreadable")
+
+
+def test_ordered_map_keeps_order_and_bounds_work():
+    from pipeline.shard_io import ordered_map
+
+    pulled = []
+
+    def items():
+        for i in range(200):
+            pulled.append(i)
+            yield i
+
+    it = ordered_map(_double_chunk, items(), workers=2, chunk=4, window=2)
+    first = [next(it) for _ in range(3)]
+    assert first == [0, 2, 4]
+    assert len(pulled) <= 4 * 2 * 2 + 4  # in flight: workers*window chunks, plus the one refilled
+    assert first + list(it) == [2 * i for i in range(200)]
+
+
+def _double_chunk(xs):
+    return [2 * x for x in xs]
+
+
+def test_flat_val_layout_shards(tmp_path, small_wnids):
+    tree = make_imagenet_tree(tmp_path / "t", small_wnids, train_per_class=1, val_per_class=3, val_layout="flat",
+                              size=(32, 32))
+    report = build(tree, tmp_path / "out")
+    assert report.manifest["splits"]["val"]["count"] == 12
+    idx = np.load(tmp_path / "out" / "val.index.npy")
+    assert list(idx["label"]) == [i // 3 for i in range(12)]
+    members = read_tar(tmp_path / "out" / "val-000000.tar")
+    meta = json.loads(members[2][2])
+    assert meta["source"].startswith("val/ILSVRC2012_val_") and meta["wnid"] == sorted(small_wnids)[0]
