@@ -54,7 +54,7 @@ def test_cpu_path_close_to_torch_ops_path():
     imgs = [_decoded(rng, 60 + 7 * k, 90 - 5 * k) for k in range(6)]
     spec = AugSpec(image_size=32, val_resize=36)
     p = sample_params(spec, 0, 0, np.arange(6), [im.shape[1] for im in imgs], [im.shape[2] for im in imgs])
-    cpu = np.stack([train_view(im, p, i, 32).numpy() for i, im in enumerate(imgs)]).astype(float)
+    cpu = np.stack([train_view(im, p, i, 32) for i, im in enumerate(imgs)]).astype(float)
     ops = augment_decoded(imgs, p, spec)
     assert ops.dtype == torch.uint8 and ops.is_contiguous(memory_format=torch.channels_last)
     d = np.abs(cpu - ops.permute(0, 2, 3, 1).numpy())
@@ -73,7 +73,7 @@ def test_flip_and_crop_geometry():
     p = replace(p, top=p.top[[0, 0]], left=p.left[[0, 0]], height=p.height[[0, 0]], width=p.width[[0, 0]],
                 brightness=np.ones(2, np.float32), contrast=np.ones(2, np.float32),
                 saturation=np.ones(2, np.float32), flip=np.array([False, True]))
-    a, b = train_view(img, p, 0, 24).numpy(), train_view(img, p, 1, 24).numpy()
+    a, b = train_view(img, p, 0, 24), train_view(img, p, 1, 24)
     np.testing.assert_array_equal(a[:, ::-1], b)
     t, l, h, w = (int(v[0]) for v in (p.top, p.left, p.height, p.width))
     ref = TF.resize(img[:, t:t + h, l:l + w], [24, 24], antialias=True).permute(1, 2, 0).numpy()

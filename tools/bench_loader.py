@@ -137,12 +137,17 @@ def stage_times(shards: Path, size: int, count: int) -> dict[str, dict[str, floa
         return np.ascontiguousarray(tb.resize_uint8(img[:, t:t + h, l:l + w], (size, size)).permute(1, 2, 0).numpy())
 
     small = run(g, "crop + uint8 antialiased resize", crop_resize, dec)
-    col = run(g, "colour (LUT + matrix) + flip", lambda i, x: torch.from_numpy(np.array(
-        tb.colour_hwc(x, float(p.brightness[i]), float(p.contrast[i]), float(p.saturation[i])))).flip(1), small)
-    batch = torch.stack(col)
+    batch = torch.empty((len(ids), size, size, 3), dtype=torch.uint8)
+    dst = batch.numpy()
+
+    def colour_flip(i, x):
+        arr = np.asarray(tb.colour_hwc(x, float(p.brightness[i]), float(p.contrast[i]), float(p.saturation[i])))
+        dst[i] = arr[:, ::-1] if p.flip[i] else arr
+
+    run(g, "colour (LUT + matrix) + flip into the batch", colour_flip, small)
     t0 = time.perf_counter()
     tb.normalize_nhwc(batch, torch.float32)
-    clock[g]["normalise (main process, batched)"] = (time.perf_counter() - t0) / len(col) * 1e3
+    clock[g]["normalise (main process, batched)"] = (time.perf_counter() - t0) / len(ids) * 1e3
 
     g = "reference (PIL)"
     tf = reference_transform(size).transforms

@@ -103,13 +103,16 @@ def colour_hwc(hwc: np.ndarray, b: float, c: float, s: float) -> Image.Image:
     return im if s == 1.0 else im.convert("RGB", saturation_matrix(s))
 
 
-def train_view(img: torch.Tensor, p: AugParams, i: int, size: int) -> torch.Tensor:
-    """Row i of the params applied to a decoded image: (size, size, 3) uint8 HWC."""
+def train_view(img: torch.Tensor, p: AugParams, i: int, size: int, dst: np.ndarray | None = None) -> np.ndarray:
+    """Row i of the params applied to a decoded image: (size, size, 3) uint8 HWC, written into `dst`
+    (e.g. the batch's shared-memory slot: one copy, the flip folded into it) or a new array."""
     t, l, h, w = int(p.top[i]), int(p.left[i]), int(p.height[i]), int(p.width[i])
     out = np.ascontiguousarray(resize_uint8(img[:, t:t + h, l:l + w], (size, size)).permute(1, 2, 0).numpy())
     im = colour_hwc(out, float(p.brightness[i]), float(p.contrast[i]), float(p.saturation[i]))
-    x = torch.from_numpy(np.array(im))  # writable copy, so torch.from_numpy is safe
-    return x.flip(1) if p.flip[i] else x
+    arr = np.asarray(im)  # read-only view of PIL's buffer copy
+    dst = np.empty((size, size, 3), np.uint8) if dst is None else dst
+    dst[...] = arr[:, ::-1] if p.flip[i] else arr
+    return dst
 
 
 def val_view(img: torch.Tensor, spec: AugSpec) -> torch.Tensor:
@@ -172,13 +175,17 @@ class BatchBuilder(torch.utils.data.Dataset):
         shape = (len(ids), s, s, 3)
         out = shared_uint8(shape) if torch.utils.data.get_worker_info() is not None else \
             torch.empty(shape, dtype=torch.uint8)
+        out_np = out.numpy()
         keep: list[int] = []
         skipped: list[tuple[int, str]] = []
         for i, sid in enumerate(ids.tolist()):
             try:
                 img = read_and_decode(idx, sid)
                 try:
-                    hwc = train_view(img, p, i, s) if self.train else val_view(img, self.spec)
+                    if self.train:
+                        train_view(img, p, i, s, out_np[len(keep)])
+                    else:
+                        out[len(keep)] = val_view(img, self.spec)
                 except (RuntimeError, ValueError) as e:
                     raise sample_error(idx, sid, e) from e
             except CorruptSampleError as e:
@@ -186,7 +193,6 @@ class BatchBuilder(torch.utils.data.Dataset):
                     raise
                 skipped.append((sid, str(e)))
                 continue
-            out[len(keep)] = hwc
             keep.append(i)
         sel = ids[np.asarray(keep, dtype=np.int64)]
         return {"images": out[:len(keep)], "ids": torch.from_numpy(sel),
