@@ -6,7 +6,6 @@ the index; the DALI index matches the tar. Problems name the shard and the sampl
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import struct
@@ -19,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from .index import INDEX_DTYPE, index_path, read_manifest
-from .shard_io import dali_index_text, ordered_map
+from .shard_io import dali_index_text, file_sha256, ordered_map
 
 EXTS = ("jpg", "cls", "json", "i64")
 
@@ -36,14 +35,6 @@ class VerifyResult:
     @property
     def ok(self) -> bool:
         return not self.problems
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_sample(sid: int, parts: dict[str, tuple[int, bytes]], row: np.void) -> list[str]:
@@ -90,7 +81,7 @@ def verify_shard(task: tuple[Path, dict, np.ndarray, int]) -> list[str]:
     problems = []
     if path.stat().st_size != entry["bytes"]:
         problems.append(f"{name}: {path.stat().st_size} bytes, manifest says {entry['bytes']}")
-    if _sha256(path) != entry["sha256"]:
+    if file_sha256(path) != entry["sha256"]:
         problems.append(f"{name}: sha256 differs from the manifest")
     members: list[tuple[str, int, int]] = []
     samples: list[tuple[str, dict]] = []

@@ -215,7 +215,7 @@ def write_shard(out: Path, root: Path, name: str, first_id: int, files: Sequence
         meta = {"name": name, "first_id": first_id, "count": len(rows), "bytes": nbytes, "sha256": sha,
                 "positions": list(positions), "rows": rows, "rejected": rejected, "reencoded": reencoded}
         atomic_write_json(out / STATE_DIR / f"{name}.json", meta)  # last: marks the shard finished
-        return meta
+        return _compact(meta)
 
     return len(rows), finish
 
@@ -244,7 +244,7 @@ def build_split(tree: ImageNetTree, out: Path, split: str, opts: ShardOptions, w
             name, meta = shard_name(split, k), done[k]
             if meta is not None and meta["first_id"] == next_id:
                 report.reused.append(name)
-                metas.append(meta)
+                metas.append(_compact(meta))
                 next_id += meta["count"]
                 continue
             if meta is not None:
@@ -260,6 +260,11 @@ def build_split(tree: ImageNetTree, out: Path, split: str, opts: ShardOptions, w
         stream.close()  # stops the worker pool if a write failed
         bar.close()
     return [m.result() if isinstance(m, Future) else m for m in metas]
+
+
+def _compact(meta: dict) -> dict:
+    """Index rows as one int64 array per shard (~40 bytes a sample, not ~200 as Python lists)."""
+    return {**meta, "rows": np.asarray(meta["rows"], dtype=np.int64).reshape(-1, 5)}
 
 
 def _counting(it: Iterator[Prepared], bar) -> Iterator[Prepared]:
@@ -299,8 +304,13 @@ def build_shards(imagenet: str | Path, out: str | Path, *, classes: Sequence[str
 def finish(out: Path, tree: ImageNetTree, plan: dict, metas: dict[str, list[dict]], report: ShardReport) -> dict:
     """Index files, rejected.tsv and manifest from the sidecars (identical bytes however the run went)."""
     for split, shards in metas.items():
-        rows = [(k, *r) for k, m in enumerate(shards) for r in m["rows"]]
-        arr = np.array(rows, dtype=INDEX_DTYPE) if rows else np.zeros(0, INDEX_DTYPE)
+        arr = np.zeros(sum(m["count"] for m in shards), INDEX_DTYPE)
+        for k, m in enumerate(shards):
+            rows = np.asarray(m["rows"], dtype=np.int64).reshape(-1, 5)
+            part = arr[m["first_id"]: m["first_id"] + m["count"]]
+            part["shard"] = k
+            for j, field in enumerate(("offset", "size", "label", "height", "width")):
+                part[field] = rows[:, j]
         _write_if_changed(index_path(out, split), _npy_bytes(arr))
         report.rejected += [(split, src, reason) for m in shards for src, reason in m["rejected"]]
     tsv = "split\tsource\treason\n" + "".join(f"{s}\t{src}\t{r}\n" for s, src, r in report.rejected)

@@ -277,7 +277,9 @@ def test_tar_writer_is_byte_identical_to_tarfile(tmp_path):
     assert ours == (tmp_path / "ref.tar").read_bytes() and nbytes == len(ours)
     import hashlib
 
-    assert sha == hashlib.sha256(ours).hexdigest()
+    from pipeline.shard_io import file_sha256
+
+    assert sha == file_sha256(tmp_path / "ours.tar", block=1000) == hashlib.sha256(ours).hexdigest()
     assert [m[1] for m in read_tar(tmp_path / "ours.tar")] == offsets
     assert not (tmp_path / ".ours.tar.tmp").exists()
 
