@@ -92,3 +92,14 @@ def test_validation_matches_torchvision(shape):
     from PIL import Image
     pil = np.asarray(T2.Compose([T2.Resize(256), T2.CenterCrop(224)])(Image.fromarray(img.permute(1, 2, 0).numpy())))
     assert np.abs(ours - pil).mean() < 1.0
+
+
+def test_point_shortcut_equals_pillow_point():
+    from PIL import Image
+
+    from pipeline.backends.torch_backend import _point
+
+    rng = np.random.default_rng(1)
+    im = Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8))
+    lut = [int(v) for v in rng.integers(0, 256, 768)]
+    np.testing.assert_array_equal(np.asarray(_point(im, lut)), np.asarray(im.point(lut)))
