@@ -186,3 +186,15 @@ def test_train_benchmark_runs_and_reports_its_ratios(capsys):
     assert set(out["runs"]) == {"trainer", "plain", "cached", "online"}
     printed = capsys.readouterr().out
     assert "ratio trainer/plain" in printed and "machine: CPU" in printed and "cores" in printed
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_cuda_amp_modes_train(tmp_path, amp):
+    cfg = tiny_config(tmp_path, "dual", epochs=2, amp=amp, device="cuda")
+    train(cfg, teacher=seeded_teacher())
+    recs = read_metrics(tmp_path / "run")
+    assert recs[-1]["s0"]["hard"] < recs[0]["s0"]["hard"]
+    assert recs[0]["peak_mem_kind"] == "cuda_max_allocated"
+    state = load_checkpoint(tmp_path / "run" / LAST)["students"][0]
+    assert (state["scaler"] is not None) == (amp == "fp16")  # one GradScaler per student in fp16 only

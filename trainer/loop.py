@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import checkpoint as ck
-from .config import TrainConfig, resume_mismatches, to_dict, to_json
+from .config import TrainConfig, amp_dtype, lr_factor, resolve_device, resume_mismatches, to_dict, to_json
 from .evaluate import autocast_for, evaluate, format_table
 from .losses import dual_student_loss, entropy, entropy_weight
 from .models import build_model
@@ -31,27 +31,6 @@ TERMS = ("loss", "hard", "teacher", "peer", "w")  # per student, in the stats ve
 
 class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN or inf; names the step and the term."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 on CUDA (no scaler needed), fp32 on CPU (CPU autocast is slower there)."""
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[amp]
-
-
-def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
-    """Linear warm-up to 1, then cosine decay to 0 at total_steps (evaluated per optimizer step)."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def step_seed(seed: int, global_step: int) -> int:
@@ -82,8 +61,10 @@ class Distiller:
         if cfg.compile:
             self.forward = [torch.compile(m) for m in self.forward]
         o = cfg.optim
-        self.optimizers = [torch.optim.SGD(m.parameters(), lr=o.lr, momentum=o.momentum,
-                                           weight_decay=o.weight_decay, nesterov=o.nesterov) for m in self.students]
+        # fused SGD on CUDA: one kernel per step, and GradScaler hands it found_inf instead of syncing on it
+        fused = True if device.type == "cuda" else None
+        self.optimizers = [torch.optim.SGD(m.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                                           nesterov=o.nesterov, fused=fused) for m in self.students]
         total, warmup = cfg.epochs * steps_per_epoch, round(o.warmup_epochs * steps_per_epoch)
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup))
                            for opt in self.optimizers]
@@ -144,7 +125,7 @@ class Distiller:
             else:
                 opt.step()
             sched.step()
-        n = labels.new_tensor(labels.shape[0], dtype=torch.float32)
+        n = labels.new_full((), labels.shape[0], dtype=torch.float32)  # a fill kernel, not a host->device copy
         correct = torch.stack([(z.detach().argmax(dim=-1) == labels).sum() for z in logits]).float()
         if h1 is not None:
             ent = torch.stack([h1.sum(), entropy(teacher_logits, lc.tau).sum()])

@@ -10,8 +10,8 @@ import os
 import torch
 import torch.distributed as dist
 
-from .config import TrainConfig
-from .loop import dist_info, resolve_device, run_training
+from .config import TrainConfig, resolve_device
+from .loop import dist_info, run_training
 from .models import build_model, load_weights
 
 
