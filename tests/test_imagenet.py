@@ -71,3 +71,13 @@ def test_kaggle_nesting_and_fingerprint(tmp_path, small_wnids):
     assert tree.fingerprint("train") == discover(root, small_wnids[:2]).fingerprint("train")
     with pytest.raises(FileNotFoundError, match="no train/"):
         discover(tmp_path / "ILSVRC", small_wnids[:2])
+
+
+def test_val_folders_missing_class_is_named(tmp_path, small_wnids):
+    import shutil
+
+    make_imagenet_tree(tmp_path, small_wnids, train_per_class=1, val_per_class=1, size=(32, 32))
+    shutil.rmtree(tmp_path / "val" / small_wnids[2])
+    with pytest.raises(FileNotFoundError, match=small_wnids[2]) as e:
+        discover(tmp_path, small_wnids)
+    assert "val" in str(e.value)

@@ -250,7 +250,7 @@ def test_cli_strict_summary_and_verify(tmp_path, odd_tree):
     assert first.exit_code == 0, first.output
     assert "rejected 3 files" in first.output and "zero-byte file" in first.output
     strict = runner.invoke(main, args + ["--strict"])
-    assert strict.exit_code == 1 and "already complete" in strict.output and "--strict" in strict.output
+    assert strict.exit_code == 1 and "wrote 0 shards" in strict.output and "--strict" in strict.output
     mismatch = runner.invoke(main, args[:-4] + ["--shard-size", "6"])
     assert mismatch.exit_code == 1 and "shard_size: 5 -> 6" in mismatch.output
     ok = runner.invoke(main, ["verify", "--shards", str(tmp_path / "o"), "--workers", "1"])
@@ -337,3 +337,36 @@ def test_flat_val_layout_shards(tmp_path, small_wnids):
     members = read_tar(tmp_path / "out" / "val-000000.tar")
     meta = json.loads(members[2][2])
     assert meta["source"].startswith("val/ILSVRC2012_val_") and meta["wnid"] == sorted(small_wnids)[0]
+
+
+def test_default_class_list_is_imagenet100(tmp_path):
+    from pipeline.classes import imagenet100_wnids
+
+    wnids = imagenet100_wnids()
+    tree = make_imagenet_tree(tmp_path / "t", wnids, train_per_class=1, val_layout=None, size=(16, 16))
+    report = build_shards(tree.root, tmp_path / "out", options=ShardOptions(shard_size=50), workers=1,
+                          progress=False)
+    assert [c["wnid"] for c in report.manifest["classes"]] == sorted(wnids) and len(wnids) == 100
+    assert "val" not in report.manifest["splits"] and report.manifest["splits"]["train"]["count"] == 100
+
+
+def test_cli_flat_val_with_labels_file(tmp_path, small_wnids):
+    from click.testing import CliRunner
+
+    from trainer.cli import main
+
+    tree = make_imagenet_tree(tmp_path / "t", small_wnids, train_per_class=1, val_per_class=2, val_layout="flat",
+                              size=(24, 24))
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(small_wnids) + "\n")
+    first, second = sorted(small_wnids)[:2]
+    rows = [(rel.split("/")[1], {first: second, second: first}.get(w, w)) for w, rels in tree.val.items() for rel in rels]
+    labels = tmp_path / "labels.tsv"
+    labels.write_text("file\twnid\n" + "".join(f"{f}\t{w}\n" for f, w in rows))
+    res = CliRunner().invoke(main, ["shard", "--imagenet", str(tree.root), "--out", str(tmp_path / "o"),
+                                    "--classes", str(classes), "--val-labels", str(labels), "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    members = read_tar(tmp_path / "o" / "val-000000.tar")
+    metas = [json.loads(d) for n, _, d in members if n.endswith(".json")]
+    by_source = {m["source"].split("/")[1]: m["wnid"] for m in metas}
+    assert by_source == dict(rows)  # the labels file, not the shipped ground truth, decided the classes

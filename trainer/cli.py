@@ -93,8 +93,7 @@ def shard(imagenet, out, classes_file, val_labels, shard_size, seed, quality, ma
         raise click.ClickException(str(e)) from e
     splits = report.manifest["splits"]
     counts = ", ".join(f"{s} {v['count']} samples in {len(v['shards'])} shards" for s, v in splits.items())
-    state = "already complete, checked" if not report.written else f"wrote {len(report.written)} shards"
-    click.echo(f"{out}: {counts} ({state}; {len(report.reused)} found finished)")
+    click.echo(f"{out}: {counts} (wrote {len(report.written)} shards, {len(report.reused)} found finished)")
     if report.rejected:
         click.echo(f"rejected {len(report.rejected)} files (listed in {out / 'rejected.tsv'}):", err=True)
         for split, src, reason in report.rejected[:10]:
