@@ -94,8 +94,9 @@ def teacher_section(runs: list, stats: dict | None, hist_png: str | None, table)
     rows = [[r.name, r.mode, _f4(r.final.w_mean), _f4(r.final.entropy_tau1), _f4(r.final.entropy_tau)]
             for r in runs if r.final.w_mean is not None]
     if rows:
-        out += ["As seen by the trainer on its training batches (final epoch):", ""]
-        out += table(["run", "mode", "mean w", "mean entropy tau=1", "mean entropy tau"], rows) + [""]
+        out += ["As the trainer saw it on its training batches (final epoch; w as applied, so 1 in modes "
+                "without uncertainty weighting):", ""]
+        out += table(["run", "mode", "mean w applied", "mean entropy tau=1", "mean entropy tau"], rows) + [""]
     if stats is None and not rows:
         out += ["No run used a teacher, so there are no teacher statistics.", ""]
     return out
