@@ -31,6 +31,14 @@ def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
         yield chunk
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (respects taskset/cgroup affinity, unlike os.cpu_count())."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def die_with_parent(parent_pid: int) -> None:
     """Pool initializer: a worker exits when its parent dies (a kill -9 would otherwise orphan it forever,
     blocked on the task queue). Linux prctl(PR_SET_PDEATHSIG); elsewhere a no-op."""

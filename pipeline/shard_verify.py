@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from .index import INDEX_DTYPE, index_path, read_manifest
-from .shard_io import dali_index_text, file_sha256, ordered_map
+from .shard_io import dali_index_text, file_sha256, ordered_map, usable_cores
 
 EXTS = ("jpg", "cls", "json", "i64")
 
@@ -137,7 +137,7 @@ def verify_shards(shard_dir: str | Path, workers: int | None = None, progress: b
     result.shards = len(tasks)
     from tqdm import tqdm
 
-    results = ordered_map(_verify_chunk, tasks, workers or 1, chunk=1, window=2)
+    results = ordered_map(_verify_chunk, tasks, workers or usable_cores(), chunk=1, window=2)
     for problems in tqdm(results, total=len(tasks), desc="verify", unit="shard", disable=not progress):
         result.problems += problems
     return result

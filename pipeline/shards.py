@@ -28,7 +28,8 @@ from .classes import load_class_list, wnid_names
 from .imagenet import ImageNetTree, SourceFile, discover
 from .index import INDEX_DTYPE, MANIFEST, index_path, read_manifest
 from .shard_image import Prepared, prepare_many
-from .shard_io import TarShardWriter, atomic_write_bytes, atomic_write_json, dali_index_text, ordered_map
+from .shard_io import (TarShardWriter, atomic_write_bytes, atomic_write_json, dali_index_text, ordered_map,
+                       usable_cores)
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
@@ -157,7 +158,10 @@ def load_sidecar(out: Path, name: str, positions: tuple[int, int]) -> dict | Non
     side = out / STATE_DIR / f"{name}.json"
     if not side.is_file():
         return None
-    meta = json.loads(side.read_text())
+    try:
+        meta = json.loads(side.read_text())
+    except ValueError:  # unreadable sidecar: the shard is simply written again
+        return None
     tar, idx = out / name, out / name.replace(".tar", ".idx")
     if tuple(meta["positions"]) != positions or not tar.is_file() or tar.stat().st_size != meta["bytes"] \
             or not idx.is_file():
@@ -287,7 +291,7 @@ def build_shards(imagenet: str | Path, out: str | Path, *, classes: Sequence[str
     tree = discover(imagenet, wnids, val_labels)
     out = Path(out)
     (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
-    workers = workers or os.cpu_count() or 1
+    workers = workers or usable_cores()
     with open(out / STATE_DIR / "lock", "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -107,11 +107,9 @@ def shard(imagenet, out, classes_file, val_labels, shard_size, seed, quality, ma
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Processes (default: all cores).")
 def verify(shards, workers):
     """Check every shard against the manifest: counts, checksums, ids, labels, and that every image decodes."""
-    import os
-
     from pipeline.shards import verify_shards
 
-    result = verify_shards(shards, workers=workers or os.cpu_count() or 1, progress=True)
+    result = verify_shards(shards, workers=workers, progress=True)
     for problem in result.problems:
         click.echo(problem, err=True)
     if not result.ok:
