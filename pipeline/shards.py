@@ -150,6 +150,8 @@ def check_plan(out: Path, plan: dict, overwrite: bool) -> None:
         remove_our_files(out)
     elif overwrite:
         remove_our_files(out)
+    elif old is not None and plan_file.is_file():
+        return  # same plan: a rerun touches nothing it does not have to
     atomic_write_json(plan_file, plan)
 
 
@@ -292,7 +294,7 @@ def build_shards(imagenet: str | Path, out: str | Path, *, classes: Sequence[str
     out = Path(out)
     (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
     workers = workers or usable_cores()
-    with open(out / STATE_DIR / "lock", "w") as lock:
+    with open(out / STATE_DIR / "lock", "a") as lock:  # "a": taking the lock leaves the file untouched
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

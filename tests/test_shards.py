@@ -120,7 +120,9 @@ def test_idempotent_rerun_and_determinism(tmp_path, odd_tree):
     out = tmp_path / "out"
     build(odd_tree, out)
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir() if p.is_file()}
+    state = {p.name: p.stat().st_mtime_ns for p in (out / ".kdpipe-shard").iterdir()}
     report = build(odd_tree, out, workers=2)
+    assert {p.name: p.stat().st_mtime_ns for p in (out / ".kdpipe-shard").iterdir()} == state
     assert report.written == [] and len(report.reused) == len(read_manifest(out)["splits"]["train"]["shards"]) + 2
     after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir() if p.is_file()}
     assert after == before  # nothing rewritten, not even touched
