@@ -372,3 +372,15 @@ def test_cli_flat_val_with_labels_file(tmp_path, small_wnids):
     metas = [json.loads(d) for n, _, d in members if n.endswith(".json")]
     by_source = {m["source"].split("/")[1]: m["wnid"] for m in metas}
     assert by_source == dict(rows)  # the labels file, not the shipped ground truth, decided the classes
+
+
+def test_second_writer_on_same_output_is_refused(tmp_path, small_wnids):
+    import fcntl
+
+    tree = make_imagenet_tree(tmp_path / "t", small_wnids[:1], train_per_class=1, val_layout=None, size=(16, 16))
+    (tmp_path / "out" / ".kdpipe-shard").mkdir(parents=True)
+    with open(tmp_path / "out" / ".kdpipe-shard" / "lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(RuntimeError, match="another `kdpipe shard`"):
+            build(tree, tmp_path / "out")
+    assert build(tree, tmp_path / "out").manifest["splits"]["train"]["count"] == 1
