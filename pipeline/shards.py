@@ -15,8 +15,8 @@ import json
 import os
 import re
 import struct
-from dataclasses import asdict, dataclass, field
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -179,7 +179,10 @@ def image_bytes(root: Path, src: SourceFile, img: Prepared) -> bytes | None:
     from the worker's read, so images never travel through a pipe). None if the file changed meanwhile."""
     if img.data is not None:
         return img.data
-    fd = os.open(root / src.rel, os.O_RDONLY)
+    try:
+        fd = os.open(root / src.rel, os.O_RDONLY)
+    except OSError:  # removed or made unreadable since the worker read it: rejected like a changed file
+        return None
     try:
         data = os.read(fd, img.size + 1)  # one more byte than expected: a grown file shows up as a mismatch
     finally:
@@ -201,7 +204,7 @@ def write_shard(out: Path, root: Path, name: str, first_id: int, files: Sequence
             img = next(images)
             jpg = None if img.reason else image_bytes(root, src, img)
             if jpg is None:
-                rejected.append([src.rel, img.reason or "file changed while sharding"])
+                rejected.append([src.rel, img.reason or "file changed or vanished while sharding"])
                 continue
             offset = writer.add_sample(sample_members(sid, src, img, jpg))[0]
             rows.append([offset, len(jpg), src.label, img.height, img.width])
