@@ -143,7 +143,10 @@ class Distiller:
             out[f"s{i}"] = {"name": name, **{t: v[i * k + j] / n for j, t in enumerate(TERMS)},
                             "train_acc": 100.0 * v[s * k + i] / n}
         teacher = self.cfg.uses_teacher
-        out["w_mean"] = out["s0"]["w"] if teacher else None
+        if not teacher:  # no teacher term: there is no weight to report
+            for i in range(s):
+                out[f"s{i}"]["w"] = None
+        out["w_mean"] = out["s0"]["w"]
         out["teacher_entropy_tau1"] = v[-3] / n if teacher else None
         out["teacher_entropy_tau"] = v[-2] / n if teacher else None
         return out
