@@ -384,3 +384,46 @@ def test_second_writer_on_same_output_is_refused(tmp_path, small_wnids):
         with pytest.raises(RuntimeError, match="another `kdpipe shard`"):
             build(tree, tmp_path / "out")
     assert build(tree, tmp_path / "out").manifest["splits"]["train"]["count"] == 1
+
+
+def test_sample_json_is_canonical():
+    from pipeline.imagenet import SourceFile
+    from pipeline.shard_image import Prepared
+    from pipeline.shards import sample_members
+
+    src = SourceFile('train/n01440764/we "ird" ä\\name.JPEG', "n01440764", 3)
+    members = sample_members(7, src, Prepared(None, 10, 20, 5, 4294967295), b"\xff\xd8")
+    assert [n for n, _ in members] == ["00000007.jpg", "00000007.cls", "00000007.json", "00000007.i64"]
+    ref = {"id": 7, "wnid": src.wnid, "label": 3, "height": 10, "width": 20, "source": src.rel,
+           "jpg_crc32": 4294967295}
+    assert members[2][1] == json.dumps(ref, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _fail_on_13(xs):
+    if 13 in xs:
+        raise ValueError("thirteen")
+    return xs
+
+
+def test_ordered_map_worker_errors_and_early_close():
+    from pipeline.shard_io import WorkerError, ordered_map
+
+    with pytest.raises(WorkerError, match="ValueError: thirteen"):
+        list(ordered_map(_fail_on_13, range(40), workers=2, chunk=4))
+    it = ordered_map(_double_chunk, range(1000), workers=2, chunk=4, window=1)
+    assert next(it) == 0
+    it.close()  # stops the workers without reading their pending results
+    import multiprocessing
+
+    assert not [p for p in multiprocessing.active_children() if p.is_alive()]
+
+
+def test_hash_process_matches_file_hash(tmp_path):
+    from pipeline.shard_io import HashProcess, file_sha256
+
+    (tmp_path / "a").write_bytes(b"x" * 3_000_000)
+    hasher = HashProcess()
+    try:
+        assert hasher(tmp_path / "a") == file_sha256(tmp_path / "a")
+    finally:
+        hasher.close()
