@@ -198,3 +198,24 @@ def test_cuda_amp_modes_train(tmp_path, amp):
     assert recs[0]["peak_mem_kind"] == "cuda_max_allocated"
     state = load_checkpoint(tmp_path / "run" / LAST)["students"][0]
     assert (state["scaler"] is not None) == (amp == "fp16")  # one GradScaler per student in fp16 only
+
+
+def test_presets_overrides_validation_and_json_round_trip():
+    from trainer.config import from_dict, resume_mismatches, to_dict
+
+    dual = make_config("dual")
+    assert dual.students == ("resnet18", "mobilenet_v2") and (dual.loss.alpha, dual.loss.beta, dual.loss.gamma) == (
+        0.4, 0.4, 0.2) and dual.loss.uncertainty and dual.loss.tau == 4.0 and dual.batch_size == 64
+    kd, uw = make_config("kd"), make_config("uw-kd")
+    assert (kd.loss.alpha, kd.loss.beta, kd.loss.uncertainty, kd.students) == (0.3, 0.7, False, ("resnet18",))
+    assert uw.loss.uncertainty and not make_config("hard").uses_teacher
+    assert make_config("kd", loss={"tau": 2.0, "direction": "reverse", "alpha": None}).loss.alpha == 0.3
+    assert from_dict(json.loads(json.dumps(to_dict(dual)))) == dual
+    assert resume_mismatches(to_dict(dual), make_config("dual", out="elsewhere", log_every=5)) == []
+    assert resume_mismatches(to_dict(dual), make_config("dual", epochs=10)) == ["epochs: 50 -> 10"]
+    for bad, match in [(dict(mode="nope"), "unknown mode"), (dict(students=("vgg",)), "students"),
+                       (dict(mode="kd", students=("resnet18",), loss={"gamma": 0.1}), "two or more"),
+                       (dict(amp="fp8"), "amp"), (dict(log_every=0), "log_every"),
+                       (dict(teacher_weights="a.pt", teacher_cache="c.zarr"), "either")]:
+        with pytest.raises(ValueError, match=match):
+            make_config(**bad)

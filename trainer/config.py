@@ -104,8 +104,10 @@ def validate(cfg: TrainConfig) -> None:
         errors.append("temperatures must be positive")
     if cfg.amp not in ("auto", "bf16", "fp16", "fp32"):
         errors.append(f"amp must be auto, bf16, fp16 or fp32; got {cfg.amp!r}")
-    if cfg.epochs < 1 or cfg.batch_size < 1:
-        errors.append("epochs and batch_size must be at least 1")
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.log_every < 1:
+        errors.append("epochs, batch_size and log_every must be at least 1")
+    if cfg.optim.lr <= 0 or cfg.optim.warmup_epochs < 0:
+        errors.append("lr must be positive and warmup_epochs not negative")
     if cfg.teacher_weights and cfg.teacher_cache:
         errors.append("give either teacher_weights (online teacher) or teacher_cache, not both")
     if errors:
