@@ -9,9 +9,8 @@ float32 NCHW batches of --batch-size on the CPU, --workers worker processes for 
 is what users would otherwise write (ImageFolder + PIL transforms, DataLoader) over the same JPEG bytes,
 written out as an ImageFolder tree. Paths run in alternating rounds (the machine is shared and noisy)
 and medians count (of the img/s, and of the per-round ratios: a round's paths run back to back, so
-their ratio is less exposed to the machine's drift); the first batch of each round (worker start-up)
-is not timed.
-Also printed: single-thread per-image stage times of both pipelines, and sample_params samples/s.
+their ratio is less exposed to the machine's drift). Timing starts after one batch per worker
+(start-up). Also printed: single-thread per-image stage times of both pipelines, sample_params/s.
 """
 from __future__ import annotations
 
@@ -92,19 +91,19 @@ def kdpipe_batches(shards: Path, backend: str, size: int, batch_size: int, worke
     return (b.images for b in loader)
 
 
-def timed_round(batches, limit: int) -> float:
-    """Images/s over up to `limit` batches, not counting the first (start-up)."""
-    first = next(batches)
+def timed_round(batches, limit: int, warm: int) -> float:
+    """Images/s over batches warm+1 .. limit: the first `warm` (one per worker: start-up, and work
+    that overlapped it) are not timed."""
+    for _ in range(warm):
+        next(batches)
     n, t0 = 0, time.perf_counter()
     for k, images in enumerate(batches):
         if isinstance(images, (list, tuple)):
             images = images[0]
         n += len(images)
-        if k + 2 >= limit:
+        if k + warm + 1 >= limit:
             break
-    dt = time.perf_counter() - t0
-    del first
-    return n / dt if n else float("nan")
+    return n / (time.perf_counter() - t0) if n else float("nan")
 
 
 def stage_times(shards: Path, size: int, count: int) -> dict[str, dict[str, float]]:
@@ -209,14 +208,18 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"stages, {group}, ms/image on one thread: " +
                       ", ".join(f"{k} {v:.3f}" for k, v in stages.items()))
         torch.set_num_threads(len(os.sched_getaffinity(0)))
-        limit = max(2, args.images // args.batch_size)
+        warm = max(1, args.workers)
+        limit = args.images // args.batch_size
+        if limit < warm + 4:
+            raise SystemExit(f"--images {args.images} gives {limit} batches: need at least {warm + 4} "
+                             f"({warm} untimed warm-up batches, one per worker, and 4 timed)")
         paths = ["reference"] + [b.strip() for b in args.backends.split(",") if b.strip()]
         rates: dict[str, list[float]] = {p: [] for p in paths}
         for r in range(args.rounds):
             for p in paths:
                 it = reference_batches(tree, args.size, args.batch_size, args.workers) if p == "reference" else \
                     kdpipe_batches(shards, p, args.size, args.batch_size, args.workers, r)
-                rates[p].append(timed_round(it, limit))
+                rates[p].append(timed_round(it, limit, warm))
             print(f"round {r + 1}: " + ", ".join(f"{p} {rates[p][-1]:.0f}" for p in paths) + " img/s")
         ref = statistics.median(rates["reference"])
         print(f"reference torchvision ImageFolder + PIL: {ref:.0f} img/s (median of {args.rounds})")
