@@ -112,6 +112,7 @@ def test_each_mode_lowers_its_loss_and_records_the_run(tmp_path, mode, students)
         assert r["s0"]["peer"] > 0 and r["s1"]["peer"] > 0 and "val_ensemble_top1" in r
     assert json.loads((run / CONFIG).read_text())["mode"] == mode
     assert (run / LAST).is_file() and (run / BEST).is_file()
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]  # atomic writes leave no temp files
     weights = load_checkpoint(run / f"student0-{students[0]}.pt")
     assert weights["name"] == students[0] and weights["classes"] == FakeLoader().classes
 
