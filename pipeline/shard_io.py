@@ -152,13 +152,11 @@ def ustar_header(name: str, size: int) -> bytes:
 
 _ZEROS = bytes(TAR_BLOCK)
 RECORD = 20 * TAR_BLOCK  # tarfile pads the archive to a multiple of this
-
-
 HASH_BLOCK = 1 << 20
 
 
 def file_sha256(path: Path, block: int = HASH_BLOCK) -> str:
-    """sha256 of a file in 1 MiB reads (verify; and the reference the writer's tail hash is tested against)."""
+    """sha256 of a file in 1 MiB reads (big blocks: hashlib releases the GIL while it hashes them)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while data := f.read(block):
