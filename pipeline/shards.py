@@ -143,6 +143,12 @@ def check_plan(out: Path, plan: dict, overwrite: bool) -> None:
         m = read_manifest(out)
         old = {"format_version": m["format_version"], "options": m["options"],
                "classes": [c["wnid"] for c in m["classes"]], "inputs": m["inputs"]}
+    if old is None and not overwrite:
+        foreign = sorted(e.name for e in os.scandir(out) if e.is_file() and OUR_FILES.match(e.name))
+        if foreign:
+            raise OptionsMismatch(f"{out} holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''} "
+                                  f"but no record of how they were made ({STATE_DIR}/plan.json); "
+                                  "use an empty --out, or --overwrite to replace them")
     if old is not None and old != plan:
         if not overwrite:
             raise OptionsMismatch(f"{out} was written with different options or inputs: "

@@ -427,3 +427,13 @@ def test_hash_process_matches_file_hash(tmp_path):
         assert hasher(tmp_path / "a") == file_sha256(tmp_path / "a")
     finally:
         hasher.close()
+
+
+def test_foreign_files_in_out_are_not_overwritten(tmp_path, small_wnids):
+    tree = make_imagenet_tree(tmp_path / "t", small_wnids[:1], train_per_class=1, val_layout=None, size=(16, 16))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "train-000000.tar").write_bytes(b"someone else's shard")
+    with pytest.raises(OptionsMismatch, match="no record of how they were made"):
+        build(tree, tmp_path / "out")
+    assert (tmp_path / "out" / "train-000000.tar").read_bytes() == b"someone else's shard"
+    assert build(tree, tmp_path / "out", overwrite=True).manifest["splits"]["train"]["count"] == 1
