@@ -220,3 +220,23 @@ def test_presets_overrides_validation_and_json_round_trip():
                        (dict(teacher_weights="a.pt", teacher_cache="c.zarr"), "either")]:
         with pytest.raises(ValueError, match=match):
             make_config(**bad)
+
+
+def test_step_honours_kl_direction_and_uses_a_cached_weight_only_at_entropy_tau_1():
+    from trainer.loop import Distiller
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, 32, 32, generator=g).contiguous(memory_format=torch.channels_last)
+    y, tl = torch.randint(0, 4, (8,), generator=g), 3 * torch.randn(8, 4, generator=g)
+    half = torch.full((8,), 0.5)
+
+    def first_step(**loss):
+        cfg = make_config("uw-kd", ("tiny_cnn",), loss=loss)
+        torch.manual_seed(0)
+        d = Distiller(cfg, [build_model("tiny_cnn", 4)], teacher=None, device=torch.device("cpu"), steps_per_epoch=4)
+        return d.summarize(d.step(x, y, tl, half))["s0"]
+
+    fwd, rev = first_step(), first_step(direction="reverse")
+    assert fwd["teacher"] != pytest.approx(rev["teacher"]) and fwd["hard"] == rev["hard"]
+    assert fwd["w"] == pytest.approx(0.5)  # the cache's weight (made at tau = 1)
+    assert first_step(entropy_tau=4.0)["w"] != pytest.approx(0.5)  # recomputed from the logits at tau = 4
