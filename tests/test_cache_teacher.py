@@ -231,6 +231,8 @@ def test_kill_9_mid_run_resumes_and_equals_an_uninterrupted_run(data, tmp_path):
     try:
         first = proc.stdout.readline()
         assert first.split() == ["0", "0"], first
+        with pytest.raises(RuntimeError, match="another `kdpipe cache-teacher` is writing"):
+            cache_teacher(cfg)  # while the child runs, a second job on the same store is refused
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
@@ -364,3 +366,14 @@ def test_cuda_cache_matches_the_bf16_teacher_on_cuda_batches(data, tmp_path):
         with torch.no_grad(), autocast("bf16", cuda):
             z = teacher(batch.images).float()
         torch.testing.assert_close(batch.teacher_logits, z, atol=5e-2, rtol=2e-2)  # bf16 forward, float16 store
+
+
+def test_a_second_job_on_the_same_store_is_refused(data, tmp_path):
+    from trainer.cache_teacher import exclusive_job_lock
+
+    cfg = variant(data, tmp_path, "c.zarr", epochs=1)
+    with exclusive_job_lock(cfg.out):  # as if another job were running
+        with pytest.raises(RuntimeError, match="another `kdpipe cache-teacher` is writing"):
+            cache_teacher(cfg)
+    cache_teacher(cfg)  # free again once it ends
+    assert TeacherCache(cfg.out).missing() == {}

@@ -12,7 +12,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,6 +107,34 @@ def teacher_logits(model: torch.nn.Module, images: torch.Tensor, precision: str)
     return out.float()
 
 
+_HELD_LOCKS: set[Path] = set()  # POSIX locks do not conflict within one process: track those ourselves
+
+
+@contextmanager
+def exclusive_job_lock(out: str | Path) -> Iterator[None]:
+    """One cache-teacher job per store: a second one (not a rank of the same torchrun job) is refused.
+
+    A POSIX record lock (lockf), not flock: worker processes forked by the loader do not inherit it, so a
+    kill -9 of the job frees the store at once, even while orphaned workers linger. The lock file sits beside
+    the store (a file inside would trouble zarr's hierarchy listing)."""
+    import fcntl
+
+    path = (Path(out).parent / f".{Path(out).name}.lock").resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as lock:
+        try:
+            if path in _HELD_LOCKS:
+                raise BlockingIOError
+            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):
+            raise RuntimeError(f"another `kdpipe cache-teacher` is writing {out}") from None
+        _HELD_LOCKS.add(path)
+        try:
+            yield
+        finally:
+            _HELD_LOCKS.discard(path)
+
+
 # ---------------------------------------------------------------- distributed
 
 def dist_env() -> tuple[int, int]:
@@ -197,6 +225,7 @@ def cache_teacher(cfg: CacheTeacherConfig, *, on_unit: Callable[[int, int], Any]
         torch.cuda.set_device(device)
     precision = resolve_precision(cfg.precision, device)
     created = _init_dist(world, device)
+    stack = ExitStack()  # rank 0's job lock
     try:
         manifest = read_manifest(cfg.shards)
         wnids = [c["wnid"] for c in manifest["classes"]]
@@ -209,6 +238,7 @@ def cache_teacher(cfg: CacheTeacherConfig, *, on_unit: Callable[[int, int], Any]
         layout = CacheLayout(cfg.epochs, int(manifest["splits"]["train"]["count"]), len(wnids),
                              cfg.chunk_n, cfg.topk)
         if rank == 0:  # one creator; the others reopen (and re-check) once it exists
+            stack.enter_context(exclusive_job_lock(cfg.out))
             writer = TeacherCacheWriter.create(cfg.out, layout, fp)
         _barrier()
         if rank != 0:
@@ -242,6 +272,7 @@ def cache_teacher(cfg: CacheTeacherConfig, *, on_unit: Callable[[int, int], Any]
             TeacherCache(cfg.out, prefetch=False).check_complete()
         return Path(cfg.out)
     finally:
+        stack.close()
         if created:
             torch.distributed.destroy_process_group()
 
