@@ -116,3 +116,19 @@ def test_bad_arguments(tmp_path, small_wnids):
         make_learnable_tree(tmp_path, small_wnids, size=8)
     with pytest.raises(ValueError, match="train_per_class"):
         make_learnable_tree(tmp_path, small_wnids, train_per_class=0)
+
+
+def test_cli_synth_learnable(tmp_path):
+    from click.testing import CliRunner
+
+    from trainer.cli import main
+
+    out = tmp_path / "tree"
+    res = CliRunner().invoke(main, ["synth", "--learnable", "--out", str(out), "--num-classes", "3", "--size", "24", "32",
+                                    "--train-per-class", "4", "--val-per-class", "2", "--ambiguous-share", "0.5"])
+    assert res.exit_code == 0, res.output
+    assert "wrote 12 train and 6 val images of 3 classes (9 ambiguous)" in res.output
+    desc = json.loads((out / DESCRIPTION_FILE).read_text())
+    assert desc["size"] == [24, 32] and len(desc["ambiguous"]) == 9
+    bad = CliRunner().invoke(main, ["synth", "--learnable", "--out", str(tmp_path / "b"), "--oddities"])
+    assert bad.exit_code != 0 and "no oddities" in bad.output

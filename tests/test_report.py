@@ -85,11 +85,12 @@ def test_dual_below_kd_is_called_out(tmp_path):
     assert "resnet18: here the dual method is 2.00 points below baseline KD" in text
 
 
-def _cache(path, logits):
+def _cache(path, logits, fingerprint=None):
     from pipeline.teacher_cache import CacheLayout, TeacherCacheWriter
 
     e, n, c = logits.shape
-    w = TeacherCacheWriter.create(path, CacheLayout(epochs=e, num_samples=n, num_classes=c, chunk_n=n), {"t": 1})
+    w = TeacherCacheWriter.create(path, CacheLayout(epochs=e, num_samples=n, num_classes=c, chunk_n=n),
+                                  fingerprint or {"t": 1})
     for epoch in range(e):
         w.write_unit(epoch, 0, logits[epoch])
 
@@ -177,3 +178,20 @@ def test_teacher_statistics_split_clean_and_ambiguous(tmp_path):
     assert "| clean samples | 18 |" in by["clean samples"] and "| 0.0 % |" in by["clean samples"]
     amb = [k for k in by if k not in ("all samples", "clean samples")]
     assert amb and all("| 0.0000 |" in by[k] and "| 100.0 % |" in by[k] for k in amb)
+
+
+def test_teacher_run_found_through_the_cache_and_runs_put_in_ladder_order(tmp_path):
+    """`kdpipe report runs/*` (alphabetical) still finds the teacher: its final weights are the cache's."""
+    import hashlib
+
+    teacher = make_run(tmp_path, "teacher", "hard", ["tiny_resnet"], [70.0])
+    weights = b"teacher weights"
+    (teacher / "student0-tiny_resnet.pt").write_bytes(weights)
+    _cache(tmp_path / "t.zarr", np.zeros((1, 4, 3), np.float32),
+           {"weights_sha256": hashlib.sha256(weights).hexdigest()})
+    dual = make_run(tmp_path, "dual", "dual", ["a", "b"], [50.0, 40.0], cache=str(tmp_path / "t.zarr"))
+    kd = make_run(tmp_path, "kd", "kd", ["a"], [45.0], cache=str(tmp_path / "t.zarr"))
+    text = rep.write_report([dual, kd, teacher], tmp_path / "out").read_text()
+    assert "Teacher tiny_resnet (run teacher): top-1 70.00" in text
+    listed = [line.split("`")[1] for line in text.splitlines() if line.startswith("- `")]
+    assert listed == [str(teacher), str(kd), str(dual)]

@@ -269,16 +269,35 @@ def _cache_of(runs: list[Run]) -> tuple[str, float, str] | None:
     return None
 
 
-def _teacher_run(runs: list[Run], teacher: Run | None) -> Run | None:
-    """The given teacher run, or a run whose directory holds another run's teacher weights."""
-    if teacher is not None:
-        return teacher
+def _teacher_run(runs: list[Run], cache: str | None) -> Run | None:
+    """The run that trained the teacher: its directory holds another run's --teacher-weights, or its final
+    weights are the ones the teacher cache was made from (sha256 in the cache's fingerprint)."""
     for r in runs:
         for other in runs:
             tw = other.config.get("teacher_weights")
             if other is not r and tw and Path(tw).resolve().parent == r.path.resolve():
                 return r
+    if cache is None:
+        return None
+    from pipeline.teacher_cache import TeacherCache
+
+    from .cache_teacher import file_sha256
+    from .checkpoint import final_weights_path
+
+    with TeacherCache(cache, prefetch=False) as tc:
+        want = tc.fingerprint.get("weights_sha256")
+    for r in runs:
+        if r.mode == "hard" and len(r.students) == 1:
+            f = final_weights_path(r.path, 0, r.students[0])
+            if want and f.is_file() and file_sha256(f) == want:
+                return r
     return None
+
+
+def _ordered(runs: list[Run], teacher: Run | None) -> list[Run]:
+    """Teacher first, then the ladder's order (hard, kd, uw-kd, dual), then anything else; stable."""
+    rank = {m: i for i, m in enumerate(LADDER)}
+    return sorted(runs, key=lambda r: (r is not teacher, rank.get(r.mode, len(LADDER))))
 
 
 def write_report(run_dirs: list[str | Path], out: str | Path, *, teacher: str | Path | None = None,
@@ -289,12 +308,19 @@ def write_report(run_dirs: list[str | Path], out: str | Path, *, teacher: str | 
     teacher statistics into clean and ambiguous samples. appendix: markdown lines put at the end."""
     if not run_dirs:
         raise ValueError("give at least one run directory")
-    runs = [load_run(p) for p in run_dirs]
-    teacher_run = _teacher_run(runs, load_run(teacher) if teacher is not None else None)
-    students_runs = [r for r in runs if teacher_run is None or r.path.resolve() != teacher_run.path.resolve()]
+    paths = [Path(p) for p in run_dirs]
+    if teacher is not None and Path(teacher).resolve() not in {p.resolve() for p in paths}:
+        paths.insert(0, Path(teacher))
+    runs = [load_run(p) for p in paths]
+    cache = _cache_of(runs)
+    if teacher is not None:
+        teacher_run = next(r for r in runs if r.path.resolve() == Path(teacher).resolve())
+    else:
+        teacher_run = _teacher_run(runs, cache[0] if cache else None)
+    runs = _ordered(runs, teacher_run)
+    students_runs = [r for r in runs if r is not teacher_run]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cache = _cache_of(runs)
     kinds = None
     if cache and learnable is not None:
         desc = Path(learnable)
