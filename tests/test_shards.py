@@ -262,73 +262,6 @@ def test_cli_strict_summary_and_verify(tmp_path, odd_tree):
     assert bad.exit_code == 1 and "train-000003.tar: missing" in bad.output
 
 
-def test_tar_writer_is_byte_identical_to_tarfile(tmp_path):
-    from pipeline.shard_io import TarShardWriter
-
-    members = [("00000000.jpg", b"\xff\xd8" + bytes(range(256)) * 7), ("00000000.cls", b"3"),
-               ("00000000.json", b"{}"), ("00000000.i64", struct.pack("<q", 0)), ("00000001.jpg", b"x" * 512)]
-    w = TarShardWriter(tmp_path / "ours.tar")
-    offsets = [w.add(name, data) for name, data in members]
-    nbytes, sha = w.close()
-    with tarfile.open(tmp_path / "ref.tar", "w", format=tarfile.USTAR_FORMAT) as ref:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "", ""
-            ref.addfile(info, io.BytesIO(data))
-    ours = (tmp_path / "ours.tar").read_bytes()
-    assert ours == (tmp_path / "ref.tar").read_bytes() and nbytes == len(ours)
-    import hashlib
-
-    from pipeline.shard_io import file_sha256
-
-    assert sha == file_sha256(tmp_path / "ours.tar", block=1000) == hashlib.sha256(ours).hexdigest()
-    assert [m[1] for m in read_tar(tmp_path / "ours.tar")] == offsets
-    assert not (tmp_path / ".ours.tar.tmp").exists()
-
-
-def test_prepare_image_paths(tmp_path):
-    from pipeline.shard_image import jpeg_frame, prepare_image
-    from pipeline.synthetic import jpeg_bytes, synth_image
-
-    img = synth_image(np.random.default_rng(0), 30, 40)
-    base = jpeg_bytes(img)
-    assert jpeg_frame(base)[:5] == (0xC0, 8, 30, 40, 3)
-    (tmp_path / "base.jpg").write_bytes(base)
-    p = prepare_image(tmp_path / "base.jpg")
-    assert (p.reason, p.data, p.height, p.width, p.size) == ("", None, 30, 40, len(base))  # passes through
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="JPEG", progressive=True)
-    (tmp_path / "prog.jpg").write_bytes(buf.getvalue())
-    p = prepare_image(tmp_path / "prog.jpg")
-    assert p.reencoded and jpeg_frame(p.data)[0] == 0xC0  # progressive -> baseline
-    (tmp_path / "tail.jpg").write_bytes(base + b"trailing junk")
-    p = prepare_image(tmp_path / "tail.jpg")
-    assert p.reason == "" and p.data is None and p.size == len(base) + 13  # decodes fully: kept as is
-    p = prepare_image(tmp_path / "missing.jpg")
-    assert p.reason.startswith("unreadable")
-
-
-def test_ordered_map_keeps_order_and_bounds_work():
-    from pipeline.shard_io import ordered_map
-
-    pulled = []
-
-    def items():
-        for i in range(200):
-            pulled.append(i)
-            yield i
-
-    it = ordered_map(_double_chunk, items(), workers=2, chunk=4, window=2)
-    first = [next(it) for _ in range(3)]
-    assert first == [0, 2, 4]
-    assert len(pulled) <= 4 * 2 * 2 + 4  # in flight: workers*window chunks, plus the one refilled
-    assert first + list(it) == [2 * i for i in range(200)]
-
-
-def _double_chunk(xs):
-    return [2 * x for x in xs]
-
-
 def test_flat_val_layout_shards(tmp_path, small_wnids):
     tree = make_imagenet_tree(tmp_path / "t", small_wnids, train_per_class=1, val_per_class=3, val_layout="flat",
                               size=(32, 32))
@@ -384,49 +317,6 @@ def test_second_writer_on_same_output_is_refused(tmp_path, small_wnids):
         with pytest.raises(RuntimeError, match="another `kdpipe shard`"):
             build(tree, tmp_path / "out")
     assert build(tree, tmp_path / "out").manifest["splits"]["train"]["count"] == 1
-
-
-def test_sample_json_is_canonical():
-    from pipeline.imagenet import SourceFile
-    from pipeline.shard_image import Prepared
-    from pipeline.shards import sample_members
-
-    src = SourceFile('train/n01440764/we "ird" ä\\name.JPEG', "n01440764", 3)
-    members = sample_members(7, src, Prepared(None, 10, 20, 5, 4294967295), b"\xff\xd8")
-    assert [n for n, _ in members] == ["00000007.jpg", "00000007.cls", "00000007.json", "00000007.i64"]
-    ref = {"id": 7, "wnid": src.wnid, "label": 3, "height": 10, "width": 20, "source": src.rel,
-           "jpg_crc32": 4294967295}
-    assert members[2][1] == json.dumps(ref, sort_keys=True, separators=(",", ":")).encode()
-
-
-def _fail_on_13(xs):
-    if 13 in xs:
-        raise ValueError("thirteen")
-    return xs
-
-
-def test_ordered_map_worker_errors_and_early_close():
-    from pipeline.shard_io import WorkerError, ordered_map
-
-    with pytest.raises(WorkerError, match="ValueError: thirteen"):
-        list(ordered_map(_fail_on_13, range(40), workers=2, chunk=4))
-    it = ordered_map(_double_chunk, range(1000), workers=2, chunk=4, window=1)
-    assert next(it) == 0
-    it.close()  # stops the workers without reading their pending results
-    import multiprocessing
-
-    assert not [p for p in multiprocessing.active_children() if p.is_alive()]
-
-
-def test_hash_process_matches_file_hash(tmp_path):
-    from pipeline.shard_io import HashProcess, file_sha256
-
-    (tmp_path / "a").write_bytes(b"x" * 3_000_000)
-    hasher = HashProcess()
-    try:
-        assert hasher(tmp_path / "a") == file_sha256(tmp_path / "a")
-    finally:
-        hasher.close()
 
 
 def test_foreign_files_in_out_are_not_overwritten(tmp_path, small_wnids):
