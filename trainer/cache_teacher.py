@@ -2,8 +2,8 @@
 
 Views come from the same loader backend, spec and seed as training, so each cached row belongs to exactly
 the view the student sees for (seed, epoch, id). Work is split into units (epoch x chunk-aligned id range);
-rank r of W takes units r, r+W, ...; finished units are marked in the store, so a rerun (after kill -9,
-too) computes only what is missing. Also here: `validate_cache_for_training`, the trainer's gate.
+rank r of W takes pending units r, r+W, ...; finished units are marked in the store, so a rerun (after
+kill -9, too) computes only what is missing. Also here: `validate_cache_for_training`, the trainer's gate.
 """
 from __future__ import annotations
 
@@ -210,6 +210,31 @@ def _check_ids(seen: np.ndarray, lo: int, hi: int, aug_epoch: int) -> None:
 
 # ---------------------------------------------------------------- the job
 
+def write_units(model: torch.nn.Module, views: Any, writer: TeacherCacheWriter, units: list[tuple[int, int]],
+                batch_size: int, precision: str, advance: Callable[[int], Any],
+                on_unit: Callable[[int, int], Any] | None = None) -> None:
+    """Compute and store `units` in order. A writer thread stores one unit (entropy, top-k, zstd, fsync)
+    while the teacher runs the next; at most one is in flight, and on_unit(e, c) runs once (e, c) is on disk."""
+    with ThreadPoolExecutor(1, thread_name_prefix="cache-writer") as pool:
+        inflight: tuple[int, int, Future] | None = None
+
+        def settle() -> None:
+            nonlocal inflight
+            if inflight is not None:
+                (e, c, done), inflight = inflight, None
+                done.result()  # re-raises a failed write here
+                if on_unit is not None:
+                    on_unit(e, c)
+
+        for epoch in sorted({e for e, _ in units}):
+            chunks = [c for e, c in units if e == epoch]
+            for chunk, logits in epoch_unit_logits(model, views, writer.layout, epoch, chunks, batch_size,
+                                                   precision, advance):
+                settle()
+                inflight = (epoch, chunk, pool.submit(writer.write_unit, epoch, chunk, logits))
+        settle()
+
+
 def cache_teacher(cfg: CacheTeacherConfig, *, on_unit: Callable[[int, int], Any] | None = None) -> Path:
     """Create or finish the store at cfg.out; under torchrun each rank writes its own units. Returns the path."""
     from tqdm import tqdm
@@ -245,28 +270,11 @@ def cache_teacher(cfg: CacheTeacherConfig, *, on_unit: Callable[[int, int], Any]
             writer = TeacherCacheWriter.create(cfg.out, layout, fp)
         units = writer.pending_units(rank, world)
         _barrier()  # every rank has read the same progress before anyone writes
-        todo = sum(np.subtract(*layout.id_range(c)[::-1]) for _, c in units)
-        desc = f"cache-teacher {cfg.teacher} ({precision}, {backend_name})" + (f" rank {rank}/{world}" if world > 1 else "")
-        bar = tqdm(total=int(todo), unit="img", desc=desc, disable=not cfg.progress or rank != 0)
-        # a unit is stored (entropy, top-k, zstd, fsync) by a writer thread while the teacher runs the next one
-        with bar, ThreadPoolExecutor(1, thread_name_prefix="cache-writer") as pool:
-            inflight: tuple[int, int, Future] | None = None
-
-            def settle() -> None:
-                nonlocal inflight
-                if inflight is not None:
-                    (e, c, done), inflight = inflight, None
-                    done.result()  # re-raises a failed write here
-                    if on_unit is not None:
-                        on_unit(e, c)
-
-            for epoch in sorted({e for e, _ in units}):
-                chunks = [c for e, c in units if e == epoch]
-                for chunk, logits in epoch_unit_logits(model, views, layout, epoch, chunks, cfg.batch_size,
-                                                       precision, bar.update):
-                    settle()  # at most one unit in flight: bounded memory, and on_unit means "on disk"
-                    inflight = (epoch, chunk, pool.submit(writer.write_unit, epoch, chunk, logits))
-            settle()
+        todo = sum(hi - lo for lo, hi in (layout.id_range(c) for _, c in units))
+        desc = f"cache-teacher {cfg.teacher} ({precision}, {backend_name})"
+        desc += f" rank {rank}/{world}" if world > 1 else ""
+        with tqdm(total=int(todo), unit="img", desc=desc, disable=not cfg.progress or rank != 0) as bar:
+            write_units(model, views, writer, units, cfg.batch_size, precision, bar.update, on_unit)
         _barrier()
         if rank == 0:
             TeacherCache(cfg.out, prefetch=False).check_complete()
