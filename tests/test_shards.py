@@ -327,3 +327,15 @@ def test_foreign_files_in_out_are_not_overwritten(tmp_path, small_wnids):
         build(tree, tmp_path / "out")
     assert (tmp_path / "out" / "train-000000.tar").read_bytes() == b"someone else's shard"
     assert build(tree, tmp_path / "out", overwrite=True).manifest["splits"]["train"]["count"] == 1
+
+
+def test_rerun_rewrites_a_deleted_or_damaged_shard(tmp_path, odd_tree):
+    out = tmp_path / "out"
+    build(odd_tree, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    (out / "train-000001.tar").unlink()
+    with open(out / "val-000000.tar", "ab") as f:  # size differs from the sidecar: redone
+        f.write(b"junk")
+    report = build(odd_tree, out)
+    assert sorted(report.written) == ["train-000001.tar", "val-000000.tar"]
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
