@@ -3,10 +3,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 
 from trainer.demo import LADDER, TINY, run_demo
+
+
+def _numbers(run) -> list[dict]:
+    """A run's metrics without the timing and memory figures (which differ between identical runs)."""
+    skip = {"epoch_time_s", "images_per_s", "peak_mem_mb"}
+    return [{k: v for k, v in json.loads(line).items() if k not in skip}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def _final(run) -> dict:
@@ -36,13 +44,14 @@ def test_tiny_demo_end_to_end_and_resume(tmp_path, capsys):
     assert row in text
     assert (out / "report" / "val_accuracy.png").is_file() and (out / "report" / "w_histogram.png").is_file()
 
-    # A second call finds every stage finished and only rebuilds the report.
+    # A second call finds every stage finished and only rebuilds the report; a lost run is redone.
     capsys.readouterr()
-    before = {m: (out / "runs" / m / "metrics.jsonl").read_bytes() for m in LADDER}
+    before = {m: _numbers(out / "runs" / m) for m in LADDER}
+    shutil.rmtree(out / "runs" / "dual")
     run_demo(out, TINY)
     said = capsys.readouterr().out
-    assert said.count("finished earlier, skipped") == 1 + len(LADDER)
-    assert before == {m: (out / "runs" / m / "metrics.jsonl").read_bytes() for m in LADDER}
+    assert said.count("finished earlier, skipped") == len(LADDER) and "dual: training mode dual" in said
+    assert before == {m: _numbers(out / "runs" / m) for m in LADDER}  # same seed: the redone run is the same
 
 
 def test_demo_refuses_a_directory_made_with_other_settings(tmp_path):
