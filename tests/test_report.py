@@ -195,3 +195,12 @@ def test_teacher_run_found_through_the_cache_and_runs_put_in_ladder_order(tmp_pa
     assert "Teacher tiny_resnet (run teacher): top-1 70.00" in text
     listed = [line.split("`")[1] for line in text.splitlines() if line.startswith("- `")]
     assert listed == [str(teacher), str(kd), str(dual)]
+
+
+def test_online_teacher_accuracy_is_reported(tmp_path):
+    run = make_run(tmp_path, "dual", "dual", ["a", "b"], [50.0, 40.0])
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    lines[-1]["teacher_val"] = {"top1": [71.5], "top5": [90.25], "ensemble_top1": 71.5, "ensemble_top5": 90.25}
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    text = rep.write_report([run], tmp_path / "out").read_text()
+    assert "Teacher (online, measured by run dual): top-1 71.50, top-5 90.25." in text

@@ -173,7 +173,9 @@ def _run_stages(out: Path, cfg: DemoConfig) -> Path:
         appendix=_timings_section(timings, t_all))))
     total = time.perf_counter() - t_all
     _atomic_json(out / "timings.json", {"stages": dict(timings), "total_s": total})
-    _say(f"finished in {total:.1f} s; report: {report_path[0]}")
+    text = report_path[0].read_text()
+    print(text[text.index("## Table I"):text.index("## Table II")].rstrip(), flush=True)
+    _say(f"finished in {total:.1f} s; report with all tables and plots: {report_path[0]}")
     return report_path[0]
 
 
