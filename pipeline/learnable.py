@@ -75,9 +75,9 @@ class LearnableTree:
 def class_table(num_classes: int, seed: int) -> ClassTable:
     """Assign each class a distinct (shape, hue) pair plus a texture and background tone.
 
-    With up to 100 classes every class has its own (shape, hue) pair; beyond that pairs repeat and
-    textures tell the classes apart. The assignment is a seeded permutation, so labels and looks are
-    not aligned in an obvious order.
+    With up to 100 classes every class has its own (shape, hue) pair. Beyond 100, pairs repeat and such
+    classes differ only in stripes, stripe angle and background tone (the dataset is meant for <= 100).
+    The assignment is a seeded permutation, so labels and looks are not aligned in an obvious order.
     """
     rng = np.random.default_rng([seed, 1])
     combo = rng.permutation(max(num_classes, len(SHAPES) * HUES))[:num_classes]
@@ -126,10 +126,13 @@ def _shape_mask(kind: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown shape kind {kind}")
 
 
-def draw_params(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
-    """Per-image variation, drawn for n images at once (position, scale, rotation, colour, clutter)."""
+def draw_params(rng: np.random.Generator, n: int, hw: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Per-image variation, drawn for n images at once (position, scale, rotation, colour, clutter).
+
+    Lengths are in units of the image's longer side; the centre stays in the middle 40 % of each side."""
+    h, w = hw
     return {
-        "cx": rng.uniform(0.3, 0.7, n), "cy": rng.uniform(0.3, 0.7, n),
+        "cx": rng.uniform(0.3, 0.7, n) * w / max(h, w), "cy": rng.uniform(0.3, 0.7, n) * h / max(h, w),
         "radius": rng.uniform(0.2, 0.32, n), "rot": rng.uniform(0, 2 * np.pi, n),
         "hue_jit": rng.uniform(-0.025, 0.025, n), "sat": rng.uniform(0.6, 0.95, n), "val": rng.uniform(0.7, 1.0, n),
         "phase": rng.uniform(0, 2 * np.pi, n),
@@ -274,7 +277,7 @@ def _write_split(tree: LearnableTree, split: str, labels: np.ndarray, rels: list
         sl = slice(k * CHUNK, (k + 1) * CHUNK)
         rng = np.random.default_rng(chunk_ss[k])
         lab, kin = labels[sl], kinds[sl]
-        p, p_other = draw_params(rng, len(lab)), draw_params(rng, len(lab))
+        p, p_other = draw_params(rng, len(lab), hw), draw_params(rng, len(lab), hw)
         img = render(lab, p, table, hw)
         other_img = np.zeros_like(img)
         mix = kin == "mix"
