@@ -155,7 +155,8 @@ def render(labels: np.ndarray, p: dict[str, np.ndarray], table: ClassTable, hw: 
 
     # Background: a class tone, a gradient and a low-frequency wave that vary per image.
     proj = x * np.cos(col(p["bg_ang"])) + y * np.sin(col(p["bg_ang"]))
-    bg_v = col(p["bg_val"]) + col(p["bg_grad"]) * (proj - 0.5) + col(p["bg_amp"]) * np.sin(2 * np.pi * col(p["bg_freq"]) * proj)
+    wave = np.sin(2 * np.pi * col(p["bg_freq"]) * proj)
+    bg_v = col(p["bg_val"]) + col(p["bg_grad"]) * (proj - 0.5) + col(p["bg_amp"]) * wave
     # Hue and saturation are constant per image, so RGB is value times a per-image colour (cheap).
     bg_rgb = hsv_to_rgb(table.bg_hue[labels], p["bg_sat"], np.ones(n)).astype(np.float32)
     img = np.clip(bg_v, 0, 1)[..., None] * bg_rgb[:, None, None, :]
@@ -175,7 +176,8 @@ def render(labels: np.ndarray, p: dict[str, np.ndarray], table: ClassTable, hw: 
         sel = shapes == kind
         mask[sel] = _shape_mask(int(kind), u[sel], v[sel])
     ang = col(table.stripe_angle[labels])
-    stripes = 0.5 + 0.5 * np.sin(2 * np.pi * col(table.stripe_freq[labels]) * (u * np.cos(ang) + v * np.sin(ang)) + col(p["phase"]))
+    along = u * np.cos(ang) + v * np.sin(ang)  # position across the stripes, in the shape's frame
+    stripes = 0.5 + 0.5 * np.sin(2 * np.pi * col(table.stripe_freq[labels]) * along + col(p["phase"]))
     shade = 1.0 - 0.45 * stripes * (col(table.stripe_freq[labels]) > 0)
     fg_rgb = hsv_to_rgb(table.hue[labels] + p["hue_jit"], p["sat"], p["val"]).astype(np.float32)
     fg = shade[..., None] * fg_rgb[:, None, None, :]

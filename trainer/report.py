@@ -182,7 +182,8 @@ def table_one(runs: list[Run], teacher: Run | None) -> list[str]:
                          "the paper reports the dual method above baseline KD for both students.")
     for r in runs:
         if r.mode == "dual" and r.final.ensemble_top1 is not None:
-            rows.append([f"ensemble ({r.name})", "—", "—", _f(r.final.ensemble_top1), _f(r.final.ensemble_top5), "—", "—"])
+            rows.append([f"ensemble ({r.name})", "—", "—", _f(r.final.ensemble_top1), _f(r.final.ensemble_top5),
+                         "—", "—"])
     out = ["## Table I: top-1 / top-5 accuracy (%), baseline KD vs uncertainty-aware dual-student KD", ""]
     out += _table(["student", "KD top-1", "KD top-5", "dual top-1", "dual top-5", "Δ top-1", "Δ top-5"], rows)
     out.append("")

@@ -36,7 +36,8 @@ def plot_accuracy(runs: list, path: Path) -> bool:
                 ys = [e.top1[panel] for e in r.epochs]
             else:
                 continue
-            ax.plot([e.epoch + 1 for e in r.epochs], ys, marker="o", ms=3, label=r.name if r.name == r.mode else f"{r.name} ({r.mode})")
+            label = r.name if r.name == r.mode else f"{r.name} ({r.mode})"
+            ax.plot([e.epoch + 1 for e in r.epochs], ys, marker="o", ms=3, label=label)
         ax.set_title(panel)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
