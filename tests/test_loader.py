@@ -13,7 +13,6 @@ from pipeline.loader import ImageNet100Loader
 from pipeline.shards import ShardOptions, build_shards
 from pipeline.synthetic import make_imagenet_tree
 
-pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
 SPEC = AugSpec(image_size=32, val_resize=36)  # small views keep the tests fast
 
 

@@ -30,9 +30,16 @@ if TYPE_CHECKING:
     from ..index import ShardIndex
 
 # torchvision 0.29 deprecates its image codecs in favour of torchcodec, warning on every call; they
-# remain the fastest libjpeg-turbo / nvJPEG path installed here, so the warning is silenced once.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                        category=DeprecationWarning)
+# remain the fastest libjpeg-turbo / nvJPEG path installed here, so `decode` silences that warning.
+_CODEC_DEPRECATION = "The image decoding and encoding capabilities of TorchVision"
+
+
+def decode(data, device: torch.device | str = "cpu"):
+    """torchvision.io.decode_jpeg to RGB (one tensor or a list, decoded as one batch on `device`)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_CODEC_DEPRECATION, category=DeprecationWarning)
+        return tio.decode_jpeg(data, mode=tio.ImageReadMode.RGB, device=device)
+
 
 GREY = (0.299, 0.587, 0.114)  # luma weights of the colour definition (PIL's, torchvision's rounded)
 _GREY = np.asarray(GREY, dtype=np.float64)
@@ -58,7 +65,7 @@ def read_and_decode(index: ShardIndex, sample_id: int) -> torch.Tensor:
     """Bytes from the shard, decoded to RGB uint8 (3, H, W) (channels_last strides); clear errors."""
     try:
         data = index.read(sample_id)
-        img = tio.decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=tio.ImageReadMode.RGB)
+        img = decode(torch.frombuffer(bytearray(data), dtype=torch.uint8))
     except (OSError, RuntimeError, ValueError) as e:
         raise sample_error(index, sample_id, e) from e
     h, w = int(index.heights[sample_id]), int(index.widths[sample_id])
@@ -299,14 +306,13 @@ class TorchBackend:
 
     def _decode_on_device(self, datas: list[torch.Tensor], keep: list[int]) -> tuple[list[torch.Tensor], np.ndarray]:
         """One batched decode on the device; on failure, image by image to name (or skip) the bad one."""
-        mode = tio.ImageReadMode.RGB
         try:
-            imgs, ok = (tio.decode_jpeg(datas, mode=mode, device=self.device) if datas else []), list(keep)
+            imgs, ok = (decode(datas, self.device) if datas else []), list(keep)
         except RuntimeError:
             imgs, ok = [], []
             for sid, data in zip(keep, datas):
                 try:
-                    imgs.append(tio.decode_jpeg(data, mode=mode, device=self.device))
+                    imgs.append(decode(data, self.device))
                     ok.append(sid)
                 except RuntimeError as e:
                     self._bad(sid, e)
