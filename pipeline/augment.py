@@ -44,11 +44,15 @@ class AugSpec:
     brightness: float = 0.4  # factor uniform in [max(0, 1 - b), 1 + b], like ColorJitter
     contrast: float = 0.4
     saturation: float = 0.4
-    val_resize: int = 256  # validation: shorter side to this, then centre crop image_size
+    # validation: shorter side to this, then centre crop image_size; None keeps the paper's 256/224
+    # proportion at any image_size (256 at 224, 37 at 32), so small crops see the whole object
+    val_resize: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scale", tuple(float(x) for x in self.scale))
         object.__setattr__(self, "ratio", tuple(float(x) for x in self.ratio))
+        if self.val_resize is None:
+            object.__setattr__(self, "val_resize", round(self.image_size * 256 / 224))
         problems = []
         if self.image_size < 1:
             problems.append(f"image_size must be >= 1, got {self.image_size}")

@@ -46,7 +46,7 @@ def synth_image(rng: np.random.Generator, height: int, width: int) -> np.ndarray
     r = max(2, int(rng.integers(min(height, width) // 8 + 1, min(height, width) // 3 + 2)))
     yy, xx = np.ogrid[:height, :width]
     img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.integers(0, 256, size=3)
-    img += rng.normal(0, 12, size=img.shape).astype(np.int16)
+    img += rng.normal(0, 18, size=img.shape).astype(np.int16)
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
@@ -75,7 +75,7 @@ def make_imagenet_tree(
     val_per_class: int = 2,
     val_layout: str | None = "folders",
     size: tuple[int, ...] = (375, 500),
-    quality: int = 90,
+    quality: int = 92,
     oddities: bool = False,
     broken: bool = False,
     seed: int = 0,

@@ -169,3 +169,11 @@ def test_epoch_order_seeded_and_different_per_epoch():
     for seed in (-1, 2**40 + 3):  # any Python int seeds both the order and the views
         assert sorted(epoch_order(50, seed, 0).tolist()) == list(range(50))
         assert len(sample_params(AugSpec(), seed, 0, [1, 2], [30, 30], [40, 40])) == 2
+
+
+def test_val_resize_follows_image_size():
+    """The validation view keeps the paper's 256/224 proportion unless set: at 32 px, resize to 37, not 256."""
+    assert AugSpec().val_resize == 256
+    assert AugSpec(image_size=32).val_resize == 37
+    assert AugSpec(image_size=32, val_resize=48).val_resize == 48
+    assert AugSpec(image_size=224).fingerprint() == AugSpec(image_size=224, val_resize=256).fingerprint()
