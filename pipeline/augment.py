@@ -146,7 +146,8 @@ def crop_from_uniforms(
     """torchvision's RandomResizedCrop rule, vectorised, given its uniforms.
 
     try_uniforms(t, rows) -> (u_area, u_ratio): try t's uniforms in [0, 1) for the given rows; later
-    tries are only drawn for rows still without a crop (the common case needs one try). u_top, u_left: (N,) uniforms standing in for `torch.randint(0, n)` as
+    tries are only drawn for rows still without a crop (the common case needs one try).
+    u_top, u_left: (N,) uniforms standing in for `torch.randint(0, n)` as
     floor(u * n). Returns (top, left, height, width) int64.
     """
     H, W = np.asarray(heights, dtype=np.int64), np.asarray(widths, dtype=np.int64)

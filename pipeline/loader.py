@@ -98,6 +98,7 @@ class ImageNet100Loader:
             torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {self.device} asked for, but CUDA is not available; use device='cpu'")
+        self.backend_name = choose_backend(backend, self.device)
         self.index = ShardIndex(shards, split)  # raises naming the directory and the splits it has
         self.split, self.batch_size, self.seed = split, batch_size, seed
         self.rank, self.world_size = rank, world_size
@@ -108,10 +109,10 @@ class ImageNet100Loader:
         if teacher_cache is not None and not self.train:
             raise ValueError(f"teacher_cache holds logits of training views; split {split!r} has none")
         self.teacher_cache = None if teacher_cache is None else open_teacher_cache(teacher_cache)
-        if self.teacher_cache is not None and getattr(self.teacher_cache, "num_samples", len(self.index)) != len(self.index):
+        cached = getattr(self.teacher_cache, "num_samples", len(self.index))
+        if cached != len(self.index):
             raise ValueError(f"teacher cache has {self.teacher_cache.num_samples} samples, "
                              f"split {split!r} of {shards} has {len(self.index)}")
-        self.backend_name = choose_backend(backend, self.device)
         self.num_workers = default_workers() if num_workers is None else num_workers
         self.backend = backend_class(self.backend_name)(
             self.index, spec=self.spec, seed=seed, train=self.train, device=self.device, normalize=normalize,

@@ -187,7 +187,8 @@ def test_bad_input_names_shard_and_sample(shards, tmp_path, how):
     loader = make(bad, batch_size=4, num_workers=1, drop_last=False, skip_corrupt=True)
     seen = [i for b in loader for i in b.ids.tolist()]
     dropped = {i for i, _ in loader.skipped}
-    assert victim in dropped and dropped <= in_shard1 and set(seen) | dropped == set(range(24)) and not set(seen) & dropped
+    assert victim in dropped and dropped <= in_shard1
+    assert set(seen) | dropped == set(range(24)) and not set(seen) & dropped
     assert len(seen) == 24 - len(dropped)
 
 

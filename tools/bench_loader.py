@@ -108,7 +108,6 @@ def timed_round(batches, limit: int, warm: int) -> float:
 
 def stage_times(shards: Path, size: int, count: int) -> dict[str, dict[str, float]]:
     """Single-thread ms per image of each stage of both pipelines on the same images."""
-    import torchvision.io as tio
     from PIL import Image
     from torchvision import transforms as T
 
@@ -130,8 +129,8 @@ def stage_times(shards: Path, size: int, count: int) -> dict[str, dict[str, floa
 
     g = "kdpipe torch (CPU worker)"
     data = run(g, "read", lambda i, _: idx.read(int(i)), ids)
-    dec = run(g, "decode (libjpeg-turbo)", lambda i, d: tio.decode_jpeg(torch.frombuffer(bytearray(d), dtype=torch.uint8),
-                                                                      mode=tio.ImageReadMode.RGB), data)
+    dec = run(g, "decode (libjpeg-turbo)", lambda i, d: tb.decode(torch.frombuffer(bytearray(d), dtype=torch.uint8)),
+              data)
 
     def crop_resize(i, img):
         t, l, h, w = int(p.top[i]), int(p.left[i]), int(p.height[i]), int(p.width[i])
