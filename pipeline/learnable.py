@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_write_bytes
 from .classes import imagenet100_wnids
 from .synthetic import jpeg_bytes
 
@@ -261,7 +261,7 @@ def make_learnable_tree(
         else:
             rels = [f"val/{wnids[c]}/ILSVRC2012_val_{i + 1:08d}.JPEG" for i, c in enumerate(labels)]
         _write_split(tree, split, labels, rels, table, hw, ambiguous_share, ss, quality, progress)
-    _atomic_write(root / DESCRIPTION_FILE, json.dumps(tree.to_json(), indent=1).encode())
+    atomic_write_bytes(root / DESCRIPTION_FILE, json.dumps(tree.to_json(), indent=1).encode())
     return tree
 
 
@@ -307,17 +307,3 @@ def _write_split(tree: LearnableTree, split: str, labels: np.ndarray, rels: list
         getattr(tree, split).setdefault(tree.wnids[labels[i]], []).append(rel)
         if kinds[i]:
             tree.ambiguous[rel] = {"kind": kinds[i], "other": tree.wnids[other[i]] if kinds[i] == "mix" else None}
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

@@ -6,7 +6,6 @@ Kept apart from `shards.py` (the plan, resume and manifest logic) so each file s
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import signal
 import threading
@@ -279,19 +278,3 @@ def dali_index_text(members: Sequence[tuple[str, int, int]]) -> str:
         samples[-1].append(f"{ext} {offset} {size} {name}")
     return f"v1.2 {len(samples)}\n" + "".join(" ".join(s) + "\n" for s in samples)
 
-
-# --------------------------------------------------------------------------------- atomic writes
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via temp file + fsync + rename, so readers see the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj: object) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())

@@ -26,10 +26,10 @@ import numpy as np
 from . import __version__
 from .classes import load_class_list, wnid_names
 from .imagenet import ImageNetTree, SourceFile, discover
+from .atomic import atomic_write_bytes, atomic_write_json
 from .index import INDEX_DTYPE, MANIFEST, index_path, read_manifest
 from .shard_image import Prepared, prepare_many
-from .shard_io import (HashProcess, TarShardWriter, atomic_write_bytes, atomic_write_json, dali_index_text,
-                       file_sha256, ordered_map, usable_cores)
+from .shard_io import HashProcess, TarShardWriter, dali_index_text, file_sha256, ordered_map, usable_cores
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")

@@ -1,7 +1,6 @@
 """The GPU check's --quick mode runs the same code on the CPU, so the script cannot rot between GPU runs."""
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest

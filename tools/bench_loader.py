@@ -109,7 +109,6 @@ def timed_round(batches, limit: int, warm: int) -> float:
 def stage_times(shards: Path, size: int, count: int) -> dict[str, dict[str, float]]:
     """Single-thread ms per image of each stage of both pipelines on the same images."""
     from PIL import Image
-    from torchvision import transforms as T
 
     from pipeline.augment import AugSpec, sample_params
     from pipeline.backends import torch_backend as tb

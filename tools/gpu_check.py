@@ -130,10 +130,8 @@ def bench_steps(num_classes: int, device: torch.device, sizes: Sizes) -> dict:
         images, labels, logits = fake_batch(batch, num_classes, sizes.image_size, device)
         cached = distiller(num_classes, batch, device, sizes, online_teacher=False)
         t_cached = timed(lambda: cached.step(images, labels, logits), device, sizes.warmup_steps, sizes.steps)
-        del cached
         online = distiller(num_classes, batch, device, sizes, online_teacher=True)
         t_online = timed(lambda: online.step(images, labels), device, sizes.warmup_steps, sizes.steps)
-        del online
         out[str(batch)] = {"ceiling_images_per_s": batch / t_cached, "online_teacher_images_per_s": batch / t_online,
                            "cached_vs_online": t_online / t_cached}
     return out

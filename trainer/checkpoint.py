@@ -8,36 +8,15 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from pipeline.atomic import atomic_write_bytes
+
 CHECKPOINT_FORMAT = "kdpipe-checkpoint"
 WEIGHTS_FORMAT = "kdpipe-weights"
 LAST, BEST, CONFIG, METRICS = "checkpoint-last.pt", "checkpoint-best.pt", "config.json", "metrics.jsonl"
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write data to path via temp file + fsync + rename (+ fsync of the directory)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def atomic_torch_save(obj: object, path: str | Path) -> None:

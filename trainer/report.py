@@ -10,13 +10,12 @@ Every accuracy is the run's final epoch; the report names the file and epoch eac
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.atomic import atomic_write_text
 from pipeline.learnable import DESCRIPTION_FILE
 
 from . import report_plots as plots
@@ -347,18 +346,5 @@ def write_report(run_dirs: list[str | Path], out: str | Path, *, teacher: str | 
     lines += epochs_section(runs, acc_png)
     lines += appendix or []
     path = out / "report.md"
-    _atomic_write_text(path, "\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
     return path
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
