@@ -280,20 +280,28 @@ def eval_cmd(run_dir, checkpoint, which, shards, image_size, batch_size, backend
     click.echo(format_table(names, result))
 
 
-@bench.command("train", add_help_option=False,
-               context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def bench_train(args):
-    """Dual-student step vs a plain PyTorch loop; online teacher vs cached logits (tools/bench_train.py -h)."""
+def _run_tool(script: str, args: tuple[str, ...]) -> None:
+    """Run tools/<script>'s main(argv) from a source checkout (benchmarks are not installed)."""
     import importlib.util
 
-    path = Path(__file__).resolve().parent.parent / "tools" / "bench_train.py"
+    path = Path(__file__).resolve().parent.parent / "tools" / script
     if not path.is_file():
-        raise click.ClickException(f"{path} not found: `kdpipe bench train` runs from a source checkout")
-    spec = importlib.util.spec_from_file_location("kdpipe_bench_train", path)
+        raise click.ClickException(f"{path} not found: `kdpipe bench` runs from a source checkout")
+    spec = importlib.util.spec_from_file_location(f"kdpipe_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.main(list(args))
+
+
+_PASS_THROUGH = {"add_help_option": False,
+                 "context_settings": {"ignore_unknown_options": True, "allow_extra_args": True}}
+
+
+@bench.command("train", **_PASS_THROUGH)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_train(args):
+    """Dual-student step vs a plain PyTorch loop; online teacher vs cached logits (tools/bench_train.py -h)."""
+    _run_tool("bench_train.py", args)
 
 
 # ---- demo: the whole pipeline on the built-in learnable dataset (trainer/demo.py) ----
@@ -318,21 +326,12 @@ def demo(out, tiny, backend, device):
 
 
 # ---- loader: images/s of kdpipe's backends vs torchvision ImageFolder + PIL (tools/bench_loader.py) ----
-@bench.command("loader", add_help_option=False,
-               context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@bench.command("loader", **_PASS_THROUGH)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench_loader(args):
     """Loader img/s and per-stage times vs ImageFolder + PIL, e.g. --shards DIR --backends torch,dali
     (tools/bench_loader.py -h)."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parent.parent / "tools" / "bench_loader.py"
-    if not path.is_file():
-        raise click.ClickException(f"{path} not found: `kdpipe bench loader` runs from a source checkout")
-    spec = importlib.util.spec_from_file_location("kdpipe_bench_loader", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.main(list(args))
+    _run_tool("bench_loader.py", args)
 
 
 if __name__ == "__main__":
