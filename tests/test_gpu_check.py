@@ -1,6 +1,8 @@
 """The GPU check's --quick mode runs the same code on the CPU, so the script cannot rot between GPU runs."""
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_gpu_check_quick_runs_and_reports(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check.sh"), "--quick"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600, env={**__import__("os").environ, "OUT": str(tmp_path)})
+                          text=True, timeout=600, env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "QUICK CPU smoke test" in proc.stdout
     r = json.loads((tmp_path / "gpu_check.json").read_text())

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import struct
 import subprocess
+import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -147,12 +150,14 @@ def test_option_mismatch_and_overwrite(tmp_path, odd_tree):
 
 
 def test_dali_index_matches_wds2idx(tmp_path, odd_tree):
-    if shutil.which("wds2idx") is None or shutil.which("tar") is None:
+    # wds2idx is installed beside this interpreter (the venv's bin/, on PATH or not)
+    wds2idx = shutil.which("wds2idx", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    if wds2idx is None or shutil.which("tar") is None:
         pytest.skip("needs DALI's wds2idx and GNU tar")
     out = tmp_path / "out"
     build(odd_tree, out)
     for tar in sorted(out.glob("*.tar")):
-        subprocess.run(["wds2idx", str(tar), str(tmp_path / "ref.idx")], check=True, capture_output=True)
+        subprocess.run([wds2idx, str(tar), str(tmp_path / "ref.idx")], check=True, capture_output=True)
         assert tar.with_suffix(".idx").read_text() == (tmp_path / "ref.idx").read_text(), tar.name
 
 

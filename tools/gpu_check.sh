@@ -5,10 +5,11 @@
 # Figures land in $OUT/gpu_check.json; a short table is printed last. On a CPU: bash tools/gpu_check.sh --quick
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ -d .whl ] && ! python3 -c "import zarr" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/kdpipe-site .whl/*.whl
+PYTHON="${PYTHON:-python3}"  # the interpreter with torch (a venv's, in tests)
+if [ -d .whl ] && ! "$PYTHON" -c "import zarr" 2>/dev/null; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/kdpipe-site .whl/*.whl
   export PYTHONPATH="/tmp/kdpipe-site:${PYTHONPATH:-}"
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-exec python3 tools/gpu_check.py --out "${OUT:-gpu_check_out}" "$@"
+exec "$PYTHON" tools/gpu_check.py --out "${OUT:-gpu_check_out}" "$@"
