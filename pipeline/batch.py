@@ -36,6 +36,14 @@ class Batch:
                      move(self.teacher_logits), move(self.teacher_weight))
 
 
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`. To a GPU it goes through pinned memory without blocking: a copy from
+    pageable memory synchronises the stream, which would drain the training queue once per batch."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def normalize_images(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 NCHW -> (x - mean) / std in dtype, channels_last kept. Computed in float32, then cast."""
     mean = torch.tensor(IMAGENET_MEAN_255, device=images.device).view(1, 3, 1, 1)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .augment import AugSpec, epoch_order
-from .batch import Batch
+from .batch import Batch, host_to_device
 from .index import ShardIndex
 
 BACKENDS = ("auto", "torch", "dali")
@@ -105,7 +105,7 @@ class ImageNet100Loader:
         self.spec = spec or AugSpec()
         self.train = split == "train"
         self.drop_last = self.train if drop_last is None else drop_last
-        self.normalize, self.dtype = normalize, dtype
+        self.normalize, self.dtype, self.skip_corrupt = normalize, dtype, skip_corrupt
         if teacher_cache is not None and not self.train:
             raise ValueError(f"teacher_cache holds logits of training views; split {split!r} has none")
         self.teacher_cache = None if teacher_cache is None else open_teacher_cache(teacher_cache)
@@ -171,12 +171,17 @@ class ImageNet100Loader:
         epoch, start, self.start_step = self.epoch, self.start_step, 0
         ids = self.rank_ids(epoch)[start * self.batch_size:]
         aug_epoch = self.aug_epoch(epoch)
+        pos = 0
         for images, labels, batch_ids in self.backend.iter_batches(ids, aug_epoch, self.batch_size):
             batch = Batch(images, labels, batch_ids, epoch)
+            n, pos = len(batch_ids), pos + len(batch_ids)
             if self.teacher_cache is not None:
-                logits, weight = self.teacher_cache.lookup(aug_epoch, batch_ids.cpu().numpy())
-                batch.teacher_logits = torch.as_tensor(logits, dtype=torch.float32).to(self.device)
-                batch.teacher_weight = torch.as_tensor(weight, dtype=torch.float32).to(self.device)
+                # Without skipping, a batch is exactly the next slice of `ids`: take the ids from the host
+                # copy, so a GPU batch costs no device->host sync (which would drain the training queue).
+                host_ids = batch_ids.cpu().numpy() if self.skip_corrupt else ids[pos - n:pos]
+                logits, weight = self.teacher_cache.lookup(aug_epoch, host_ids)
+                batch.teacher_logits = host_to_device(torch.as_tensor(logits, dtype=torch.float32), self.device)
+                batch.teacher_weight = host_to_device(torch.as_tensor(weight, dtype=torch.float32), self.device)
             yield batch
 
     def __repr__(self) -> str:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..augment import AugSpec, sample_params, val_geometry
-from ..batch import IMAGENET_MEAN_255, IMAGENET_STD_255
+from ..batch import IMAGENET_MEAN_255, IMAGENET_STD_255, host_to_device
 
 if TYPE_CHECKING:
     from ..index import ShardIndex
@@ -357,5 +357,5 @@ class DaliBackend:
         images = hwc.permute(0, 3, 1, 2)  # NCHW view of NHWC memory = channels_last, no copy
         if self.dtype == torch.bfloat16:
             images = images.to(torch.bfloat16)  # DALI has no bfloat16; keeps the channels_last strides
-        labels = torch.from_numpy(self.index.labels[ids].astype(np.int64)).to(self.device)
-        return images, labels, torch.from_numpy(ids.copy()).to(self.device)
+        labels = host_to_device(torch.from_numpy(self.index.labels[ids].astype(np.int64)), self.device)
+        return images, labels, host_to_device(torch.from_numpy(ids.copy()), self.device)

@@ -24,7 +24,7 @@ import torchvision.io as tio
 from PIL import Image
 
 from ..augment import AugParams, AugSpec, sample_params, val_geometry
-from ..batch import IMAGENET_MEAN_255, IMAGENET_STD_255, normalize_images
+from ..batch import IMAGENET_MEAN_255, IMAGENET_STD_255, host_to_device, normalize_images
 
 if TYPE_CHECKING:
     from ..index import ShardIndex
@@ -291,7 +291,7 @@ class TorchBackend:
             x = item["images"].to(self.device, non_blocking=True)
             # NHWC memory is NCHW channels_last: permute is a view
             x = normalize_nhwc(x, self.dtype) if self.normalize else x.permute(0, 3, 1, 2)
-            yield x, item["labels"].to(self.device), item["ids"].to(self.device)
+            yield x, host_to_device(item["labels"], self.device), host_to_device(item["ids"], self.device)
 
     def _read_chunk(self, chunk: np.ndarray) -> tuple[list[torch.Tensor], list[int]]:
         """Encoded bytes of a batch (runs on a reader thread: pread releases the GIL)."""
@@ -348,4 +348,4 @@ class TorchBackend:
                 if self.normalize:
                     x = normalize_images(x, self.dtype)
                 labels = torch.from_numpy(idx.labels[ids].astype(np.int64))
-                yield x, labels.to(self.device), torch.from_numpy(ids).to(self.device)
+                yield x, host_to_device(labels, self.device), host_to_device(torch.from_numpy(ids), self.device)
