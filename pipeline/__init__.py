@@ -20,12 +20,13 @@ _EXPORTS = {
     "sample_params": "pipeline.augment",
     "epoch_order": "pipeline.augment",
     "build_shards": "pipeline.shards",
-    "CorruptSampleError": "pipeline.backends.torch_backend",  # raised by every backend for a bad sample
+    "CorruptSampleError": "pipeline.errors",  # raised by every backend for a bad sample
+    "KdpipeError": "pipeline.errors",  # base of every user or data error
 }
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from .backends.torch_backend import CorruptSampleError
+    from .errors import CorruptSampleError, KdpipeError
     from .augment import AugParams, AugSpec, epoch_order, sample_params
     from .batch import Batch
     from .loader import ImageNet100Loader

@@ -27,6 +27,7 @@ from . import __version__
 from .classes import load_class_list, wnid_names
 from .imagenet import ImageNetTree, SourceFile, discover
 from .atomic import atomic_write_bytes, atomic_write_json
+from .errors import BusyError, KdpipeError
 from .index import INDEX_DTYPE, MANIFEST, index_path, read_manifest
 from .shard_image import Prepared, prepare_many
 from .shard_io import HashProcess, TarShardWriter, dali_index_text, file_sha256, ordered_map, usable_cores
@@ -61,7 +62,7 @@ class ShardReport:
     reused: list[str] = field(default_factory=list)
 
 
-class OptionsMismatch(ValueError):
+class OptionsMismatch(KdpipeError, ValueError):
     """The output directory was made with different options or inputs."""
 
 
@@ -309,7 +310,7 @@ def build_shards(imagenet: str | Path, out: str | Path, *, classes: Sequence[str
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RuntimeError(f"{out}: another `kdpipe shard` is writing here") from None
+            raise BusyError(f"{out}: another `kdpipe shard` is writing here") from None
         plan = make_plan(tree, options)
         check_plan(out, plan, overwrite)
         report = ShardReport(out=out, manifest={})

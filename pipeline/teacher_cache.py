@@ -24,27 +24,13 @@ from typing import Any
 
 import numpy as np
 
+from .errors import CacheMismatchError, IncompleteCacheError, OutputExistsError
+
+__all__ = ["CacheMismatchError", "IncompleteCacheError", "TeacherCache", "TeacherCacheWriter", "CacheLayout"]
+
 FORMAT = "kdpipe-teacher-cache"
 LAYOUT_VERSION = 1
 DEFAULT_CHUNK_N = 4096  # samples per chunk and per unit of work: ~0.8 MB of float16 logits at C=100
-
-
-class CacheMismatchError(ValueError):
-    """The cache was made for other data, views or teacher than the caller's; `.fields` names the differences."""
-
-    def __init__(self, path: str, fields: list[str], details: list[str]):
-        self.fields = fields
-        super().__init__(f"teacher cache {path} does not match:\n  " + "\n  ".join(details))
-
-
-class IncompleteCacheError(RuntimeError):
-    """Some units of the cache were never written (an interrupted or still running cache-teacher job)."""
-
-    def __init__(self, path: str, missing: dict[int, int], chunks_per_epoch: int):
-        self.missing_epochs = sorted(missing)
-        parts = [f"epoch {e} ({n}/{chunks_per_epoch} chunks missing)" for e, n in sorted(missing.items())]
-        super().__init__(f"teacher cache {path} is incomplete: {', '.join(parts)}; "
-                         f"rerun `kdpipe cache-teacher` with the same options to finish it")
 
 
 # ---------------------------------------------------------------- numerics (pure)
@@ -234,7 +220,7 @@ class TeacherCacheWriter:
                 stale.unlink(missing_ok=True)
             return writer
         if Path(path).exists():
-            raise FileExistsError(f"{path} exists and is not a teacher cache; choose another --out")
+            raise OutputExistsError(f"{path} exists and is not a teacher cache; choose another --out")
         attrs = {"format": FORMAT, "layout_version": LAYOUT_VERSION, **layout.attrs(),
                  "fingerprint": _jsonable(fingerprint)}
         # built beside the target and renamed into place: a crash never leaves a half-created store

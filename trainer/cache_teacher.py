@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.errors import BusyError
 from pipeline.teacher_cache import (
     DEFAULT_CHUNK_N, CacheLayout, TeacherCache, TeacherCacheWriter, cache_fingerprint, open_cache,
     view_fingerprint)
@@ -127,7 +128,7 @@ def exclusive_job_lock(out: str | Path) -> Iterator[None]:
                 raise BlockingIOError
             fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except (BlockingIOError, PermissionError):
-            raise RuntimeError(f"another `kdpipe cache-teacher` is writing {out}") from None
+            raise BusyError(f"another `kdpipe cache-teacher` is writing {out}") from None
         _HELD_LOCKS.add(path)
         try:
             yield

@@ -9,9 +9,48 @@ from pathlib import Path
 import click
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class KdpipeGroup(click.Group):
+    """Turns the user and data errors of every command into one line (see pipeline/errors.py).
+
+    KdpipeError -> "Error: <one line>", exit 1 (ConfigError exits 2, like click's usage errors); a full disk
+    -> one line naming the path. `--debug` or KDPIPE_DEBUG=1 lets the original exception through."""
+
+    def invoke(self, ctx: click.Context):
+        import errno
+
+        from pipeline.errors import KdpipeError, one_line
+
+        try:
+            return super().invoke(ctx)
+        except KdpipeError as e:
+            if _debug(ctx):
+                raise
+            raise _OneLine(one_line(e), e.exit_code) from e
+        except OSError as e:
+            if e.errno != errno.ENOSPC or _debug(ctx):
+                raise
+            where = e.filename or "the output"
+            raise _OneLine(f"no space left on the device writing {where}; what finished is kept: free space and "
+                           f"rerun the same command to continue", 1) from e
+
+
+class _OneLine(click.ClickException):
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _debug(ctx: click.Context) -> bool:
+    import os
+
+    root = ctx.find_root()
+    return bool((root.params or {}).get("debug")) or os.environ.get("KDPIPE_DEBUG", "") not in ("", "0")
+
+
+@click.group(cls=KdpipeGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="kdpipe")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error (also KDPIPE_DEBUG=1).")
+def main(debug: bool) -> None:
     """kdpipe: uncertainty-aware dual-student knowledge distillation on ImageNet-100."""
 
 

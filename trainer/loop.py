@@ -20,6 +20,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from pipeline.errors import KdpipeError, MissingDataError, OutputExistsError
+
 from . import checkpoint as ck
 from .config import TrainConfig, amp_dtype, lr_factor, resolve_device, resume_mismatches, to_dict, to_json
 from .evaluate import autocast_for, evaluate, format_table
@@ -29,7 +31,7 @@ from .models import build_model
 TERMS = ("loss", "hard", "teacher", "peer", "w")  # per student, in the stats vector
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(KdpipeError, FloatingPointError):
     """A loss term became NaN or inf; names the step and the term."""
 
 
@@ -260,12 +262,12 @@ def _open_run(cfg: TrainConfig, classes: list[str], resume: bool, rank: int) -> 
     last = run / ck.LAST
     if not resume:
         if last.is_file():
-            raise FileExistsError(f"{run} already holds a run ({last}); pass --resume or choose another --out")
+            raise OutputExistsError(f"{run} already holds a run ({last}); pass --resume or choose another --out")
         if rank == 0:
             ck.atomic_write_bytes(run / ck.CONFIG, to_json(cfg).encode())
         return None
     if not last.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint at {last}")
+        raise MissingDataError(f"--resume: no checkpoint at {last}")
     state = ck.load_checkpoint(last)
     diff = resume_mismatches(state["config"], cfg)
     if diff:

@@ -24,6 +24,7 @@ import torchvision.io as tio
 from PIL import Image
 
 from ..augment import AugParams, AugSpec, sample_params, val_geometry
+from ..errors import CorruptSampleError
 from ..batch import IMAGENET_MEAN_255, IMAGENET_STD_255, host_to_device, normalize_images
 
 if TYPE_CHECKING:
@@ -44,10 +45,6 @@ def decode(data, device: torch.device | str = "cpu"):
 GREY = (0.299, 0.587, 0.114)  # luma weights of the colour definition (PIL's, torchvision's rounded)
 _GREY = np.asarray(GREY, dtype=np.float64)
 _LEVELS = np.arange(256, dtype=np.float64)
-
-
-class CorruptSampleError(RuntimeError):
-    """A sample that cannot be read or decoded; the message names its split, shard and sample id."""
 
 
 def sample_error(index: ShardIndex, sample_id: int, reason: object) -> CorruptSampleError:
