@@ -184,6 +184,17 @@ class ImageNet100Loader:
                 batch.teacher_weight = host_to_device(torch.as_tensor(weight, dtype=torch.float32), self.device)
             yield batch
 
+    def iter_views(self, ids: Any, aug_epoch: int, batch_size: int | None = None) -> Iterator[Batch]:
+        """Batches of exactly `ids`, in that order, as this loader renders them at augmentation epoch `aug_epoch`
+        (training views for the train split): the very pixels a training step sees for (seed, aug_epoch, id).
+        For the teacher cache writer and for looking at chosen samples. No teacher logits attached; with
+        skip_corrupt, dropped ids are missing from the batches (and listed in `.skipped`)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.num_samples):
+            raise IndexError(f"ids must lie in [0, {self.num_samples}) for split {self.split!r}")
+        for images, labels, batch_ids in self.backend.iter_batches(ids, aug_epoch, batch_size or self.batch_size):
+            yield Batch(images, labels, batch_ids, aug_epoch)
+
     def __repr__(self) -> str:
         return (f"ImageNet100Loader({str(self.index.shard_dir)!r}, split={self.split!r}, "
                 f"batch_size={self.batch_size}, backend={self.backend_name!r}, device={str(self.device)!r}, "

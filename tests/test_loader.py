@@ -66,6 +66,19 @@ def test_same_pixels_whatever_the_order(shards):
         assert torch.equal(x, fwd[i])
 
 
+def test_iter_views_gives_the_training_pixels_of_chosen_ids(shards):
+    loader = make(shards, batch_size=5, drop_last=False)
+    train = views(loader, epoch=3)
+    chosen = [17, 2, 9, 2]
+    got = [(i, x) for b in loader.iter_views(chosen, 3, batch_size=3) for i, x in
+           zip(b.ids.tolist(), b.images.permute(0, 2, 3, 1).numpy())]
+    assert [i for i, _ in got] == chosen
+    for i, x in got:
+        np.testing.assert_array_equal(x, train[i])
+    with pytest.raises(IndexError):
+        next(loader.iter_views([24], 0))
+
+
 def test_epochs_differ_and_orders_are_seeded(shards):
     loader = make(shards, batch_size=4)
     e0, e1 = views(loader, 0), views(loader, 1)
