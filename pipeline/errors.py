@@ -36,6 +36,11 @@ class MissingDataError(DataError, FileNotFoundError):
     """A file or directory the job needs is not there."""
 
 
+class TreeLayoutError(DataError, ValueError):
+    """An input image tree (ImageNet or class folders) laid out in a way `kdpipe shard` cannot read; names the
+    folder or file and the layout it expected."""
+
+
 class ShardFormatError(DataError, ValueError):
     """A shard directory's manifest, index or member is malformed, or names a path outside the directory."""
 

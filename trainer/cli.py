@@ -104,8 +104,12 @@ def bench() -> None:
 
 # ---- data: ImageNet tree -> WebDataset shards, and their verification (pipeline/shards.py) ----
 @main.command()
-@click.option("--imagenet", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+@click.option("--imagenet", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="ImageNet root holding train/ (and val/), or a Kaggle download (ILSVRC/Data/CLS-LOC).")
+@click.option("--imagefolder", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Instead of --imagenet: any tree ROOT/train/<class>/<images> (and ROOT/val/<class>/...).")
+@click.option("--val-share", type=float, default=None,
+              help="With --imagefolder and no val/: carve this share of each class from train as val (seeded).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Shard directory.")
 @click.option("--classes", "classes_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help="Class list file (default: the canonical ImageNet-100 list).")
@@ -120,13 +124,24 @@ def bench() -> None:
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Processes (default: all cores).")
 @click.option("--strict", is_flag=True, help="Exit nonzero if any file was rejected.")
 @click.option("--overwrite", is_flag=True, help="Replace an output made with different options or inputs.")
-def shard(imagenet, out, classes_file, val_labels, shard_size, seed, quality, max_side, workers, strict, overwrite):
-    """Write ImageNet-100 (or --classes) as WebDataset shards + manifest + index. Resumable: rerun to continue."""
+def shard(imagenet, imagefolder, val_share, out, classes_file, val_labels, shard_size, seed, quality, max_side,
+          workers, strict, overwrite):
+    """Write ImageNet-100 (or --classes), or any class-folder tree, as WebDataset shards + manifest + index.
+    Resumable: rerun to continue."""
+    from pipeline.imagefolder import discover_imagefolder
+    from pipeline.imagenet import printable
     from pipeline.shards import OptionsMismatch, ShardOptions, build_shards
 
+    if (imagenet is None) == (imagefolder is None):
+        raise click.UsageError("give exactly one of --imagenet and --imagefolder")
+    if imagefolder is not None and (classes_file or val_labels):
+        raise click.UsageError("--classes and --val-labels apply to --imagenet; --imagefolder takes train/'s folders")
+    if imagenet is not None and val_share is not None:
+        raise click.UsageError("--val-share applies to --imagefolder")
     opts = ShardOptions(shard_size=shard_size, seed=seed, quality=quality, max_side=max_side)
     try:
-        report = build_shards(imagenet, out, classes=classes_file, val_labels=val_labels, options=opts,
+        source = imagenet or discover_imagefolder(imagefolder, val_share=val_share, seed=seed)
+        report = build_shards(source, out, classes=classes_file, val_labels=val_labels, options=opts,
                               workers=workers, overwrite=overwrite)
     except (OptionsMismatch, FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e)) from e
@@ -136,7 +151,7 @@ def shard(imagenet, out, classes_file, val_labels, shard_size, seed, quality, ma
     if report.rejected:
         click.echo(f"rejected {len(report.rejected)} files (listed in {out / 'rejected.tsv'}):", err=True)
         for split, src, reason in report.rejected[:10]:
-            click.echo(f"  {split}\t{src}\t{reason}", err=True)
+            click.echo(f"  {split}\t{printable(src)}\t{reason}", err=True)
         if strict:
             raise click.ClickException(f"--strict: {len(report.rejected)} files rejected")
 
