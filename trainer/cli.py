@@ -174,7 +174,7 @@ def verify(shards, workers):
 # ---- cache: teacher logits in a Zarr store (trainer/cache_teacher.py) ----
 @main.command("cache-teacher")
 @click.option("--shards", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
-@click.option("--teacher", default="resnet50", show_default=True, help="Teacher architecture.")
+@click.option("--teacher", default="resnet50", show_default=True, help="Teacher architecture (or timm:NAME).")
 @click.option("--teacher-weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
               help="Local weights: kdpipe checkpoint, C-way or ImageNet-1k state dict.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Zarr store to create or resume.")
@@ -246,8 +246,9 @@ def report(runs, out, teacher_run, low_w, learnable):
 @click.option("--mode", type=click.Choice(["hard", "kd", "uw-kd", "dual"]), default="dual", show_default=True,
               help="Preset: hard (CE only), kd (alpha .3, beta .7), uw-kd (kd weighted by w), dual (.4/.4/.2).")
 @click.option("--students", default=None, help="Comma-separated models (default: resnet18,mobilenet_v2 for dual, "
-              "resnet18 otherwise; also resnet50, tiny_cnn, tiny_resnet, tiny_mobilenet).")
-@click.option("--teacher", default="resnet50", show_default=True, help="Architecture of the online teacher.")
+              "resnet18 otherwise; also resnet50, tiny_cnn, tiny_resnet, tiny_mobilenet, or timm:NAME with timm installed).")
+@click.option("--teacher", default="resnet50", show_default=True,
+              help="Architecture of the online teacher (a registry name or timm:NAME).")
 @click.option("--teacher-weights", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Online teacher weights: kdpipe checkpoint, C-way or ImageNet-1k state dict.")
 @click.option("--teacher-cache", type=click.Path(exists=True), default=None,
