@@ -45,6 +45,11 @@ class ShardFormatError(DataError, ValueError):
     """A shard directory's manifest, index or member is malformed, or names a path outside the directory."""
 
 
+class RemoteReadError(DataError, OSError):
+    """A file behind a URL (shard, manifest, index, teacher cache) could not be read whole after retries: the
+    connection dropped or the server failed. Names the URL and the byte it stopped at."""
+
+
 class CorruptSampleError(DataError, RuntimeError):
     """A sample that cannot be read, fails its checksum or cannot be decoded; names its split, shard and id."""
 

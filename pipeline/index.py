@@ -19,6 +19,10 @@ MANIFEST = "manifest.json"
 
 def read_manifest(shard_dir: str | Path) -> dict:
     """The manifest of a shard directory (see docs/CONTRACTS.md), with a clear error if absent."""
+    from .remote import fetch_manifest, is_url
+
+    if is_url(shard_dir):  # fetched once per process, shard names checked (pipeline/remote.py)
+        return fetch_manifest(shard_dir)[0]
     path = Path(shard_dir) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no manifest; is {shard_dir} a finished `kdpipe shard` output?")

@@ -71,9 +71,14 @@ def shard_name(split: str, k: int) -> str:
 
 
 def manifest_sha256(shard_dir: str | Path) -> str:
-    """sha256 of manifest.json: identifies a shard set (teacher-cache fingerprints use it)."""
+    """sha256 of manifest.json: identifies a shard set (teacher-cache fingerprints use it). A URL's manifest
+    has the same sha256 as the directory it was copied from, so caches work across both."""
     import hashlib
 
+    from .remote import fetch_manifest, is_url
+
+    if is_url(shard_dir):
+        return fetch_manifest(shard_dir)[1]
     path = Path(shard_dir) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no manifest")

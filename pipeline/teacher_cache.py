@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CacheMismatchError, IncompleteCacheError, OutputExistsError
+from .errors import CacheMismatchError, ConfigError, IncompleteCacheError, OutputExistsError
 
 __all__ = ["CacheMismatchError", "IncompleteCacheError", "TeacherCache", "TeacherCacheWriter", "CacheLayout"]
 
@@ -178,6 +178,15 @@ class CacheLayout:
 def _open_group(path: str | Path, mode: str):
     import zarr
 
+    from .remote import is_url
+
+    if is_url(str(path)):  # read-only through fsspec (file://, s3:// with s3fs, http(s):// with aiohttp, ...)
+        if mode != "r":
+            raise ConfigError(f"{path}: a teacher cache is written to a local path; a URL can only be read")
+        try:
+            return zarr.open_group(str(path), mode="r")
+        except ImportError as e:  # the scheme's fsspec package is missing: say which
+            raise ConfigError(f"{path}: {e}") from None
     return zarr.open_group(str(path), mode=mode)
 
 

@@ -40,6 +40,15 @@ class _OneLine(click.ClickException):
         self.exit_code = exit_code
 
 
+class _DirOrURL(click.Path):
+    """An existing local path, or a URL / pipe: spec passed through as is (read remotely: pipeline/remote.py)."""
+
+    def convert(self, value, param, ctx):
+        from pipeline.remote import is_url
+
+        return value if is_url(value) else super().convert(value, param, ctx)
+
+
 def _debug(ctx: click.Context) -> bool:
     import os
 
@@ -173,7 +182,8 @@ def verify(shards, workers):
 
 # ---- cache: teacher logits in a Zarr store (trainer/cache_teacher.py) ----
 @main.command("cache-teacher")
-@click.option("--shards", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--shards", type=_DirOrURL(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Shard directory, or its URL (http(s)://, s3://, gs://, file://, pipe:...{name}...): streamed.")
 @click.option("--teacher", default="resnet50", show_default=True, help="Teacher architecture (or timm:NAME).")
 @click.option("--teacher-weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
               help="Local weights: kdpipe checkpoint, C-way or ImageNet-1k state dict.")
@@ -240,7 +250,8 @@ def report(runs, out, teacher_run, low_w, learnable):
 
 # ---- train: dual-student distillation, evaluation, train-step benchmark (trainer/loop.py) ----
 @main.command()
-@click.option("--shards", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--shards", type=_DirOrURL(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Shard directory, or its URL (http(s)://, s3://, gs://, file://, pipe:...{name}...): streamed.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Run directory: config.json, metrics.jsonl, checkpoints, final weights.")
 @click.option("--mode", type=click.Choice(["hard", "kd", "uw-kd", "dual"]), default="dual", show_default=True,
@@ -251,7 +262,7 @@ def report(runs, out, teacher_run, low_w, learnable):
               help="Architecture of the online teacher (a registry name or timm:NAME).")
 @click.option("--teacher-weights", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Online teacher weights: kdpipe checkpoint, C-way or ImageNet-1k state dict.")
-@click.option("--teacher-cache", type=click.Path(exists=True), default=None,
+@click.option("--teacher-cache", type=_DirOrURL(exists=True), default=None,
               help="Zarr teacher cache (kdpipe cache-teacher) instead of an online teacher.")
 @click.option("--epochs", type=int, default=50, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Per rank.")
@@ -312,7 +323,7 @@ def train(shards, out, mode, students, teacher, teacher_weights, teacher_cache, 
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="A kdpipe checkpoint or final-weights file.")
 @click.option("--which", type=click.Choice(["last", "best"]), default="last", show_default=True)
-@click.option("--shards", type=click.Path(exists=True, file_okay=False), default=None,
+@click.option("--shards", type=_DirOrURL(exists=True, file_okay=False), default=None,
               help="Shards to evaluate on (default: the run's own).")
 @click.option("--image-size", type=int, default=None, help="Crop size (default: the run's own, else 224).")
 @click.option("--batch-size", type=int, default=128, show_default=True)
