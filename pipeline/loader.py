@@ -108,9 +108,11 @@ class ImageNet100Loader:
                               f"CPU workers; use backend='torch' or 'auto'")
         if shuffle_buffer is not None and (not self.stream or shuffle_buffer < 0):
             raise ConfigError("shuffle_buffer (>= 0) applies to shards streamed from a URL")
-        self.backend_name = choose_backend(backend, self.device)
+        # streamed pixels are the torch CPU path's, whatever the device (teacher-cache fingerprints record this)
+        self.backend_name = "torch" if self.stream else choose_backend(backend, self.device)
         if self.stream:
-            from .stream import DEFAULT_BUFFER, RemoteIndex
+            from .remote import RemoteIndex
+            from .stream import DEFAULT_BUFFER
 
             self.shuffle_buffer = DEFAULT_BUFFER if shuffle_buffer is None else shuffle_buffer
             self.index = RemoteIndex(shards, split)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import io
 import json
 import re
 import shlex
@@ -23,7 +24,10 @@ import urllib.request
 from functools import lru_cache
 from typing import IO, Callable
 
-from .errors import ConfigError, MissingDataError, RemoteReadError, ShardFormatError
+import numpy as np
+
+from .errors import ConfigError, MissingDataError, RemoteReadError, ShardFormatError, one_line
+from .index import INDEX_DTYPE
 
 URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -208,3 +212,59 @@ def fetch_manifest(base: str) -> tuple[dict, str]:
         for entry in split.get("shards", []):
             check_member_name(entry.get("name"), url)
     return manifest, hashlib.sha256(raw).hexdigest()
+
+
+class RemoteIndex:
+    """The metadata half of `ShardIndex` for a shard directory behind a URL (labels, heights, widths, classes,
+    manifest), fetched once. There is no random access: samples come from `StreamBackend`."""
+
+    def __init__(self, base: str, split: str = "train"):
+        self.shard_dir, self.split = base, split
+        self.manifest, self.manifest_sha256 = fetch_manifest(base)
+        if split not in self.manifest.get("splits", {}):
+            raise MissingDataError(f"{base}: no split {split!r} (has {', '.join(self.manifest.get('splits', {}))})")
+        info = self.manifest["splits"][split]
+        self.shards: list[dict] = info["shards"]
+        self.shard_names = [s["name"] for s in self.shards]
+        url = member_url(base, f"{split}.index.npy")
+        try:
+            self.rows: np.ndarray = np.load(io.BytesIO(read_whole(url)), allow_pickle=False)
+        except ValueError as e:
+            raise ShardFormatError(f"{url}: not a kdpipe index ({one_line(e, 200)})") from None
+        if self.rows.dtype != INDEX_DTYPE or len(self.rows) != info["count"]:
+            raise ShardFormatError(f"{url}: expected {info['count']} rows of {INDEX_DTYPE}, "
+                                   f"found {len(self.rows)} of {self.rows.dtype}")
+        for k, s in enumerate(self.shards):
+            if not np.all(self.rows["shard"][s["first_id"]:s["first_id"] + s["count"]] == k):
+                raise ShardFormatError(f"{url}: rows of {s['name']} do not point at it; the index and the "
+                                       f"manifest disagree")
+        self.classes: list[str] = [c["wnid"] for c in self.manifest["classes"]]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.rows["label"]
+
+    @property
+    def heights(self) -> np.ndarray:
+        return self.rows["height"]
+
+    @property
+    def widths(self) -> np.ndarray:
+        return self.rows["width"]
+
+    def shard_url(self, k: int) -> str:
+        return member_url(self.shard_dir, self.shard_names[k])
+
+    def shard_path(self, sample_id: int) -> str:
+        return self.shard_url(int(self.rows["shard"][int(sample_id)]))
+
+    def read(self, sample_id: int) -> bytes:
+        raise ConfigError(f"{self.shard_dir}: streamed shards are read in order, not by id; "
+                          f"use ImageNet100Loader over the URL")

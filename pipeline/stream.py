@@ -1,6 +1,6 @@
 """Streaming a shard directory from a URL: the same views as random access, read sequentially.
 
-What is fetched once: manifest.json and `<split>.index.npy` (`RemoteIndex`: labels, sizes, offsets). What is
+What is fetched once: manifest.json and `<split>.index.npy` (`pipeline.remote.RemoteIndex`). What is
 streamed: the tars, each read front to back through webdataset's tar iterator (`read_segment`), starting at the
 first sample a rank needs (the index gives its byte offset) and stopping after the last one.
 
@@ -17,7 +17,6 @@ sample's view is the same as on the random-access path; only the order differs.
 """
 from __future__ import annotations
 
-import io
 import json
 import queue
 import threading
@@ -29,69 +28,12 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from .errors import ConfigError, CorruptSampleError, MissingDataError, RemoteReadError, ShardFormatError, one_line
-from .index import INDEX_DTYPE
-from .remote import RETRIES, RetryingStream, fetch_manifest, member_url, read_whole
+from .errors import CorruptSampleError, RemoteReadError, ShardFormatError, one_line
+from .remote import RETRIES, RemoteIndex, RetryingStream
 
 DEFAULT_BUFFER = 1000  # samples held for the shuffle (about 110 MB of ImageNet JPEGs)
 TAR_BLOCK = 512
 Segment = tuple[int, int, int]  # (shard number, first id, end id): ids [first, end) of one shard, read in order
-
-
-class RemoteIndex:
-    """The metadata half of `ShardIndex` for a shard directory behind a URL (labels, heights, widths, classes,
-    manifest), fetched once. There is no random access: samples come from `StreamBackend`."""
-
-    def __init__(self, base: str, split: str = "train"):
-        self.shard_dir, self.split = base, split
-        self.manifest, self.manifest_sha256 = fetch_manifest(base)
-        if split not in self.manifest.get("splits", {}):
-            raise MissingDataError(f"{base}: no split {split!r} (has {', '.join(self.manifest.get('splits', {}))})")
-        info = self.manifest["splits"][split]
-        self.shards: list[dict] = info["shards"]
-        self.shard_names = [s["name"] for s in self.shards]
-        url = member_url(base, f"{split}.index.npy")
-        try:
-            self.rows: np.ndarray = np.load(io.BytesIO(read_whole(url)), allow_pickle=False)
-        except ValueError as e:
-            raise ShardFormatError(f"{url}: not a kdpipe index ({one_line(e, 200)})") from None
-        if self.rows.dtype != INDEX_DTYPE or len(self.rows) != info["count"]:
-            raise ShardFormatError(f"{url}: expected {info['count']} rows of {INDEX_DTYPE}, "
-                                   f"found {len(self.rows)} of {self.rows.dtype}")
-        for k, s in enumerate(self.shards):
-            if not np.all(self.rows["shard"][s["first_id"]:s["first_id"] + s["count"]] == k):
-                raise ShardFormatError(f"{url}: rows of {s['name']} do not point at it; the index and the "
-                                       f"manifest disagree")
-        self.classes: list[str] = [c["wnid"] for c in self.manifest["classes"]]
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
-    def labels(self) -> np.ndarray:
-        return self.rows["label"]
-
-    @property
-    def heights(self) -> np.ndarray:
-        return self.rows["height"]
-
-    @property
-    def widths(self) -> np.ndarray:
-        return self.rows["width"]
-
-    def shard_url(self, k: int) -> str:
-        return member_url(self.shard_dir, self.shard_names[k])
-
-    def shard_path(self, sample_id: int) -> str:
-        return self.shard_url(int(self.rows["shard"][int(sample_id)]))
-
-    def read(self, sample_id: int) -> bytes:
-        raise ConfigError(f"{self.shard_dir}: streamed shards are read in order, not by id; "
-                          f"use ImageNet100Loader over the URL")
 
 
 # ---------------------------------------------------------------- order (pure)
@@ -374,7 +316,7 @@ class StreamBackend:
     def iter_batches(self, ids: np.ndarray, aug_epoch: int, batch_size: int, segments: list[Segment] | None = None
                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(images, labels, ids) for `ids` in exactly this order, `batch_size` at a time."""
-        from .backends.torch_backend import _worker_init, normalize_nhwc
+        from .backends.torch_backend import normalize_nhwc
         from .batch import host_to_device
 
         ids = np.asarray(ids, dtype=np.int64)
@@ -392,7 +334,7 @@ class StreamBackend:
         try:
             if workers:  # the DataLoader forks its workers first, then pulls items (starting the reader)
                 batches = torch.utils.data.DataLoader(decode, batch_size=None, sampler=_Started(reader, q),
-                                                      num_workers=workers, worker_init_fn=_worker_init,
+                                                      num_workers=workers, worker_init_fn=_one_thread,
                                                       prefetch_factor=2)
             else:
                 reader.start()
@@ -411,6 +353,10 @@ class StreamBackend:
                     break
             if reader.is_alive():
                 reader.join(timeout=1.0)
+
+
+def _one_thread(_: int) -> None:
+    torch.set_num_threads(1)  # one worker process per core; intra-op threads would fight over the cores
 
 
 class _Started:
