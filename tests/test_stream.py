@@ -289,3 +289,25 @@ def test_cli_cache_teacher_and_train_from_urls(shards, serve, tmp_path):
     recs = read_metrics(tmp_path / "run")
     assert [r["images"] for r in recs] == [40, 40] and recs[0]["val_images"] == 8
     assert "(8 validation images)" in cli("eval", "--run", tmp_path / "run", "--shards", url)
+
+
+@pytest.mark.slow
+def test_unreachable_sources_are_one_line_errors(shards, serve, tmp_path):
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.teacher_cache import TeacherCache
+
+    url, _ = serve(shards)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    res = subprocess.run([sys.executable, "-m", "trainer.cli", "train", "--shards", f"{url}/nothing", "--out",
+                          str(tmp_path / "run"), "--mode", "hard", "--device", "cpu"], capture_output=True, text=True,
+                         env=env, timeout=300)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode != 0 and "Traceback" not in res.stderr and len(lines) == 1
+    assert f"{url}/nothing/manifest.json: HTTP 404" in lines[0]
+    if importlib.util.find_spec("aiohttp") is None:  # zarr reads http(s) through fsspec's aiohttp filesystem
+        with pytest.raises(ConfigError, match="aiohttp"):
+            TeacherCache(f"{url}/teacher.zarr")
