@@ -214,11 +214,12 @@ def test_a_dropped_connection_is_resumed_at_the_same_byte(shards, serve, ranges,
     assert len(again) == 2 and again[1] is not None and again[1].startswith("bytes=")
 
 
-def test_a_connection_that_keeps_dropping_is_an_error_not_a_short_epoch(shards, serve, monkeypatch):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_connection_that_keeps_dropping_is_an_error_not_a_short_epoch(shards, serve, monkeypatch, workers):
     monkeypatch.setattr("pipeline.remote.time.sleep", lambda s: None)
     url, srv = serve(shards, ranges=False)  # every retry starts over and dies at the same byte: no progress
     srv.drops["train-000002.tar"] = [99, 1500]
-    stream = loader(url, drop_last=False)
+    stream = loader(url, drop_last=False, num_workers=workers)
     with pytest.raises(RemoteReadError, match=r"train-000002\.tar: read failed at byte 1500 .* after 3 retries"):
         for _ in stream:
             pass
