@@ -197,11 +197,17 @@ def read_whole(url: str, retries: int = RETRIES) -> bytes:
 
 
 @lru_cache(maxsize=8)
-def fetch_manifest(base: str) -> tuple[dict, str]:
-    """(manifest, sha256 of its bytes) of the shard directory at `base`, fetched once per process; every
-    shard name checked with `check_member_name`."""
+def _manifest_bytes(base: str) -> tuple[bytes, str]:
     url = member_url(base, "manifest.json")
     raw = read_whole(url)
+    return raw, hashlib.sha256(raw).hexdigest()
+
+
+def fetch_manifest(base: str) -> tuple[dict, str]:
+    """(manifest, sha256 of its bytes) of the shard directory at `base`, fetched once per process (each call
+    parses its own copy); every shard name checked with `check_member_name`."""
+    url = member_url(base, "manifest.json")
+    raw, sha = _manifest_bytes(base)
     try:
         manifest = json.loads(raw)
     except ValueError as e:
@@ -211,7 +217,7 @@ def fetch_manifest(base: str) -> tuple[dict, str]:
     for split in manifest.get("splits", {}).values():
         for entry in split.get("shards", []):
             check_member_name(entry.get("name"), url)
-    return manifest, hashlib.sha256(raw).hexdigest()
+    return manifest, sha
 
 
 class RemoteIndex:
