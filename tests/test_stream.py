@@ -3,7 +3,6 @@ HTTP server, exact epochs across ranks, resume, dropped connections (resumed, or
 escape the directory, pipe: and file:// sources, a teacher cache made and read through URLs, the CLI."""
 from __future__ import annotations
 
-import functools
 import json
 import shutil
 import socket
