@@ -82,7 +82,7 @@ class ImageNet100Loader:
                  backend: str = "auto", device: torch.device | str | None = None, spec: AugSpec | None = None,
                  rank: int = 0, world_size: int = 1, num_workers: int | None = None,
                  drop_last: bool | None = None, normalize: bool = True, dtype: torch.dtype | None = None,
-                 teacher_cache: Any = None, skip_corrupt: bool = False):
+                 teacher_cache: Any = None, skip_corrupt: bool = False, view_epochs: int | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -109,6 +109,11 @@ class ImageNet100Loader:
         if teacher_cache is not None and not self.train:
             raise ValueError(f"teacher_cache holds logits of training views; split {split!r} has none")
         self.teacher_cache = None if teacher_cache is None else open_teacher_cache(teacher_cache)
+        if self.teacher_cache is not None and view_epochs not in (None, self.teacher_cache.epochs):
+            raise ValueError(f"view_epochs={view_epochs} disagrees with the teacher cache's {self.teacher_cache.epochs}")
+        if view_epochs is not None and view_epochs < 1:
+            raise ValueError(f"view_epochs must be >= 1, got {view_epochs}")
+        self.view_epochs = view_epochs if self.teacher_cache is None else self.teacher_cache.epochs
         cached = getattr(self.teacher_cache, "num_samples", len(self.index))
         if cached != len(self.index):
             raise ValueError(f"teacher cache has {self.teacher_cache.num_samples} samples, "
@@ -150,9 +155,17 @@ class ImageNet100Loader:
             raise ValueError(f"start_step {start_step} is past the end of the epoch ({len(self)} batches)")
         self.epoch, self.start_step = epoch, start_step
 
+    @property
+    def manifest_sha256(self) -> str:
+        """sha256 of the shard set's manifest.json (what a teacher cache's fingerprint names)."""
+        from .shards import manifest_sha256
+
+        return manifest_sha256(self.index.shard_dir)
+
     def aug_epoch(self, epoch: int) -> int:
-        """The augmentation epoch of a training epoch: epoch mod the teacher cache's epochs."""
-        return epoch % self.teacher_cache.epochs if self.teacher_cache is not None else epoch
+        """The augmentation epoch of a training epoch: epoch mod view_epochs (a teacher cache's epochs), so the
+        views repeat exactly as the cached logits do."""
+        return epoch % self.view_epochs if self.view_epochs is not None else epoch
 
     def rank_ids(self, epoch: int) -> np.ndarray:
         """This rank's ids for an epoch, after drop_last (the whole epoch, before start_step)."""

@@ -45,10 +45,13 @@ __all__ = ["ShardOptions", "ShardReport", "OptionsMismatch", "build_shards", "re
 class ShardOptions:
     """Every option that changes the bytes of the output (recorded in the manifest)."""
 
-    shard_size: int = 1000  # samples per shard (~110 MB of ImageNet JPEGs)
-    seed: int = 0  # seed of the train shuffle
-    quality: int = 95  # JPEG quality of re-encoded images (CMYK, PNG, --max-side)
-    max_side: int | None = None  # re-encode images whose longer side exceeds this; None = pass through
+    shard_size: int = field(default=1000, metadata={"help": "samples per shard (~110 MB of ImageNet JPEGs)", "min": 1})
+    seed: int = field(default=0, metadata={"help": "seed of the train shuffle"})
+    quality: int = field(default=95, metadata={"help": "JPEG quality of re-encoded images (CMYK, PNG, --max-side)",
+                                               "min": 1, "max": 100})
+    max_side: int | None = field(default=None, metadata={
+        "help": "re-encode images whose longer side exceeds this many pixels (default: off, bytes pass through)",
+        "min": 1})
 
 
 @dataclass

@@ -423,5 +423,28 @@ class TeacherCache:
 
 
 def open_cache(cache: "str | Path | TeacherCache") -> TeacherCache:
-    """A TeacherCache from a path, or the object itself (what the loader accepts)."""
+    """A TeacherCache from a path, or the object itself."""
     return cache if isinstance(cache, TeacherCache) else TeacherCache(cache)
+
+
+# ---------------------------------------------------------------- the trainer's gate
+
+def validate_cache_for_training(cache: "str | Path | TeacherCache", *, loader: Any, spec: Any, seed: int,
+                                image_size: int) -> TeacherCache:
+    """Open `cache` and refuse it unless it was made for this loader's shards and classes, this aug spec, seed
+    and image size (CacheMismatchError naming each field) and is complete (IncompleteCacheError)."""
+    import warnings
+
+    if int(spec.image_size) != int(image_size):
+        raise ValueError(f"spec.image_size={spec.image_size} but image_size={image_size}")
+    cache = open_cache(cache)
+    expected = view_fingerprint(manifest_sha256=loader.manifest_sha256, wnids=list(loader.classes), spec=spec,
+                                seed=seed)
+    cache.check(expected)
+    cache.check_complete()
+    backend = getattr(loader, "backend_name", None)
+    if backend is not None and backend != cache.fingerprint.get("backend"):
+        warnings.warn(f"teacher cache {cache.path} was made with the {cache.fingerprint.get('backend')} backend, "
+                      f"training uses {backend}: same crops and flips, pixels differ slightly (colour rounding)",
+                      stacklevel=2)
+    return cache

@@ -55,7 +55,7 @@ def sample_error(index: ShardIndex, sample_id: int, reason: object) -> CorruptSa
         where = f"(no shard: {e})"
     text = " ".join(str(reason).split())[:300]
     return CorruptSampleError(f"{index.split} sample {int(sample_id)} in shard {where}: {text} "
-                              f"(pass skip_corrupt=True to drop such samples and count them)")
+                              f"(--skip-corrupt, or skip_corrupt=True, drops such samples and counts them)")
 
 
 def read_and_decode(index: ShardIndex, sample_id: int) -> torch.Tensor:
