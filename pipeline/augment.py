@@ -100,10 +100,6 @@ class AugParams:
     def __len__(self) -> int:
         return int(self.top.shape[0])
 
-    def row(self, i: int) -> dict:
-        """Sample i's parameters as plain Python values (for workers and debugging)."""
-        return {k: getattr(self, k)[i].item() for k in self.__dataclass_fields__}
-
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
     """splitmix64's finaliser: a bijective, well-mixed hash of uint64 (wrapping arithmetic)."""

@@ -11,7 +11,6 @@ so a new backend (DALI, torch CPU, torch CUDA) plugs in without touching the ord
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -21,6 +20,7 @@ import torch
 from .augment import AugSpec, epoch_order
 from .batch import Batch, host_to_device
 from .index import ShardIndex
+from .shard_io import usable_cores
 
 BACKENDS = ("auto", "torch", "dali")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -49,25 +49,6 @@ def backend_class(name: str) -> type:
     from .backends.torch_backend import TorchBackend
 
     return TorchBackend
-
-
-def default_workers() -> int:
-    """One worker process per core this process may use."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def open_teacher_cache(cache: Any) -> Any:
-    """A TeacherCache from a path, or the object itself (anything with .epochs and .lookup)."""
-    if isinstance(cache, (str, Path)):
-        from .teacher_cache import TeacherCache
-
-        return TeacherCache(cache)
-    if not (hasattr(cache, "epochs") and hasattr(cache, "lookup")):
-        raise TypeError("teacher_cache must be a path or have .epochs and .lookup(epoch, ids)")
-    return cache
 
 
 class ImageNet100Loader:
@@ -108,7 +89,11 @@ class ImageNet100Loader:
         self.normalize, self.dtype, self.skip_corrupt = normalize, dtype, skip_corrupt
         if teacher_cache is not None and not self.train:
             raise ValueError(f"teacher_cache holds logits of training views; split {split!r} has none")
-        self.teacher_cache = None if teacher_cache is None else open_teacher_cache(teacher_cache)
+        if teacher_cache is not None:
+            from .teacher_cache import open_cache
+
+            teacher_cache = open_cache(teacher_cache)
+        self.teacher_cache = teacher_cache
         if self.teacher_cache is not None and view_epochs not in (None, self.teacher_cache.epochs):
             raise ValueError(f"view_epochs={view_epochs} disagrees with the teacher cache's {self.teacher_cache.epochs}")
         if view_epochs is not None and view_epochs < 1:
@@ -118,7 +103,7 @@ class ImageNet100Loader:
         if cached != len(self.index):
             raise ValueError(f"teacher cache has {self.teacher_cache.num_samples} samples, "
                              f"split {split!r} of {shards} has {len(self.index)}")
-        self.num_workers = default_workers() if num_workers is None else num_workers
+        self.num_workers = usable_cores() if num_workers is None else num_workers
         self.backend = backend_class(self.backend_name)(
             self.index, spec=self.spec, seed=seed, train=self.train, device=self.device, normalize=normalize,
             dtype=dtype, num_workers=self.num_workers, skip_corrupt=skip_corrupt)

@@ -422,9 +422,14 @@ class TeacherCache:
         self.close()
 
 
-def open_cache(cache: "str | Path | TeacherCache") -> TeacherCache:
-    """A TeacherCache from a path, or the object itself."""
-    return cache if isinstance(cache, TeacherCache) else TeacherCache(cache)
+def open_cache(cache: Any) -> Any:
+    """A TeacherCache from a path, or the object itself (a TeacherCache, or anything with .epochs and
+    .lookup(epoch, ids) -> (logits, weight), e.g. a test double)."""
+    if isinstance(cache, (str, Path)):
+        return TeacherCache(cache)
+    if not (hasattr(cache, "epochs") and hasattr(cache, "lookup")):
+        raise TypeError("teacher_cache must be a path or have .epochs and .lookup(epoch, ids)")
+    return cache
 
 
 # ---------------------------------------------------------------- the trainer's gate
@@ -437,7 +442,7 @@ def validate_cache_for_training(cache: "str | Path | TeacherCache", *, loader: A
 
     if int(spec.image_size) != int(image_size):
         raise ValueError(f"spec.image_size={spec.image_size} but image_size={image_size}")
-    cache = open_cache(cache)
+    cache = cache if isinstance(cache, TeacherCache) else TeacherCache(cache)
     expected = view_fingerprint(manifest_sha256=loader.manifest_sha256, wnids=list(loader.classes), spec=spec,
                                 seed=seed)
     cache.check(expected)

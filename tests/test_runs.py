@@ -252,3 +252,29 @@ def test_a_full_disk_is_one_line_naming_the_path(shards, tmp_path, monkeypatch):
     with pytest.raises(OSError):
         CliRunner().invoke(main, ["train", "--shards", str(shards), "--out", str(tmp_path / "run")],
                            catch_exceptions=False)
+
+
+@pytest.mark.slow
+def test_onnx_export_matches_pytorch_and_refuses_an_unfinished_run(tmp_path):
+    pytest.importorskip("onnxruntime")
+    cfg = tiny_config(tmp_path, "hard", ("tiny_mobilenet",), epochs=1)
+    run_training(cfg, FakeLoader(num_samples=32), FakeLoader(num_samples=16, seed=99), classes=FakeLoader().classes,
+                 progress=False)
+    code, out = cli("export", "--run", tmp_path / "run", "--format", "onnx", "--batch-size", "3")
+    assert code == 0, out
+    assert "max |onnx - torch|" in out and (tmp_path / "run" / "student0-tiny_mobilenet.onnx").is_file()
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tmp_path / "run" / "student0-tiny_mobilenet.onnx"))
+    assert [i.name for i in session.get_inputs()] == ["images"]
+    x = np.random.default_rng(0).standard_normal((5, 3, 32, 32), dtype=np.float32)  # another batch size
+    assert session.run(None, {"images": x})[0].shape == (5, 4)
+    (tmp_path / "run" / "student0-tiny_mobilenet.safetensors").unlink()
+    assert "has not finished" in one_line_error(cli("export", "--run", tmp_path / "run"))
+
+
+def test_export_without_the_extra_names_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    (tmp_path / "config.json").write_text("{}")
+    out = one_line_error(cli("export", "--run", tmp_path), code=2)
+    assert "needs the `onnx` extra" in out
