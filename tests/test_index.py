@@ -152,10 +152,13 @@ def test_an_index_without_crc32_is_refused_and_a_shard_rerun_adds_it(shard_dir, 
         side.write_text(json.dumps(meta))
     with pytest.raises(ShardFormatError, match=r"older kdpipe, without the crc32 field; rerun `kdpipe shard`"):
         ShardIndex(shard_dir, "train")
-    tars = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in shard_dir.glob("*.tar")}
+    def stamps():
+        return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in shard_dir.glob("*") if p.suffix in (".tar", ".idx")}
+
+    before, manifest = stamps(), (shard_dir / "manifest.json").read_bytes()
     report = build_shards(tmp_path / "tree", shard_dir, classes=small_wnids, options=ShardOptions(shard_size=4),
                           workers=1, progress=False)
-    assert report.written == [] and {p.name: (p.stat().st_ino, p.stat().st_mtime_ns)
-                                     for p in shard_dir.glob("*.tar")} == tars
+    assert report.written == [] and stamps() == before and len(before) == 10
+    assert (shard_dir / "manifest.json").read_bytes() == manifest
     assert np.load(shard_dir / "train.index.npy").tobytes() == good.tobytes()
     assert ShardIndex(shard_dir, "train").read(3)
