@@ -160,12 +160,12 @@ def verify(shards, cache, workers):
     problem found, one a line, and exits 1 if there is any."""
     if shards is None and cache is None:
         raise click.UsageError("give --shards DIR, --cache STORE, or both")
-    problems = []
+    problems: dict[Path, int] = {}  # what was checked -> number of problems found
     if shards is not None:
         from pipeline.shards import verify_shards
 
         result = verify_shards(shards, workers=workers, progress=True)
-        problems += [str(shards)] * len(result.problems)
+        problems[shards] = len(result.problems)
         for problem in result.problems:
             click.echo(problem, err=True)
         if result.ok:
@@ -174,7 +174,7 @@ def verify(shards, cache, workers):
         from pipeline.teacher_cache import TeacherCache
 
         report = TeacherCache(cache, prefetch=False).verify()
-        problems += [str(cache)] * len(report.problems())
+        problems[cache] = len(report.problems())
         for problem in report.problems():
             click.echo(f"{cache}: {problem}", err=True)
         if report.ok:
@@ -182,8 +182,9 @@ def verify(shards, cache, workers):
         elif report.damage:
             click.echo(f"{cache}: rerun `kdpipe cache-teacher` with the same options to recompute the damaged units",
                        err=True)
-    if problems:
-        raise click.ClickException(f"{len(problems)} problems in {', '.join(dict.fromkeys(problems))}")
+    if any(problems.values()):
+        raise click.ClickException(f"{sum(problems.values())} problems in "
+                                   + ", ".join(str(p) for p, n in problems.items() if n))
 
 
 # ---- cache: teacher logits in a Zarr store (trainer/cache_teacher.py) ----
