@@ -1,4 +1,4 @@
-"""Random access into shards: sample id -> (shard, offset, size, label, height, width), and the bytes.
+"""Random access into shards: sample id -> (shard, offset, size, label, height, width, crc32), and the bytes.
 
 `ShardIndex` is what loaders use from DataLoader worker processes: it pickles without open files
 and opens each shard lazily, once per process, then reads an image with one `os.pread`.
