@@ -63,7 +63,8 @@ class ImageNet100Loader:
                  backend: str = "auto", device: torch.device | str | None = None, spec: AugSpec | None = None,
                  rank: int = 0, world_size: int = 1, num_workers: int | None = None,
                  drop_last: bool | None = None, normalize: bool = True, dtype: torch.dtype | None = None,
-                 teacher_cache: Any = None, skip_corrupt: bool = False, view_epochs: int | None = None):
+                 teacher_cache: Any = None, skip_corrupt: bool = False, check_crc: bool = True,
+                 view_epochs: int | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -80,7 +81,9 @@ class ImageNet100Loader:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {self.device} asked for, but CUDA is not available; use device='cpu'")
         self.backend_name = choose_backend(backend, self.device)
-        self.index = ShardIndex(shards, split)  # raises naming the directory and the splits it has
+        # raises naming the directory and the splits it has; check_crc: each JPEG's bytes against the crc32
+        # recorded by the shard writer (about 1 % of a training view: docs/loader.md "Bad input")
+        self.index = ShardIndex(shards, split, check_crc=check_crc)
         self.split, self.batch_size, self.seed = split, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.spec = spec or AugSpec()

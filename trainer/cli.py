@@ -65,7 +65,7 @@ def main(debug: bool) -> None:
 
 @main.command()
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Directory to write the tree into.")
-@click.option("--classes", "classes_file", type=click.Path(path_type=Path), default=None,
+@click.option("--classes", "classes_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Class list file (default: the ImageNet-100 list).")
 @click.option("--num-classes", type=int, default=None, help="Use only the first N classes of the list.")
 @click.option("--train-per-class", type=int, default=4, show_default=True)
@@ -83,9 +83,17 @@ def synth(out, classes_file, num_classes, train_per_class, val_per_class, val_la
           learnable, ambiguous_share):
     """Write a synthetic ImageNet tree in the real ILSVRC2012 layout (for tests, demos, benchmarks)."""
     from pipeline.classes import load_class_list
+    from pipeline.errors import ConfigError
     from pipeline.synthetic import make_imagenet_tree
 
-    wnids = load_class_list(classes_file)[:num_classes]
+    try:
+        wnids = load_class_list(classes_file)
+    except ValueError as e:  # a malformed list: one line naming the file and line
+        raise ConfigError(str(e)) from e
+    if num_classes is not None and not 1 <= num_classes <= len(wnids):
+        raise ConfigError(f"--num-classes {num_classes}: the class list {classes_file or '(ImageNet-100)'} has "
+                          f"{len(wnids)} classes; give 1..{len(wnids)}")
+    wnids = wnids[:num_classes]
     if learnable:
         from pipeline.learnable import make_learnable_tree
 
@@ -137,18 +145,41 @@ def shard(**params):
 
 
 @main.command()
-@click.option("--shards", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--shards", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Shard directory: every checksum, member, id and label; every image decodes.")
+@click.option("--cache", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Teacher cache (Zarr store): every written unit against its checksums.")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Processes (default: all cores).")
-def verify(shards, workers):
-    """Check every shard against the manifest: counts, checksums, ids, labels, and that every image decodes."""
-    from pipeline.shards import verify_shards
+def verify(shards, cache, workers):
+    """Check shards against their manifest and index, and/or a teacher cache unit by unit. Lists every
+    problem found, one a line, and exits 1 if there is any."""
+    if shards is None and cache is None:
+        raise click.UsageError("give --shards DIR, --cache STORE, or both")
+    problems: dict[Path, int] = {}  # what was checked -> number of problems found
+    if shards is not None:
+        from pipeline.shards import verify_shards
 
-    result = verify_shards(shards, workers=workers, progress=True)
-    for problem in result.problems:
-        click.echo(problem, err=True)
-    if not result.ok:
-        raise click.ClickException(f"{len(result.problems)} problems in {shards}")
-    click.echo(f"{shards}: {result.shards} shards, {result.samples} samples OK")
+        result = verify_shards(shards, workers=workers, progress=True)
+        problems[shards] = len(result.problems)
+        for problem in result.problems:
+            click.echo(problem, err=True)
+        if result.ok:
+            click.echo(f"{shards}: {result.shards} shards, {result.samples} samples OK")
+    if cache is not None:
+        from pipeline.teacher_cache import TeacherCache
+
+        report = TeacherCache(cache, prefetch=False).verify()
+        problems[cache] = len(report.problems())
+        for problem in report.problems():
+            click.echo(f"{cache}: {problem}", err=True)
+        if report.ok:
+            click.echo(f"{cache}: {report.checked} units ({report.units} expected), every checksum OK")
+        elif report.damage:
+            click.echo(f"{cache}: rerun `kdpipe cache-teacher` with the same options to recompute the damaged units",
+                       err=True)
+    if any(problems.values()):
+        raise click.ClickException(f"{sum(problems.values())} problems in "
+                                   + ", ".join(str(p) for p, n in problems.items() if n))
 
 
 # ---- cache: teacher logits in a Zarr store (trainer/cache_teacher.py) ----
