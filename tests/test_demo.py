@@ -17,7 +17,7 @@ from trainer.demo import LADDER, TINY, DemoConfig, cache_path, ladder_run, run_d
 
 def _numbers(run) -> list[dict]:
     """A run's metrics without the timing and memory figures (which differ between identical runs)."""
-    skip = {"epoch_time_s", "images_per_s", "peak_mem_mb", "data_time_s", "compute_time_s", "data_share"}
+    from trainer.metrics import TIMING_FIELDS as skip
     return [{k: v for k, v in json.loads(line).items() if k not in skip}
             for line in (run / "metrics.jsonl").read_text().splitlines()]
 

@@ -213,7 +213,8 @@ def cache_teacher_cmd(shards, teacher, teacher_weights, out, epochs, seed, image
               help="The learnable dataset the shards came from (tree or its learnable.json): split the teacher's "
                    "statistics into clean and ambiguous samples.")
 def report(runs, out, teacher_run, low_w, learnable):
-    """Write OUT/report.md (Tables I-III, teacher uncertainty, accuracy per epoch) and PNG plots from RUNS."""
+    """Write OUT/report.md (assumptions, Tables I-IV with verdicts, convergence, teacher uncertainty and its
+    most/least confident views, accuracy per epoch) and PNG plots from RUNS; seeds of one mode are pooled."""
     from trainer.report import write_report
 
     try:

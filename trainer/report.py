@@ -118,8 +118,9 @@ def load_run(path: str | Path) -> Run:
 
 
 def _cache_of(runs: list[Run]) -> tuple[str, float, str] | None:
-    """The first teacher cache a run names that still exists, with that run's tau and shards."""
-    for r in runs:
+    """The teacher cache of the lowest seed that a run names and that still exists, with that run's tau and
+    shards (with several seeds the statistics and the picture come from that one cache)."""
+    for r in sorted(runs, key=lambda r: r.seed):
         c = r.config.get("teacher_cache")
         if c and Path(c).exists():
             return c, float(r.config.get("loss", {}).get("tau", 4.0)), str(r.config.get("shards", ""))

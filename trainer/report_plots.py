@@ -41,13 +41,18 @@ def plot_accuracy(runs: list, path: Path) -> bool:
             n = min(len(s) for s in series)
             ys = np.array([s[:n] for s in series], dtype=float)
             xs = np.arange(1, n + 1)
-            ax.plot(xs, ys.mean(axis=0), marker="o", ms=3,
-                    label=mode if len(series) == 1 else f"{mode} (mean of {len(series)})")
-            if len(series) > 1:
-                ax.fill_between(xs, ys.min(axis=0), ys.max(axis=0), alpha=0.2)
+            color = f"C{modes.index(mode)}"  # one colour per mode in every panel
+            ax.plot(xs, ys.mean(axis=0), marker="o", ms=3, color=color,
+                    label=mode if len(series) == 1 else f"{mode} ({len(series)} runs: mean, range)")
+            if len(series) > 1 and n > 1:
+                ax.fill_between(xs, ys.min(axis=0), ys.max(axis=0), color=color, alpha=0.2)
+            elif len(series) > 1:  # one epoch: the range as an error bar
+                m = ys.mean(axis=0)
+                ax.errorbar(xs, m, yerr=[m - ys.min(axis=0), ys.max(axis=0) - m], color=color, capsize=3, ls="none")
+            ax.set_xlim(0.5, max(ax.get_xlim()[1], n + 0.5))
         ax.set_title(panel)
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("validation top-1 (%)")
