@@ -260,6 +260,10 @@ def test_reused_views_and_departures_are_named_next_to_the_numbers(tmp_path):
     assert "dual: `loss.entropy_tau` = 4.0 (default 1.0)" in text
     assert "kd: `reuse_views` = true (default false)" in text
     assert "kd: `loss.weight_fn`" not in text
+    # --reuse-views given, but the cache had a view for every epoch: nothing was repeated, nothing marked.
+    enough = make_run(tmp_path, "kd2", "kd", ["r18"], [55.0], epochs=2, reuse_views=True,
+                      runtime={**runtime, "views_per_sample": 2})
+    assert "†" not in rep.write_report([enough], tmp_path / "out2").read_text()
 
 
 def test_table_four_counts_parameters_of_the_models_used(tmp_path):

@@ -68,9 +68,10 @@ class Run:
 
     @property
     def reused_views(self) -> bool:
-        """True when training repeated augmented views (more epochs than the teacher cache's views)."""
+        """True when training repeated augmented views (fewer distinct views per sample than epochs); without
+        the runtime record (older runs), when the run allowed it (reuse_views)."""
         vps = self.runtime.get("views_per_sample")
-        return bool(self.config.get("reuse_views")) or (vps is not None and int(vps) < len(self.epochs))
+        return int(vps) < len(self.epochs) if vps is not None else bool(self.config.get("reuse_views"))
 
     @property
     def train_time_s(self) -> float | None:
