@@ -49,6 +49,10 @@ class CheckpointError(DataError, ValueError):
     not what the job needs."""
 
 
+class RunFormatError(DataError, ValueError):
+    """A run directory's config.json or metrics.jsonl is malformed, empty, or belongs to another run."""
+
+
 class CacheError(DataError):
     """A teacher cache that cannot serve this job."""
 

@@ -213,7 +213,8 @@ def cache_teacher_cmd(config_file, **params):
               help="The learnable dataset the shards came from (tree or its learnable.json): split the teacher's "
                    "statistics into clean and ambiguous samples.")
 def report(runs, out, teacher_run, low_w, learnable):
-    """Write OUT/report.md (Tables I-III, teacher uncertainty, accuracy per epoch) and PNG plots from RUNS."""
+    """Write OUT/report.md (assumptions, Tables I-IV with verdicts, convergence, teacher uncertainty and its
+    most/least confident views, accuracy per epoch) and PNG plots from RUNS; seeds of one mode are pooled."""
     from trainer.report import write_report
 
     try:
@@ -313,13 +314,16 @@ def bench_train(args):
 @click.option("--tiny", is_flag=True, help="A seconds-long version (5 classes, 1 epoch) that checks the chain.")
 @click.option("--backend", type=click.Choice(["auto", "dali", "torch"]), default="auto", show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
-def demo(out, tiny, backend, device):
+@click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Run the ladder with N seeds (data, shards and teacher shared; one teacher cache per seed); "
+                   "the report gives mean ± sd and a verdict per rung.")
+def demo(out, tiny, backend, device, seeds):
     """Generate a learnable dataset, shard it, train a teacher, cache it, run hard -> kd -> uw-kd -> dual, report."""
     import dataclasses
 
     from trainer.demo import TINY, DemoConfig, run_demo
 
-    cfg = dataclasses.replace(TINY if tiny else DemoConfig(), backend=backend, device=device)
+    cfg = dataclasses.replace(TINY if tiny else DemoConfig(), backend=backend, device=device, seeds=seeds)
     try:
         path = run_demo(out, cfg)
     except ValueError as e:
