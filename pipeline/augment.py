@@ -12,7 +12,7 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
 
@@ -32,6 +32,10 @@ _S30, _S27, _S31, _S32 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(
 _LOW32 = np.uint64(0xFFFFFFFF)
 _TWO_M32 = 1.0 / 4294967296.0
 
+# The validation resize: "shorter" = torchvision's Resize(int) (shorter side to val_resize, aspect kept), the
+# ImageNet norm; "square" = resize to val_resize x val_resize (the paper's words: "resize to 256x256").
+ValResize = Literal["shorter", "square"]
+
 
 @dataclass(frozen=True)
 class AugSpec:
@@ -47,6 +51,7 @@ class AugSpec:
     # validation: shorter side to this, then centre crop image_size; None keeps the paper's 256/224
     # proportion at any image_size (256 at 224, 37 at 32), so small crops see the whole object
     val_resize: int | None = None
+    val_resize_mode: ValResize = "shorter"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scale", tuple(float(x) for x in self.scale))
@@ -65,6 +70,8 @@ class AugSpec:
         for name in ("brightness", "contrast", "saturation"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.val_resize_mode not in ("shorter", "square"):
+            problems.append(f"val_resize_mode must be 'shorter' or 'square', got {self.val_resize_mode!r}")
         if self.val_resize < self.image_size:
             problems.append(f"val_resize ({self.val_resize}) must be >= image_size ({self.image_size})")
         if problems:
@@ -92,10 +99,6 @@ class AugParams:
 
     def __len__(self) -> int:
         return int(self.top.shape[0])
-
-    def row(self, i: int) -> dict:
-        """Sample i's parameters as plain Python values (for workers and debugging)."""
-        return {k: getattr(self, k)[i].item() for k in self.__dataclass_fields__}
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -199,11 +202,15 @@ def sample_params(spec: AugSpec, seed: int, epoch: int, ids, heights, widths) ->
 
 
 def val_geometry(spec: AugSpec, height: int, width: int) -> tuple[int, int, tuple[int, int, int, int]]:
-    """Validation: the resized size (shorter side -> val_resize, like torchvision's Resize(int)) and
-    the centre crop box (top, left, h, w) in resized pixels, like CenterCrop."""
-    short, long_ = (height, width) if height <= width else (width, height)
-    new_long = int(spec.val_resize * long_ / short)  # torchvision truncates the long side
-    rh, rw = (spec.val_resize, new_long) if height <= width else (new_long, spec.val_resize)
+    """Validation: the resized size (shorter side -> val_resize, like torchvision's Resize(int); or
+    val_resize x val_resize with val_resize_mode "square") and the centre crop box (top, left, h, w) in
+    resized pixels, like CenterCrop."""
+    if spec.val_resize_mode == "square":
+        rh = rw = spec.val_resize
+    else:
+        short, long_ = (height, width) if height <= width else (width, height)
+        new_long = int(spec.val_resize * long_ / short)  # torchvision truncates the long side
+        rh, rw = (spec.val_resize, new_long) if height <= width else (new_long, spec.val_resize)
     s = spec.image_size
     if rh < s or rw < s:
         raise ValueError(f"resized image {rh}x{rw} is smaller than the crop {s}")

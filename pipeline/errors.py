@@ -59,6 +59,10 @@ class CheckpointError(DataError, ValueError):
     not what the job needs."""
 
 
+class RunFormatError(DataError, ValueError):
+    """A run directory's config.json or metrics.jsonl is malformed, empty, or belongs to another run."""
+
+
 class CacheError(DataError):
     """A teacher cache that cannot serve this job."""
 
@@ -79,6 +83,18 @@ class IncompleteCacheError(CacheError, RuntimeError):
         parts = [f"epoch {e} ({n}/{chunks_per_epoch} chunks missing)" for e, n in sorted(missing.items())]
         super().__init__(f"teacher cache {path} is incomplete: {', '.join(parts)}; "
                          f"rerun `kdpipe cache-teacher` with the same options to finish it")
+
+
+class CacheDamageError(CacheError, RuntimeError):
+    """Written units whose data no longer match the checksums written with them (a lost chunk file, a flipped
+    byte); `.units` lists their (epoch, chunk). A rerun of the same cache-teacher command recomputes them."""
+
+    def __init__(self, path: str, damage: list[tuple[int, int, str]]):
+        self.units = sorted({(e, c) for e, c, _ in damage})
+        shown = "; ".join(f"epoch {e} chunk {c}: {why}" for e, c, why in damage[:5])
+        more = f"; and {len(damage) - 5} more" if len(damage) > 5 else ""
+        super().__init__(f"teacher cache {path} is damaged: {shown}{more}; rerun `kdpipe cache-teacher` with the "
+                         f"same options to recompute the damaged units (`kdpipe verify --cache {path}` lists them all)")
 
 
 def one_line(text: object, limit: int = 2000) -> str:

@@ -1,4 +1,4 @@
-"""Random access into shards: sample id -> (shard, offset, size, label, height, width), and the bytes.
+"""Random access into shards: sample id -> (shard, offset, size, label, height, width, crc32), and the bytes.
 
 `ShardIndex` is what loaders use from DataLoader worker processes: it pickles without open files
 and opens each shard lazily, once per process, then reads an image with one `os.pread`.
@@ -7,56 +7,157 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
+import zlib
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-# Row i describes sample id i of a split; `offset` is where the `.jpg` member's data starts in its tar.
+from .errors import CorruptSampleError, MissingDataError, ShardFormatError
+
+# Row i describes sample id i of a split; `offset` is where the `.jpg` member's data starts in its tar;
+# `crc32` is zlib.crc32 of the JPEG bytes (the `jpg_crc32` of the sample's .json), checked on reads.
 INDEX_DTYPE = np.dtype([("shard", "<i4"), ("offset", "<i8"), ("size", "<i8"), ("label", "<i4"),
-                        ("height", "<i4"), ("width", "<i4")])
+                        ("height", "<i4"), ("width", "<i4"), ("crc32", "<u4")])
+# What kdpipe wrote before the crc32 field: refused with the fix (`kdpipe shard` adds the field).
+INDEX_DTYPE_NO_CRC = np.dtype(INDEX_DTYPE.descr[:-1])
 MANIFEST = "manifest.json"
+MIN_SAMPLE_BYTES = 4 * 512  # four tar members, each at least a 512-byte header: a manifest count sanity bound
 
 
 def read_manifest(shard_dir: str | Path) -> dict:
-    """The manifest of a shard directory (see docs/CONTRACTS.md), with a clear error if absent."""
+    """The manifest of a shard directory (see docs/CONTRACTS.md), checked for the structure readers rely on
+    (ShardFormatError naming the file and entry; MissingDataError when absent). A URL's manifest is fetched
+    once per process and checked the same way (pipeline/remote.py)."""
     from .remote import fetch_manifest, is_url
 
-    if is_url(shard_dir):  # fetched once per process, shard names checked (pipeline/remote.py)
+    if is_url(shard_dir):
         return fetch_manifest(shard_dir)[0]
     path = Path(shard_dir) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no manifest; is {shard_dir} a finished `kdpipe shard` output?")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != "kdpipe-shards":
-        raise ValueError(f"{path}: not a kdpipe shard manifest")
+        raise MissingDataError(f"{path}: no manifest; is {shard_dir} a finished `kdpipe shard` output? "
+                               "(a run that was stopped writes it last: rerun the same `kdpipe shard` command)")
+    try:
+        manifest = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, absurd nesting
+        raise ShardFormatError(f"{path}: not valid JSON ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
+                               "rerun `kdpipe shard` to rewrite it") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != "kdpipe-shards":
+        raise ShardFormatError(f"{path}: not a kdpipe shard manifest (no \"format\": \"kdpipe-shards\")")
+    check_manifest(manifest, str(path))
     return manifest
+
+
+def check_manifest(manifest: dict, source: str) -> None:
+    """The manifest invariants every reader relies on: per split, shard entries with a confined name,
+    ids dense in shard order, counts that add up and fit in the shard's bytes. Pure (no file access)."""
+    def bad(where: str, what: str) -> ShardFormatError:
+        return ShardFormatError(f"{source}: {where}: {what}; the manifest is damaged: rerun `kdpipe shard`")
+
+    def integer(value, where: str) -> int:
+        if type(value) is not int or value < 0:
+            raise bad(where, f"{value!r} is not a count (non-negative integer)")
+        return value
+
+    classes, splits = manifest.get("classes"), manifest.get("splits")
+    if not isinstance(classes, list) or not all(isinstance(c, dict) and isinstance(c.get("wnid"), str)
+                                                for c in classes):
+        raise bad("classes", "expected a list of {\"label\", \"wnid\", \"name\"}")
+    if not isinstance(splits, dict):
+        raise bad("splits", "expected an object of splits")
+    for split, info in splits.items():
+        where = f"splits.{split}"
+        if not isinstance(info, dict) or not isinstance(info.get("shards"), list):
+            raise bad(where, "expected {\"count\", \"shards\": [...]}")
+        next_id = 0
+        for k, entry in enumerate(info["shards"]):
+            at = f"{where}.shards[{k}]"
+            if not isinstance(entry, dict):
+                raise bad(at, "expected an object")
+            check_shard_name(entry.get("name"), f"{source}: {at}.name")
+            if integer(entry.get("first_id"), f"{at}.first_id") != next_id:
+                raise bad(at, f"first_id {entry['first_id']}, expected {next_id} (ids are dense, in shard order)")
+            count, nbytes = integer(entry.get("count"), f"{at}.count"), integer(entry.get("bytes"), f"{at}.bytes")
+            if count * MIN_SAMPLE_BYTES > nbytes:
+                raise bad(at, f"count {count} cannot fit in {nbytes} bytes")
+            if not isinstance(entry.get("sha256"), str):
+                raise bad(at, "no sha256")
+            next_id += count
+        if integer(info.get("count"), f"{where}.count") != next_id:
+            raise bad(f"{where}.count", f"{info['count']}, but its shards hold {next_id} samples")
+
+
+def check_shard_name(name: object, source: str) -> str:
+    """A shard name from a manifest must be a plain file name in the shard directory: not absolute, no
+    directory part, no `..` (a manifest must not make a reader open or hash files elsewhere). Pure: the
+    streaming reader checks remote names with it too; `shard_file` adds the symlink check for local ones."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "\0" in name \
+            or PurePosixPath(name).name != name or "\\" in name:
+        raise ShardFormatError(f"{source}: shard name {name!r} is not a plain file name inside the shard "
+                               "directory (absolute paths, directories and '..' are refused)")
+    return name
+
+
+def shard_file(shard_dir: str | Path, name: str, source: str) -> Path:
+    """shard_dir/name, refused (ShardFormatError naming the entry) unless the name is a plain file name and
+    the file, after following symlinks, lies inside shard_dir. A missing file passes (readers report it)."""
+    path = Path(shard_dir) / check_shard_name(name, source)
+    real, root = os.path.realpath(path), os.path.realpath(shard_dir)
+    if os.path.commonpath([real, root]) != root:
+        raise ShardFormatError(f"{source}: shard {name!r} is a symlink to {real}, outside the shard directory "
+                               f"{root}; refused")
+    return path
 
 
 def index_path(shard_dir: str | Path, split: str) -> Path:
     return Path(shard_dir) / f"{split}.index.npy"
 
 
+def load_index(shard_dir: str | Path, split: str, count: int, shards: int) -> np.ndarray:
+    """The rows of {split}.index.npy, checked against the manifest (ShardFormatError naming the file)."""
+    path = index_path(shard_dir, split)
+    if not path.is_file():
+        raise MissingDataError(f"{path}: index file missing; rerun `kdpipe shard` with the same options to "
+                               "write it (finished shards are kept)")
+    try:
+        rows = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:  # object arrays, a damaged header, a truncated file
+        raise ShardFormatError(f"{path}: not a readable index ({' '.join(str(e).split())[:200]}); rerun "
+                               "`kdpipe shard` with the same options to rewrite it") from None
+    if rows.dtype == INDEX_DTYPE_NO_CRC:
+        raise ShardFormatError(f"{path}: written by an older kdpipe, without the crc32 field; rerun `kdpipe shard` "
+                               "with the same options: it adds the field (only the index files are rewritten)")
+    if rows.dtype != INDEX_DTYPE or rows.ndim != 1 or len(rows) != count:
+        raise ShardFormatError(f"{path}: expected {count} rows of {INDEX_DTYPE}, found shape {rows.shape} of "
+                               f"{rows.dtype}; rerun `kdpipe shard` with the same options to rewrite it")
+    if len(rows) and (rows["shard"].min() < 0 or rows["shard"].max() >= shards or rows["offset"].min() < 0
+                      or rows["size"].min() < 0):
+        raise ShardFormatError(f"{path}: rows point outside the {shards} shards of the manifest; rerun "
+                               "`kdpipe shard` with the same options to rewrite it")
+    return rows
+
+
 class ShardIndex:
     """Random access to one split of a shard directory.
 
-    idx.labels / heights / widths are numpy arrays by sample id; idx.read(id) returns the JPEG bytes.
+    idx.labels / heights / widths are numpy arrays by sample id; idx.read(id) returns the JPEG bytes, checked
+    against the crc32 the shard writer recorded when check_crc (the default: it costs about 1 % of a training
+    view; docs/loader.md "Bad input").
     """
 
-    def __init__(self, shard_dir: str | Path, split: str = "train"):
+    def __init__(self, shard_dir: str | Path, split: str = "train", *, check_crc: bool = True):
         self.shard_dir = Path(shard_dir)
         self.split = split
+        self.check_crc = check_crc
         self.manifest = read_manifest(self.shard_dir)
-        if split not in self.manifest["splits"]:
-            raise KeyError(f"{self.shard_dir}: no split {split!r} (has {', '.join(self.manifest['splits'])})")
-        info = self.manifest["splits"][split]
+        splits = self.manifest["splits"]
+        if split not in splits:
+            raise MissingDataError(f"{self.shard_dir}: no {split!r} split (it has: {', '.join(splits) or 'none'}); "
+                                   f"`kdpipe shard` writes val only from a tree with a val/ folder")
+        info = splits[split]
         self.shard_names: list[str] = [s["name"] for s in info["shards"]]
-        path = index_path(self.shard_dir, split)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: index file missing")
-        self.rows: np.ndarray = np.load(path, allow_pickle=False)
-        if self.rows.dtype != INDEX_DTYPE or len(self.rows) != info["count"]:
-            raise ValueError(f"{path}: expected {info['count']} rows of {INDEX_DTYPE}, "
-                             f"found {len(self.rows)} of {self.rows.dtype}")
+        source = str(self.shard_dir / MANIFEST)
+        self._paths = [shard_file(self.shard_dir, n, f"{source}: splits.{split}") for n in self.shard_names]
+        self.rows: np.ndarray = load_index(self.shard_dir, split, info["count"], len(self.shard_names))
         self.classes: list[str] = [c["wnid"] for c in self.manifest["classes"]]
         self._fds: dict[int, int] = {}
         self._pid = os.getpid()
@@ -82,17 +183,25 @@ class ShardIndex:
         return self.rows["width"]
 
     def shard_path(self, sample_id: int) -> Path:
-        return self.shard_dir / self.shard_names[int(self.rows["shard"][self._check_id(sample_id)])]
+        return self._paths[int(self.rows["shard"][self._check_id(sample_id)])]
 
     # -- data
     def read(self, sample_id: int) -> bytes:
-        """The JPEG bytes of one sample (one pread; the shard is opened once per process)."""
+        """The JPEG bytes of one sample (one pread; the shard is opened once per process).
+
+        With check_crc, bytes that differ from what the shard writer wrote raise CorruptSampleError: a flipped
+        byte in a JPEG's entropy data still decodes, to wrong pixels, so decoding alone would not notice."""
         i = self._check_id(sample_id)
         shard, offset, size = int(self.rows["shard"][i]), int(self.rows["offset"][i]), int(self.rows["size"][i])
         data = os.pread(self._fd(shard, i), size, offset)
         if len(data) != size:
-            raise OSError(f"{self.shard_dir / self.shard_names[shard]}: shorter than the index says "
+            raise OSError(f"{self._paths[shard]}: shorter than the index says "
                           f"(sample {i}: wanted {size} bytes at offset {offset}, got {len(data)})")
+        if self.check_crc and zlib.crc32(data) != int(self.rows["crc32"][i]):
+            raise CorruptSampleError(
+                f"{self.split} sample {i} in shard {self._paths[shard]}: its JPEG bytes fail their crc32 check "
+                f"(the shard changed after `kdpipe shard` wrote it); `kdpipe verify --shards {self.shard_dir}` lists "
+                "every damaged sample; skip_corrupt=True (--skip-corrupt) drops such samples")
         return data
 
     def close(self) -> None:
@@ -111,11 +220,11 @@ class ShardIndex:
             self._fds, self._pid = {}, os.getpid()
         fd = self._fds.get(shard)
         if fd is None:
-            path = self.shard_dir / self.shard_names[shard]
+            path = self._paths[shard]
             try:
                 fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:
-                raise FileNotFoundError(f"{path}: shard missing (needed for {self.split} sample {sample_id})") from None
+                raise MissingDataError(f"{path}: shard missing (needed for {self.split} sample {sample_id})") from None
             self._fds[shard] = fd
         return fd
 

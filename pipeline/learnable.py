@@ -25,7 +25,8 @@ import numpy as np
 
 from .atomic import atomic_write_bytes
 from .classes import imagenet100_wnids
-from .synthetic import jpeg_bytes
+from .errors import ConfigError
+from .synthetic import check_tree_args, jpeg_bytes
 
 SHAPES = ("disk", "square", "triangle", "ring", "cross", "dumbbell", "star", "bar", "crescent", "frame")
 HUES = 10  # colour families, 36 degrees apart
@@ -243,13 +244,15 @@ def make_learnable_tree(
     ambiguous_share: fraction of each split made ambiguous (exactly round(share * N) samples).
     """
     if not 0.0 <= ambiguous_share <= 1.0:
-        raise ValueError(f"ambiguous_share must be in [0, 1], not {ambiguous_share}")
-    if train_per_class < 1 or val_per_class < 0:
-        raise ValueError(f"need train_per_class >= 1 and val_per_class >= 0, got {train_per_class}, {val_per_class}")
+        raise ConfigError(f"ambiguous_share must be in [0, 1], not {ambiguous_share}")
+    if not 1 <= quality <= 100:
+        raise ConfigError(f"quality must be in [1, 100], got {quality}")
     wnids = list(imagenet100_wnids() if wnids is None else wnids)
-    hw = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    if min(hw) < 16:
-        raise ValueError(f"size {hw} is too small to draw shapes; use at least 16 px")
+    hw = (int(size), int(size)) if isinstance(size, int) else tuple(int(x) for x in size)
+    if len(hw) != 2:
+        raise ConfigError(f"size {size}: give one side or (height, width)")
+    # 16 px: smaller images cannot hold the shapes; 2 classes: an ambiguous "mix" blends in another class
+    check_tree_args(root, wnids, train_per_class, val_per_class, hw, min_side=16, min_classes=2)
     root = Path(root)
     table = class_table(len(wnids), seed)
     tree = LearnableTree(root=root, wnids=wnids, size=hw, seed=seed, ambiguous_share=ambiguous_share)

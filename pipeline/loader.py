@@ -13,7 +13,6 @@ Shards behind a URL (`pipeline.remote.is_url`) are streamed: their order comes f
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -25,6 +24,7 @@ from .batch import Batch, host_to_device
 from .errors import ConfigError
 from .index import ShardIndex
 from .remote import is_url
+from .shard_io import usable_cores
 
 BACKENDS = ("auto", "torch", "dali")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -55,25 +55,6 @@ def backend_class(name: str) -> type:
     return TorchBackend
 
 
-def default_workers() -> int:
-    """One worker process per core this process may use."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def open_teacher_cache(cache: Any) -> Any:
-    """A TeacherCache from a path, or the object itself (anything with .epochs and .lookup)."""
-    if isinstance(cache, (str, Path)):
-        from .teacher_cache import TeacherCache
-
-        return TeacherCache(cache)
-    if not (hasattr(cache, "epochs") and hasattr(cache, "lookup")):
-        raise TypeError("teacher_cache must be a path or have .epochs and .lookup(epoch, ids)")
-    return cache
-
-
 class ImageNet100Loader:
     """Batches of one split of a shard directory, for one rank: `Batch(images, labels, ids, epoch)`.
 
@@ -86,7 +67,8 @@ class ImageNet100Loader:
                  backend: str = "auto", device: torch.device | str | None = None, spec: AugSpec | None = None,
                  rank: int = 0, world_size: int = 1, num_workers: int | None = None,
                  drop_last: bool | None = None, normalize: bool = True, dtype: torch.dtype | None = None,
-                 teacher_cache: Any = None, skip_corrupt: bool = False, shuffle_buffer: int | None = None):
+                 teacher_cache: Any = None, skip_corrupt: bool = False, check_crc: bool = True,
+                 view_epochs: int | None = None, shuffle_buffer: int | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -115,9 +97,11 @@ class ImageNet100Loader:
             from .stream import DEFAULT_BUFFER
 
             self.shuffle_buffer = DEFAULT_BUFFER if shuffle_buffer is None else shuffle_buffer
-            self.index = RemoteIndex(shards, split)
+            self.index = RemoteIndex(shards, split)  # streamed samples are always checked (pipeline/stream.py)
         else:
-            self.index = ShardIndex(shards, split)  # raises naming the directory and the splits it has
+            # raises naming the directory and the splits it has; check_crc: each JPEG's bytes against the crc32
+            # recorded by the shard writer (about 1 % of a training view: docs/loader.md "Bad input")
+            self.index = ShardIndex(shards, split, check_crc=check_crc)
         self.split, self.batch_size, self.seed = split, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.spec = spec or AugSpec()
@@ -126,12 +110,21 @@ class ImageNet100Loader:
         self.normalize, self.dtype, self.skip_corrupt = normalize, dtype, skip_corrupt
         if teacher_cache is not None and not self.train:
             raise ValueError(f"teacher_cache holds logits of training views; split {split!r} has none")
-        self.teacher_cache = None if teacher_cache is None else open_teacher_cache(teacher_cache)
+        if teacher_cache is not None:
+            from .teacher_cache import open_cache
+
+            teacher_cache = open_cache(teacher_cache)
+        self.teacher_cache = teacher_cache
+        if self.teacher_cache is not None and view_epochs not in (None, self.teacher_cache.epochs):
+            raise ValueError(f"view_epochs={view_epochs} disagrees with the teacher cache's {self.teacher_cache.epochs}")
+        if view_epochs is not None and view_epochs < 1:
+            raise ValueError(f"view_epochs must be >= 1, got {view_epochs}")
+        self.view_epochs = view_epochs if self.teacher_cache is None else self.teacher_cache.epochs
         cached = getattr(self.teacher_cache, "num_samples", len(self.index))
         if cached != len(self.index):
             raise ValueError(f"teacher cache has {self.teacher_cache.num_samples} samples, "
                              f"split {split!r} of {shards} has {len(self.index)}")
-        self.num_workers = default_workers() if num_workers is None else num_workers
+        self.num_workers = usable_cores() if num_workers is None else num_workers
         if self.stream:
             from .stream import StreamBackend as backend_cls
         else:
@@ -173,9 +166,17 @@ class ImageNet100Loader:
             raise ValueError(f"start_step {start_step} is past the end of the epoch ({len(self)} batches)")
         self.epoch, self.start_step = epoch, start_step
 
+    @property
+    def manifest_sha256(self) -> str:
+        """sha256 of the shard set's manifest.json (what a teacher cache's fingerprint names)."""
+        from .shards import manifest_sha256
+
+        return manifest_sha256(self.index.shard_dir)
+
     def aug_epoch(self, epoch: int) -> int:
-        """The augmentation epoch of a training epoch: epoch mod the teacher cache's epochs."""
-        return epoch % self.teacher_cache.epochs if self.teacher_cache is not None else epoch
+        """The augmentation epoch of a training epoch: epoch mod view_epochs (a teacher cache's epochs), so the
+        views repeat exactly as the cached logits do."""
+        return epoch % self.view_epochs if self.view_epochs is not None else epoch
 
     def stream_plan(self, epoch: int) -> Any:
         """Streamed shards: this rank's segments and order for `epoch` (pipeline.stream.stream_plan)."""

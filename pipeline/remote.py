@@ -27,10 +27,9 @@ from typing import IO, Callable
 import numpy as np
 
 from .errors import ConfigError, MissingDataError, RemoteReadError, ShardFormatError, one_line
-from .index import INDEX_DTYPE
+from .index import INDEX_DTYPE, check_manifest
 
 URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9._-]+$")
 RETRIES = 3  # re-opens of one file after a failed or short read
 TIMEOUT_S = 60.0  # per connect / per read on http(s)
 # What a dropped or refused connection raises, by transport (urllib, http.client, sockets, pipes).
@@ -42,19 +41,9 @@ def is_url(shards: object) -> bool:
     return isinstance(shards, str) and (shards.startswith("pipe:") or bool(URL_RE.match(shards)))
 
 
-def check_member_name(name: object, where: str) -> str:
-    """A file name read from a manifest, confined to its directory: relative, components of letters, digits,
-    '.', '_' and '-' only, no '.' or '..' (so it can neither climb out of a URL nor inject into a `pipe:`
-    command). Raises ShardFormatError naming the manifest and the entry."""
-    parts = name.split("/") if isinstance(name, str) else []
-    if not parts or any(p in ("", ".", "..") or not SAFE_COMPONENT.match(p) for p in parts):
-        raise ShardFormatError(f"{where}: shard name {name!r} is not a plain relative name inside the shard "
-                               f"directory; refusing it (the manifest is damaged or was not written by kdpipe)")
-    return name
-
-
 def member_url(base: str, name: str) -> str:
-    """URL of file `name` of the shard directory at `base` (for `pipe:`, the command with {name} filled in)."""
+    """URL of file `name` of the shard directory at `base` (for `pipe:`, the command with {name} filled in,
+    shell-quoted; manifest names are plain file names already: `pipeline.index.check_shard_name`)."""
     if base.startswith("pipe:"):
         if "{name}" not in base:
             raise ConfigError(f"{base!r}: a pipe: shard source needs {{name}} where the file name goes, e.g. "
@@ -205,18 +194,18 @@ def _manifest_bytes(base: str) -> tuple[bytes, str]:
 
 def fetch_manifest(base: str) -> tuple[dict, str]:
     """(manifest, sha256 of its bytes) of the shard directory at `base`, fetched once per process (each call
-    parses its own copy); every shard name checked with `check_member_name`."""
+    parses its own copy), checked like a local one (`pipeline.index.check_manifest`: structure, dense ids, and
+    shard names that are plain file names, so none can climb out of the URL)."""
     url = member_url(base, "manifest.json")
     raw, sha = _manifest_bytes(base)
     try:
         manifest = json.loads(raw)
-    except ValueError as e:
-        raise ShardFormatError(f"{url}: not valid JSON ({e}); is {base} a kdpipe shard directory?") from None
+    except (ValueError, RecursionError) as e:
+        raise ShardFormatError(f"{url}: not valid JSON ({type(e).__name__}: {one_line(e, 200)}); is {base} a "
+                               f"kdpipe shard directory?") from None
     if not isinstance(manifest, dict) or manifest.get("format") != "kdpipe-shards":
         raise ShardFormatError(f"{url}: not a kdpipe shard manifest")
-    for split in manifest.get("splits", {}).values():
-        for entry in split.get("shards", []):
-            check_member_name(entry.get("name"), url)
+    check_manifest(manifest, url)
     return manifest, sha
 
 

@@ -1,8 +1,13 @@
 """`kdpipe verify`: check a shard directory against its manifest and index.
 
 Per shard: present, size and sha256 as recorded; members in the contract's order with the expected
-ids; every image decodes to RGB or greyscale with the recorded size; label, id and JSON agree with
+ids; every image decodes to RGB or greyscale with the recorded size; label, id, crc32 and JSON agree with
 the index; the DALI index matches the tar. Problems name the shard and the sample id.
+
+verify is the damage-diagnosis tool, so damage never stops it: a manifest it cannot use is one error
+(MissingDataError, ShardFormatError naming the file); anything wrong below the manifest, a missing or
+unreadable index, a shard name that leaves the directory, a .json nested beyond Python's recursion limit,
+is a finding, and the check goes on with the rest.
 """
 from __future__ import annotations
 
@@ -17,7 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .index import INDEX_DTYPE, index_path, read_manifest
+from .errors import DataError, one_line
+from .index import MANIFEST, load_index, read_manifest, shard_file
 from .shard_io import dali_index_text, file_sha256, ordered_map, usable_cores
 
 EXTS = ("jpg", "cls", "json", "i64")
@@ -37,8 +43,9 @@ class VerifyResult:
         return not self.problems
 
 
-def check_sample(sid: int, parts: dict[str, tuple[int, bytes]], row: np.void) -> list[str]:
-    """Problems with one sample's members (parts: ext -> (data offset, bytes)) against its index row."""
+def check_sample(sid: int, parts: dict[str, tuple[int, bytes]], row: np.void | None) -> list[str]:
+    """Problems with one sample's members (parts: ext -> (data offset, bytes)) against its index row
+    (None when the index is unusable: then only the members are checked against each other)."""
     out = []
     if list(parts) != list(EXTS):
         return [f"sample {sid}: members {list(parts)}, expected {list(EXTS)}"]
@@ -51,29 +58,35 @@ def check_sample(sid: int, parts: dict[str, tuple[int, bytes]], row: np.void) ->
         return [f"sample {sid}: image does not decode ({' '.join(str(e).split())})"]
     if fmt != "JPEG" or mode not in ("RGB", "L"):
         out.append(f"sample {sid}: {fmt} {mode} image, expected RGB or greyscale JPEG")
-    if (h, w) != (row["height"], row["width"]):
-        out.append(f"sample {sid}: image is {h}x{w}, index says {row['height']}x{row['width']}")
-    if (off, len(jpg)) != (row["offset"], row["size"]):
-        out.append(f"sample {sid}: .jpg at offset {off} size {len(jpg)}, index says {row['offset']} {row['size']}")
-    if cls != str(int(row["label"])).encode():
-        out.append(f"sample {sid}: .cls {cls[:20]!r}, index label {row['label']}")
+    crc = zlib.crc32(jpg)
+    if row is not None:
+        if (h, w) != (row["height"], row["width"]):
+            out.append(f"sample {sid}: image is {h}x{w}, index says {row['height']}x{row['width']}")
+        if (off, len(jpg)) != (row["offset"], row["size"]):
+            out.append(f"sample {sid}: .jpg at offset {off} size {len(jpg)}, index says {row['offset']} {row['size']}")
+        if cls != str(int(row["label"])).encode():
+            out.append(f"sample {sid}: .cls {cls[:20]!r}, index label {row['label']}")
+        if crc != row["crc32"]:
+            out.append(f"sample {sid}: .jpg bytes differ from the crc32 in the index")
     if len(i64) != 8 or struct.unpack("<q", i64)[0] != sid:
         out.append(f"sample {sid}: .i64 does not hold its id")
     try:
         meta = json.loads(meta_raw)
-        want = {"id": sid, "label": int(row["label"]), "height": h, "width": w}
-        if meta.get("jpg_crc32") != zlib.crc32(jpg):
-            out.append(f"sample {sid}: .jpg bytes differ from the checksum in its .json")
-        bad = [k for k, v in want.items() if meta.get(k) != v]
-        if bad:
-            out.append(f"sample {sid}: .json fields {bad} disagree")
-    except ValueError as e:
-        out.append(f"sample {sid}: .json unreadable ({e})")
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8; absurd nesting
+        return out + [f"sample {sid}: .json unreadable ({type(e).__name__}: {one_line(e, 120)})"]
+    if not isinstance(meta, dict):
+        return out + [f"sample {sid}: .json is not an object"]
+    if meta.get("jpg_crc32") != crc:
+        out.append(f"sample {sid}: .jpg bytes differ from the checksum in its .json")
+    want = {"id": sid, "height": h, "width": w, **({"label": int(row["label"])} if row is not None else {})}
+    bad = [k for k, v in want.items() if meta.get(k) != v]
+    if bad:
+        out.append(f"sample {sid}: .json fields {bad} disagree")
     return out
 
 
-def verify_shard(task: tuple[Path, dict, np.ndarray, int]) -> list[str]:
-    """All problems of one shard (each prefixed with its file name)."""
+def verify_shard(task: tuple[Path, dict, np.ndarray | None, int]) -> list[str]:
+    """All problems of one shard (each prefixed with its file name); rows None: no usable index."""
     path, entry, rows, first_id = task
     name = path.name
     if not path.is_file():
@@ -100,12 +113,12 @@ def verify_shard(task: tuple[Path, dict, np.ndarray, int]) -> list[str]:
         problems.append(f"{name}: unreadable tar after {len(samples)} samples ({e})")
     if len(samples) != entry["count"]:
         problems.append(f"{name}: {len(samples)} samples, manifest says {entry['count']}")
-    for i, (key, parts) in enumerate(samples[: len(rows)]):
+    for i, (key, parts) in enumerate(samples[: entry["count"]]):
         sid = first_id + i
         if key != f"{sid:08d}":
             problems.append(f"{name}: sample {sid}: key {key!r}, expected {sid:08d}")
             continue
-        problems += [f"{name}: {p}" for p in check_sample(sid, parts, rows[i])]
+        problems += [f"{name}: {p}" for p in check_sample(sid, parts, None if rows is None else rows[i])]
     idx = path.with_suffix(".idx")
     if not idx.is_file() or idx.read_text() != dali_index_text(members):
         problems.append(f"{name}: DALI index {idx.name} missing or out of date")
@@ -113,26 +126,39 @@ def verify_shard(task: tuple[Path, dict, np.ndarray, int]) -> list[str]:
 
 
 def _verify_chunk(tasks: list) -> list[list[str]]:
-    return [verify_shard(t) for t in tasks]
+    out = []
+    for task in tasks:
+        try:
+            out.append(verify_shard(task))
+        except Exception as e:  # damage nobody foresaw must not stop the diagnosis of the other shards
+            out.append([f"{task[0].name}: could not be checked ({type(e).__name__}: {one_line(e, 200)})"])
+    return out
 
 
 def verify_shards(shard_dir: str | Path, workers: int | None = None, progress: bool = False) -> VerifyResult:
-    """Check every shard of every split against manifest.json and the index files."""
+    """Check every shard of every split against manifest.json and the index files.
+
+    Raises (MissingDataError, ShardFormatError) only when the manifest itself is missing or unusable."""
     shard_dir = Path(shard_dir)
     manifest = read_manifest(shard_dir)
     result = VerifyResult(shard_dir)
     tasks = []
     for split, info in manifest["splits"].items():
-        path = index_path(shard_dir, split)
-        rows = np.load(path, allow_pickle=False) if path.is_file() else None
-        if rows is None or rows.dtype != INDEX_DTYPE or len(rows) != info["count"]:
-            result.problems.append(f"{path.name}: missing or not {info['count']} rows of the index dtype")
-            rows = np.zeros(info["count"], INDEX_DTYPE)
+        try:
+            rows = load_index(shard_dir, split, info["count"], len(info["shards"]))
+        except DataError as e:  # the shards are still checked against themselves and the manifest
+            result.problems.append(one_line(e))
+            rows = None
         for k, entry in enumerate(info["shards"]):
-            sl = rows[entry["first_id"]: entry["first_id"] + entry["count"]]
-            if len(sl) and (sl["shard"] != k).any():
-                result.problems.append(f"{path.name}: rows of {entry['name']} point at another shard")
-            tasks.append((shard_dir / entry["name"], entry, sl, entry["first_id"]))
+            try:
+                path = shard_file(shard_dir, entry["name"], f"{shard_dir / MANIFEST}: splits.{split}.shards[{k}]")
+            except DataError as e:
+                result.problems.append(one_line(e))
+                continue
+            sl = None if rows is None else rows[entry["first_id"]: entry["first_id"] + entry["count"]]
+            if sl is not None and len(sl) and (sl["shard"] != k).any():
+                result.problems.append(f"{split}.index.npy: rows of {entry['name']} point at another shard")
+            tasks.append((path, entry, sl, entry["first_id"]))
             result.samples += entry["count"]
     result.shards = len(tasks)
     from tqdm import tqdm

@@ -35,6 +35,7 @@ from .shard_io import HashProcess, TarShardWriter, dali_index_text, file_sha256,
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 STATE_DIR = ".kdpipe-shard"  # plan.json + one sidecar per finished shard
+ROW_FIELDS = ("offset", "size", "label", "height", "width", "crc32")  # a sidecar's index row per sample
 OUR_FILES = re.compile(r"^\.?((train|val)-\d{6}\.(tar|idx)|(train|val)\.index\.npy|manifest\.json|rejected\.tsv)(\.tmp)?$")
 
 __all__ = ["ShardOptions", "ShardReport", "OptionsMismatch", "build_shards", "read_manifest", "manifest_sha256",
@@ -45,10 +46,13 @@ __all__ = ["ShardOptions", "ShardReport", "OptionsMismatch", "build_shards", "re
 class ShardOptions:
     """Every option that changes the bytes of the output (recorded in the manifest)."""
 
-    shard_size: int = 1000  # samples per shard (~110 MB of ImageNet JPEGs)
-    seed: int = 0  # seed of the train shuffle
-    quality: int = 95  # JPEG quality of re-encoded images (CMYK, PNG, --max-side)
-    max_side: int | None = None  # re-encode images whose longer side exceeds this; None = pass through
+    shard_size: int = field(default=1000, metadata={"help": "samples per shard (~110 MB of ImageNet JPEGs)", "min": 1})
+    seed: int = field(default=0, metadata={"help": "seed of the train shuffle"})
+    quality: int = field(default=95, metadata={"help": "JPEG quality of re-encoded images (CMYK, PNG, --max-side)",
+                                               "min": 1, "max": 100})
+    max_side: int | None = field(default=None, metadata={
+        "help": "re-encode images whose longer side exceeds this many pixels (default: off, bytes pass through)",
+        "min": 1})
 
 
 @dataclass
@@ -184,7 +188,31 @@ def load_sidecar(out: Path, name: str, positions: tuple[int, int]) -> dict | Non
     if tuple(meta["positions"]) != positions or not tar.is_file() or tar.stat().st_size != meta["bytes"] \
             or not idx.is_file():
         return None
+    if meta["rows"] and len(meta["rows"][0]) == len(ROW_FIELDS) - 1:  # written before the crc32 column
+        crcs = jpg_crcs(tar)
+        if crcs is None or len(crcs) != len(meta["rows"]):
+            return None  # unreadable: the shard is written again
+        meta["rows"] = [row + [crc] for row, crc in zip(meta["rows"], crcs)]
+        atomic_write_json(side, meta)
     return meta
+
+
+def jpg_crcs(tar: Path) -> list[int] | None:
+    """The `jpg_crc32` recorded in each sample's .json, in order (None if the tar or a .json is unreadable).
+
+    How a shard written before the index had a crc32 field gets one without being rewritten: the value
+    recorded at writing time, not one computed from today's (possibly damaged) bytes."""
+    import tarfile
+
+    out = []
+    try:
+        with tarfile.open(tar, mode="r:") as f:
+            for m in f:
+                if m.name.endswith(".json"):
+                    out.append(int(json.loads(f.extractfile(m).read())["jpg_crc32"]))
+    except (tarfile.TarError, OSError, EOFError, ValueError, KeyError, TypeError, RecursionError):
+        return None
+    return out
 
 
 # ------------------------------------------------------------------------------------ writing
@@ -224,7 +252,7 @@ def write_shard(out: Path, root: Path, name: str, first_id: int, files: Sequence
                 rejected.append([src.rel, img.reason or "file changed or vanished while sharding"])
                 continue
             offset = writer.add_sample(sample_members(sid, src, img, jpg))[0]
-            rows.append([offset, len(jpg), src.label, img.height, img.width])
+            rows.append([offset, len(jpg), src.label, img.height, img.width, img.crc32])
             reencoded += bool(img.reencoded)
             sid += 1
     except BaseException:
@@ -290,8 +318,8 @@ def build_split(tree: ImageNetTree, out: Path, split: str, opts: ShardOptions, w
 
 
 def _compact(meta: dict) -> dict:
-    """Index rows as one int64 array per shard (~40 bytes a sample, not ~200 as Python lists)."""
-    return {**meta, "rows": np.asarray(meta["rows"], dtype=np.int64).reshape(-1, 5)}
+    """Index rows as one int64 array per shard (~48 bytes a sample, not ~200 as Python lists)."""
+    return {**meta, "rows": np.asarray(meta["rows"], dtype=np.int64).reshape(-1, len(ROW_FIELDS))}
 
 
 def _counting(it: Iterator[Prepared], bar) -> Iterator[Prepared]:
@@ -312,7 +340,7 @@ def build_shards(imagenet: str | Path | ImageNetTree, out: str | Path, *,
     Raises OptionsMismatch when `out` holds shards made differently (unless overwrite).
     """
     if options.shard_size < 1 or not 1 <= options.quality <= 100 or (options.max_side or 1) < 1:
-        raise ValueError(f"invalid shard options: {options}")
+        raise ConfigError(f"invalid shard options: {options}")
     if isinstance(imagenet, ImageNetTree):
         if classes is not None or val_labels is not None:
             raise ConfigError("classes and val_labels select from an ImageNet tree; a discovered tree has its own")
@@ -347,10 +375,10 @@ def finish(out: Path, tree: ImageNetTree, plan: dict, metas: dict[str, list[dict
     for split, shards in metas.items():
         arr = np.zeros(sum(m["count"] for m in shards), INDEX_DTYPE)
         for k, m in enumerate(shards):
-            rows = np.asarray(m["rows"], dtype=np.int64).reshape(-1, 5)
+            rows = np.asarray(m["rows"], dtype=np.int64).reshape(-1, len(ROW_FIELDS))
             part = arr[m["first_id"]: m["first_id"] + m["count"]]
             part["shard"] = k
-            for j, field in enumerate(("offset", "size", "label", "height", "width")):
+            for j, field in enumerate(ROW_FIELDS):
                 part[field] = rows[:, j]
         _write_if_changed(index_path(out, split), _npy_bytes(arr))
         found = [(s, src, reason) for s, src, reason in tree.rejected if s == split]  # by discovery, if any

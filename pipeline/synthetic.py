@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from .classes import default_val_labels
+from .errors import ConfigError
 
 # Kinds of odd-but-valid and broken files the generator can plant (class folder of the 1st class).
 ODDITIES = ("cmyk", "png_as_jpeg", "greyscale")
@@ -59,6 +60,26 @@ def jpeg_bytes(img: np.ndarray | Image.Image, quality: int = 90, mode: str | Non
     return buf.getvalue()
 
 
+def check_tree_args(root: str | Path, wnids: list[str], train_per_class: int, val_per_class: int,
+                    size: tuple[int, ...], min_side: int = 1, min_classes: int = 1) -> None:
+    """Refuse arguments that would write nothing, a truncated tree or a crash halfway (ConfigError naming
+    the argument): a root that is a file, too few or repeated classes, counts below 1 train / 0 val per
+    class, image sides below min_side (size is (h, w) or, for make_imagenet_tree, (hmin, hmax, wmin, wmax))."""
+    if Path(root).exists() and not Path(root).is_dir():
+        raise ConfigError(f"{root} is a file, not a directory: give a directory (new or existing) for the tree")
+    if len(wnids) < min_classes:
+        raise ConfigError(f"need at least {min_classes} class{'es' if min_classes > 1 else ''} (--num-classes), "
+                          f"got {len(wnids)}")
+    if len(set(wnids)) != len(wnids):
+        raise ConfigError(f"repeated classes: {sorted({w for w in wnids if list(wnids).count(w) > 1})}")
+    if train_per_class < 1 or val_per_class < 0:
+        raise ConfigError(f"need train_per_class (--train-per-class) >= 1 and val_per_class (--val-per-class) >= 0 "
+                          f"images per class, got {train_per_class} and {val_per_class}")
+    if len(size) not in (2, 4) or min(size) < min_side or (len(size) == 4 and (size[0] > size[1] or size[2] > size[3])):
+        raise ConfigError(f"size (--size) {tuple(size)} is too small or malformed: need (height, width) or (hmin, hmax, "
+                          f"wmin, wmax) with sides >= {min_side} px")
+
+
 def _size(rng: np.random.Generator, size: tuple[int, int] | tuple[int, int, int, int]) -> tuple[int, int]:
     """size is (h, w) fixed, or (hmin, hmax, wmin, wmax) drawn per image."""
     if len(size) == 2:
@@ -87,7 +108,10 @@ def make_imagenet_tree(
     class from the shipped ground truth), or None (no val/ at all).
     """
     if val_layout not in ("folders", "flat", None):
-        raise ValueError(f"val_layout must be 'folders', 'flat' or None, not {val_layout!r}")
+        raise ConfigError(f"val_layout must be 'folders', 'flat' or None, not {val_layout!r}")
+    check_tree_args(root, wnids, train_per_class, val_per_class if val_layout else 0, tuple(size))
+    if not 1 <= quality <= 100:
+        raise ConfigError(f"quality must be in [1, 100], got {quality}")
     root = Path(root)
     rng = np.random.default_rng(seed)
     tree = SyntheticTree(root=root, wnids=list(wnids))
@@ -122,7 +146,8 @@ def _flat_val_names(wnids: list[str], per_class: int) -> dict[str, list[str]]:
     for wnid in wnids:
         names = sorted(by_wnid.get(wnid, []))
         if len(names) < per_class:
-            raise ValueError(f"{wnid} has {len(names)} real validation names; flat layout needs ImageNet-1k wnids")
+            raise ConfigError(f"{wnid} has {len(names)} real validation names, {per_class} asked for; the flat val "
+                              "layout needs ImageNet-1k wnids and at most 50 val images per class")
         out[wnid] = names[:per_class]
     return out
 

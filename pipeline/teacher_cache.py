@@ -2,21 +2,24 @@
 
 Arrays (standard codecs, bytes + zstd; full layout in docs/cache.md): `logits` (E, N, C) float16, or
 `topk_values` float16 log-probabilities + `topk_indices` int16 (E, N, K); `weight` and `entropy` (E, N)
-float32 at tau=1; `done` (E, chunks) uint8 progress. Attributes: layout and `fingerprint`.
+float32 at tau=1; `checksum` (E, chunks, A) uint32; `done` (E, chunks) uint8 progress. Attributes: layout
+and `fingerprint`.
 
 A unit of work is (epoch e, chunk c) = ids [c*chunk_n, (c+1)*chunk_n): it covers exactly one chunk of every
 array, so parallel writers that own disjoint units never touch one chunk file. Its `done` marker is written
-after its data, and zarr's local store writes each chunk file atomically (temp file + rename), so after a
-kill -9 a unit is either marked and complete, or unmarked and recomputed by the next run.
+after its data and checksums, and zarr's local store writes each chunk file atomically (temp file + rename),
+so after a kill -9 a unit is either marked and complete, or unmarked and recomputed by the next run. Damage
+after that (a lost chunk file, a flipped byte) fails the unit's checksums (pipeline/cache_check.py): reads
+refuse it (CacheDamageError naming epoch and chunk) and the writer recomputes it.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import shutil
 import threading
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +27,15 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CacheMismatchError, ConfigError, IncompleteCacheError, OutputExistsError
+from .cache_fingerprint import (FORMAT, LAYOUT_VERSION, _jsonable, cache_fingerprint, fingerprint_diff,
+                                view_fingerprint)
+from .cache_check import CHECKSUM, CacheVerifyReport, Damage, check_epoch, crc32_rows, read_done
+from .errors import (CacheDamageError, CacheError, CacheMismatchError, ConfigError, IncompleteCacheError,
+                     MissingDataError, OutputExistsError)
 
-__all__ = ["CacheMismatchError", "IncompleteCacheError", "TeacherCache", "TeacherCacheWriter", "CacheLayout"]
+__all__ = ["CacheDamageError", "CacheMismatchError", "IncompleteCacheError", "TeacherCache", "TeacherCacheWriter",
+           "CacheLayout", "cache_fingerprint", "view_fingerprint", "fingerprint_diff"]
 
-FORMAT = "kdpipe-teacher-cache"
-LAYOUT_VERSION = 1
 DEFAULT_CHUNK_N = 4096  # samples per chunk and per unit of work: ~0.8 MB of float16 logits at C=100
 
 
@@ -72,72 +78,6 @@ def expand_topk(values: np.ndarray, indices: np.ndarray, num_classes: int) -> np
     return out.astype(np.float32)
 
 
-# ---------------------------------------------------------------- fingerprint
-
-def _jsonable(value: Any) -> Any:
-    """Normalise to what a JSON round trip gives (tuples -> lists), so stored and fresh values compare equal."""
-    return json.loads(json.dumps(value))
-
-
-def normalization() -> dict[str, list[float]]:
-    """The teacher's input normalisation (0..255 units): part of the fingerprint, since logits depend on it."""
-    from pipeline.batch import IMAGENET_MEAN_255, IMAGENET_STD_255
-
-    return {"mean": list(IMAGENET_MEAN_255), "std": list(IMAGENET_STD_255)}
-
-
-def view_fingerprint(*, manifest_sha256: str, wnids: list[str], spec: Any, seed: int) -> dict[str, Any]:
-    """The fields that decide which view (pixels) a sample gets: what a trainer must match to use a cache."""
-    return _jsonable({
-        "manifest_sha256": manifest_sha256,
-        "wnids": list(wnids),
-        "aug_spec": dataclasses.asdict(spec),
-        "aug_fingerprint": spec.fingerprint(),
-        "seed": int(seed),
-        "image_size": int(spec.image_size),
-        "normalization": normalization(),
-        "layout_version": LAYOUT_VERSION,
-    })
-
-
-def cache_fingerprint(*, manifest_sha256: str, wnids: list[str], spec: Any, seed: int, teacher: str,
-                      weights_sha256: str, precision: str, backend: str, topk: int = 0,
-                      kdpipe_version: str | None = None) -> dict[str, Any]:
-    """Everything the cached views and logits depend on. `spec` is the AugSpec (a dataclass with .fingerprint())."""
-    from pipeline import __version__
-
-    return _jsonable({
-        **view_fingerprint(manifest_sha256=manifest_sha256, wnids=wnids, spec=spec, seed=seed),
-        "teacher": teacher,
-        "weights_sha256": weights_sha256,
-        "precision": precision,
-        "backend": backend,
-        "topk": int(topk),
-        "kdpipe_version": kdpipe_version or __version__,
-    })
-
-
-def fingerprint_diff(actual: dict[str, Any], expected: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """Fields of `expected` whose value differs in `actual`, and one readable line per difference."""
-    fields, lines = [], []
-    for key, want in expected.items():
-        have = actual.get(key, "<missing>")
-        if _jsonable(have) != _jsonable(want):
-            fields.append(key)
-            if isinstance(have, dict) and isinstance(want, dict):  # name the sub-fields: aug_spec.image_size
-                lines += [f"{key}.{line}" for line in fingerprint_diff(have, want)[1]]
-                lines += [f"{key}.{k}: cache has {_short(v)}, expected nothing" for k, v in have.items()
-                          if k not in want]
-            else:
-                lines.append(f"{key}: cache has {_short(have)}, expected {_short(want)}")
-    return fields, lines
-
-
-def _short(value: Any, limit: int = 160) -> str:
-    text = json.dumps(value) if not isinstance(value, str) else repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 # ---------------------------------------------------------------- layout
 
 @dataclass(frozen=True)
@@ -171,33 +111,53 @@ class CacheLayout:
         every = [(e, c) for e in range(self.epochs) for c in range(self.chunks_per_epoch)]
         return every[rank::world_size]
 
+    @property
+    def data_arrays(self) -> tuple[str, ...]:
+        """The arrays a unit writes, in the order of the `checksum` array's last axis."""
+        return ("topk_values", "topk_indices", "weight", "entropy") if self.topk else ("logits", "weight", "entropy")
+
     def attrs(self) -> dict[str, int]:
         return dataclasses.asdict(self)
 
 
 def _open_group(path: str | Path, mode: str):
+    """The store's root group; a missing or unreadable one is a one-line error naming the path."""
     import zarr
 
     from .remote import is_url
 
-    if is_url(str(path)):  # read-only through fsspec (file://, s3:// with s3fs, http(s):// with aiohttp, ...)
-        if mode != "r":
-            raise ConfigError(f"{path}: a teacher cache is written to a local path; a URL can only be read")
-        try:
-            return zarr.open_group(str(path), mode="r")
-        except ImportError as e:  # the scheme's fsspec package is missing: say which
-            raise ConfigError(f"{path}: {e}") from None
-    return zarr.open_group(str(path), mode=mode)
+    if is_url(str(path)) and mode != "r":
+        raise ConfigError(f"{path}: a teacher cache is written to a local path; a URL can only be read")
+    try:  # a URL is read through zarr's fsspec store (file://, s3:// with s3fs, http(s):// with aiohttp, ...)
+        return zarr.open_group(str(path), mode=mode)
+    except ImportError as e:  # the URL scheme's fsspec package is missing: say which
+        raise ConfigError(f"{path}: {e}") from None
+    except FileNotFoundError:
+        raise MissingDataError(f"no teacher cache at {path} (run `kdpipe cache-teacher` to make one)") from None
+    except (ValueError, OSError) as e:  # a damaged zarr.json
+        raise CacheError(f"{path}: not a readable Zarr store ({type(e).__name__}: {' '.join(str(e).split())[:160]})"
+                         f"; make a new one with `kdpipe cache-teacher --out NEW`") from None
 
 
-def read_layout(group) -> CacheLayout:
-    a = group.attrs
+def read_layout(group, path: str | Path = "") -> CacheLayout:
+    """The layout from the attributes; refuses other formats, other layout versions and missing arrays."""
+    a, where = group.attrs, path or group.store
     if a.get("format") != FORMAT:
-        raise ValueError(f"{group.store} is not a kdpipe teacher cache (format={a.get('format')!r})")
+        raise CacheError(f"{where} is not a kdpipe teacher cache (format={a.get('format')!r})")
     if a.get("layout_version") != LAYOUT_VERSION:
-        raise ValueError(f"{group.store}: layout_version {a.get('layout_version')} is not the supported "
-                         f"{LAYOUT_VERSION}; rebuild the cache with this kdpipe")
-    return CacheLayout(**{f.name: int(a[f.name]) for f in dataclasses.fields(CacheLayout)})
+        old = " (written before per-unit checksums: its units cannot be verified)" if a.get("layout_version") == 1 else ""
+        raise CacheError(f"{where}: teacher cache layout_version {a.get('layout_version')}{old} is not the supported "
+                         f"{LAYOUT_VERSION}; make a new cache with `kdpipe cache-teacher --out NEW` (same options)")
+    try:
+        layout = CacheLayout(**{f.name: int(a[f.name]) for f in dataclasses.fields(CacheLayout)})
+    except (KeyError, TypeError, ValueError) as e:
+        raise CacheError(f"{where}: damaged layout attributes ({e}); make a new cache with `kdpipe cache-teacher`") from None
+    have = set(group.array_keys())
+    lost = [n for n in (*layout.data_arrays, CHECKSUM, "done") if n not in have]
+    if lost:
+        raise CacheError(f"{where}: arrays {', '.join(lost)} missing (their zarr.json is gone); the store cannot be "
+                         f"repaired in place: make a new cache with `kdpipe cache-teacher --out NEW`")
+    return layout
 
 
 # ---------------------------------------------------------------- writer
@@ -208,9 +168,10 @@ class TeacherCacheWriter:
     def __init__(self, path: str | Path):
         self.path = str(path)
         self.group = _open_group(path, "r+")
-        self.layout = read_layout(self.group)
+        self.layout = read_layout(self.group, path)
         self.fingerprint: dict[str, Any] = dict(self.group.attrs["fingerprint"])
         self._done = self.group["done"]
+        self.damaged: list[Damage] = []  # found by the last pending_units(): recomputed as pending
 
     @classmethod
     def create(cls, path: str | Path, layout: CacheLayout, fingerprint: dict[str, Any]) -> "TeacherCacheWriter":
@@ -250,20 +211,35 @@ class TeacherCacheWriter:
             array("logits", (e, n, c), "float16", ("epoch", "sample", "class"), (1, cn, c))
         array("weight", (e, n), "float32", ("epoch", "sample"), (1, cn))
         array("entropy", (e, n), "float32", ("epoch", "sample"), (1, cn))
+        a = len(layout.data_arrays)
+        array(CHECKSUM, (e, layout.chunks_per_epoch, a), "uint32", ("epoch", "chunk", "array"), (1, 1, a),
+              compress=False)
         array("done", (e, layout.chunks_per_epoch), "uint8", ("epoch", "chunk"), (1, 1), compress=False)
         os.rename(tmp, path)  # atomic; fails if another process created `path` meanwhile
         return cls(path)
 
     def done_mask(self) -> np.ndarray:
-        """(E, chunks_per_epoch) bool: which units are complete."""
-        return np.asarray(self._done[:], dtype=bool)
+        """(E, chunks_per_epoch) bool: which units are marked complete (an unreadable marker: not complete)."""
+        return read_done(self.group, (self.layout.epochs, self.layout.chunks_per_epoch))
 
     def pending_units(self, rank: int = 0, world_size: int = 1) -> list[tuple[int, int]]:
-        """This rank's share of the units not yet written: pending units r, r+W, ... (epoch-major).
+        """This rank's share of the units not yet written or damaged: pending units r, r+W, ... (epoch-major).
 
-        Dealing out the *pending* units keeps ranks balanced on a resume. All ranks must read the same
-        progress: call it on every rank before any rank writes (the job puts a barrier after it)."""
+        Every marked unit is checked against its checksums first (reads the whole store once: about as long
+        as loading each epoch's slice), so a rerun of the same command repairs lost or damaged chunk files;
+        they are listed in `.damaged` and in one warning. Dealing out the *pending* units keeps ranks
+        balanced on a resume. All ranks must read the same progress: call it on every rank before any rank
+        writes (the job puts a barrier after it)."""
         done = self.done_mask()
+        self.damaged = [d for e in range(self.layout.epochs) if done[e].any()
+                        for d in check_epoch(self.group, self.layout, e, self.layout.data_arrays, done[e])[1]]
+        for d in self.damaged:
+            done[d.epoch, d.chunk] = False
+        if self.damaged and rank == 0:
+            units = sorted({(d.epoch, d.chunk) for d in self.damaged})
+            warnings.warn(f"teacher cache {self.path}: recomputing {len(units)} damaged units: "
+                          + "; ".join(d.line() for d in self.damaged[:5])
+                          + (f"; and {len(self.damaged) - 5} more" if len(self.damaged) > 5 else ""), stacklevel=2)
         return [(e, c) for e, c in self.layout.units() if not done[e, c]][rank::world_size]
 
     def write_unit(self, epoch: int, chunk: int, logits: np.ndarray) -> None:
@@ -278,18 +254,19 @@ class TeacherCacheWriter:
         ent, w = entropy_and_weight(z)
         if self.layout.topk:
             values, indices = topk_logprobs(z, self.layout.topk)
-            self.group["topk_values"][epoch, lo:hi] = values
-            self.group["topk_indices"][epoch, lo:hi] = indices
+            data = {"topk_values": values, "topk_indices": indices}
         else:
             if np.abs(z).max() > np.finfo(np.float16).max:
                 raise ValueError(f"teacher logits for epoch {epoch}, ids [{lo}, {hi}) exceed float16's range "
                                  f"(max |z| = {np.abs(z).max():.4g} > 65504); use --topk (log-probabilities)")
-            self.group["logits"][epoch, lo:hi] = z.astype(np.float16)
-        self.group["weight"][epoch, lo:hi] = w
-        self.group["entropy"][epoch, lo:hi] = ent
-        names = ("topk_values", "topk_indices") if self.layout.topk else ("logits",)
-        self._fsync([(n, (epoch, chunk, 0)) for n in names] + [("weight", (epoch, chunk)), ("entropy", (epoch, chunk))])
-        self._done[epoch, chunk] = 1  # last: the unit counts only once all its data is on disk
+            data = {"logits": z.astype(np.float16)}
+        data.update(weight=w, entropy=ent)
+        for name, rows in data.items():
+            self.group[name][epoch, lo:hi] = rows
+        self.group[CHECKSUM][epoch, chunk] = [crc32_rows(data[n]) for n in self.layout.data_arrays]
+        self._fsync([(n, (epoch, chunk) + (0,) * (data[n].ndim - 1)) for n in self.layout.data_arrays]
+                    + [(CHECKSUM, (epoch, chunk, 0))])
+        self._done[epoch, chunk] = 1  # last: the unit counts only once all its data and checksums are on disk
         self._fsync([("done", (epoch, chunk))])
 
     def _fsync(self, chunks: list[tuple[str, tuple[int, ...]]]) -> None:
@@ -329,7 +306,7 @@ class TeacherCache:
         self.path = str(path)
         self.prefetch = prefetch
         self._group = _open_group(path, "r")
-        self.layout = read_layout(self._group)
+        self.layout = read_layout(self._group, path)
         self.epochs, self.num_samples, self.num_classes = (self.layout.epochs, self.layout.num_samples,
                                                            self.layout.num_classes)
         self.fingerprint: dict[str, Any] = dict(self._group.attrs["fingerprint"])
@@ -358,7 +335,7 @@ class TeacherCache:
 
     def missing(self) -> dict[int, int]:
         """epoch -> number of unwritten chunks, for epochs that have any."""
-        done = np.asarray(self._group["done"][:], dtype=bool)
+        done = read_done(self._group, (self.layout.epochs, self.layout.chunks_per_epoch))
         return {int(e): int((~done[e]).sum()) for e in range(done.shape[0]) if not done[e].all()}
 
     def check_complete(self, epochs: list[int] | None = None) -> None:
@@ -369,17 +346,31 @@ class TeacherCache:
         if missing:
             raise IncompleteCacheError(self.path, missing, self.layout.chunks_per_epoch)
 
+    def verify(self) -> CacheVerifyReport:
+        """Every written unit of every array checked against its checksums (what `kdpipe verify --cache` runs)."""
+        report = CacheVerifyReport(self.path, units=self.epochs * self.layout.chunks_per_epoch,
+                                   missing=self.missing())
+        done = read_done(self._group, (self.epochs, self.layout.chunks_per_epoch))
+        for e in range(self.epochs):
+            report.damage += check_epoch(self._group, self.layout, e, self.layout.data_arrays, done[e])[1]
+            report.checked += int(done[e].sum())
+        return report
+
     # -- reading
     def load_epoch(self, epoch: int) -> _EpochSlice:
-        """Read one augmentation epoch's slice from the store (refusing an incomplete one)."""
+        """Read one augmentation epoch's slice from the store, checked: an incomplete epoch raises
+        IncompleteCacheError, a unit whose rows fail their checksums CacheDamageError (epoch, chunk named)."""
         if not 0 <= epoch < self.epochs:
             raise IndexError(f"augmentation epoch {epoch} is outside [0, {self.epochs}) in {self.path}")
         self.check_complete([epoch])
-        g = self._group
+        names = ("topk_values", "topk_indices", "weight") if self.layout.topk else ("logits", "weight")
+        data, damage = check_epoch(self._group, self.layout, epoch, names,
+                                   np.ones(self.layout.chunks_per_epoch, dtype=bool))
+        if damage:
+            raise CacheDamageError(self.path, [(d.epoch, d.chunk, f"{d.array} {d.why}") for d in damage])
         if self.layout.topk:
-            return _EpochSlice(np.asarray(g["weight"][epoch]), values=np.asarray(g["topk_values"][epoch]),
-                               indices=np.asarray(g["topk_indices"][epoch]))
-        return _EpochSlice(np.asarray(g["weight"][epoch]), logits=np.asarray(g["logits"][epoch]))
+            return _EpochSlice(data["weight"], values=data["topk_values"], indices=data["topk_indices"])
+        return _EpochSlice(data["weight"], logits=data["logits"])
 
     def _slice(self, epoch: int) -> _EpochSlice:
         current = self._current
@@ -431,6 +422,34 @@ class TeacherCache:
         self.close()
 
 
-def open_cache(cache: "str | Path | TeacherCache") -> TeacherCache:
-    """A TeacherCache from a path, or the object itself (what the loader accepts)."""
-    return cache if isinstance(cache, TeacherCache) else TeacherCache(cache)
+def open_cache(cache: Any) -> Any:
+    """A TeacherCache from a path, or the object itself (a TeacherCache, or anything with .epochs and
+    .lookup(epoch, ids) -> (logits, weight), e.g. a test double)."""
+    if isinstance(cache, (str, Path)):
+        return TeacherCache(cache)
+    if not (hasattr(cache, "epochs") and hasattr(cache, "lookup")):
+        raise TypeError("teacher_cache must be a path or have .epochs and .lookup(epoch, ids)")
+    return cache
+
+
+# ---------------------------------------------------------------- the trainer's gate
+
+def validate_cache_for_training(cache: "str | Path | TeacherCache", *, loader: Any, spec: Any, seed: int,
+                                image_size: int) -> TeacherCache:
+    """Open `cache` and refuse it unless it was made for this loader's shards and classes, this aug spec, seed
+    and image size (CacheMismatchError naming each field) and is complete (IncompleteCacheError)."""
+    import warnings
+
+    if int(spec.image_size) != int(image_size):
+        raise ValueError(f"spec.image_size={spec.image_size} but image_size={image_size}")
+    cache = cache if isinstance(cache, TeacherCache) else TeacherCache(cache)
+    expected = view_fingerprint(manifest_sha256=loader.manifest_sha256, wnids=list(loader.classes), spec=spec,
+                                seed=seed)
+    cache.check(expected)
+    cache.check_complete()
+    backend = getattr(loader, "backend_name", None)
+    if backend is not None and backend != cache.fingerprint.get("backend"):
+        warnings.warn(f"teacher cache {cache.path} was made with the {cache.fingerprint.get('backend')} backend, "
+                      f"training uses {backend}: same crops and flips, pixels differ slightly (colour rounding)",
+                      stacklevel=2)
+    return cache

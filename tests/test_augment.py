@@ -146,6 +146,28 @@ def test_val_geometry_matches_torchvision():
         assert (ch, cw) == (224, 224)
 
 
+def test_square_val_resize_is_the_papers_256x256_then_centre_224():
+    """--val-resize square: resize to 256x256 (aspect not kept), centre crop 224, like torchvision's
+    Resize((256, 256)) + CenterCrop(224); and it is part of the view fingerprint."""
+    import torchvision.transforms.v2 as T2
+
+    from pipeline.backends.torch_backend import val_view
+    from pipeline.synthetic import synth_image
+
+    spec = AugSpec(val_resize_mode="square")
+    for h, w in [(375, 500), (500, 333), (240, 240)]:
+        assert val_geometry(spec, h, w) == (256, 256, (16, 16, 224, 224))
+    img = torch.from_numpy(synth_image(np.random.default_rng(1), 375, 500)).permute(2, 0, 1).contiguous()
+    ours = val_view(img, spec).numpy().astype(float)
+    tv = T2.Compose([T2.Resize((256, 256), antialias=True), T2.CenterCrop(224)])(img).permute(1, 2, 0).numpy()
+    assert ours.shape == (224, 224, 3) and np.abs(ours - tv).mean() < 1.0
+    shorter = val_view(img, AugSpec()).numpy().astype(float)
+    assert np.abs(ours - shorter).mean() > 5  # a different view, not a no-op
+    assert spec.fingerprint() != AugSpec().fingerprint()
+    with pytest.raises(ValueError, match="val_resize_mode"):
+        AugSpec(val_resize_mode="stretch")
+
+
 @pytest.mark.parametrize("n,world", [(10, 1), (10, 3), (17, 4), (5, 8), (0, 2)])
 def test_epoch_order_split(n, world):
     parts = [epoch_order(n, 7, 1, r, world) for r in range(world)]

@@ -16,7 +16,8 @@ import torch
 import zarr
 
 from pipeline.teacher_cache import CacheMismatchError, IncompleteCacheError, TeacherCache
-from trainer.cache_teacher import CacheTeacherConfig, cache_teacher, validate_cache_for_training
+from pipeline.teacher_cache import validate_cache_for_training
+from trainer.cache_teacher import CacheTeacherConfig, cache_teacher
 
 WNIDS = ["n02869837", "n01749939", "n02488291", "n02107142"]
 ARRAYS = ("logits", "weight", "entropy", "done")
@@ -80,7 +81,7 @@ def loader_for(data: dict, *, seed: int = 5, image_size: int = 32, shards=None, 
 
 
 def online_teacher(data: dict):
-    from trainer.cache_teacher import load_teacher
+    from trainer.runtime import load_teacher
 
     return load_teacher("tiny_resnet", data["weights"], WNIDS, torch.device("cpu"))
 
@@ -110,7 +111,7 @@ def test_training_steps_with_the_cache_match_the_online_teacher(data):
     import copy
 
     from trainer.config import make_config
-    from trainer.loop import Distiller
+    from trainer.step import Distiller
     from trainer.models import build_model
 
     # lr 0.01: five steps of lr 0.1 on tiny models amplify any 1e-3 perturbation chaotically
@@ -126,10 +127,11 @@ def test_training_steps_with_the_cache_match_the_online_teacher(data):
     steps = 0
     for batch in loader:
         torch.manual_seed(steps)  # the same dropout masks in both (the trainer seeds every step too)
-        a = online.summarize(online.step(batch.images, batch.labels))
+        a = online.summarize(online.step(batch.images, batch.labels))["students"]
         torch.manual_seed(steps)
-        b = cached.summarize(cached.step(batch.images, batch.labels, batch.teacher_logits, batch.teacher_weight))
-        for s in ("s0", "s1"):
+        b = cached.summarize(cached.step(batch.images, batch.labels, batch.teacher_logits,
+                                         batch.teacher_weight))["students"]
+        for s in (0, 1):
             assert a[s]["teacher"] > 0.01 and 0.05 < a[s]["w"] < 0.95, a[s]  # a confident, varied teacher
             for term in ("loss", "hard", "teacher", "peer", "w"):
                 assert b[s][term] == pytest.approx(a[s][term], rel=3e-3, abs=1e-4), (steps, s, term)
@@ -318,11 +320,11 @@ def test_cli_cache_teacher_writes_then_refuses_other_options(data, tmp_path):
     result = CliRunner().invoke(main, args(6))
     assert result.exit_code == 1 and "seed: cache has 5, expected 6" in result.output
     result = CliRunner().invoke(main, args(5, batch=6))
-    assert result.exit_code == 2 and "must be a multiple of batch_size" in result.output
+    assert result.exit_code == 2 and "must be a multiple of --batch-size (6)" in result.output
 
 
 def test_config_refuses_batches_that_would_straddle_units(data):
-    with pytest.raises(ValueError, match=r"chunk_n \(16\) must be a multiple of batch_size \(6\)"):
+    with pytest.raises(ValueError, match=r"--chunk \(16\) must be a multiple of --batch-size \(6\)"):
         dataclasses.replace(data["cfg"], batch_size=6)
 
 
@@ -347,7 +349,7 @@ def test_dali_views_cache_matches_dali_training_batches(data, tmp_path):
 @pytest.mark.gpu
 def test_cuda_cache_matches_the_bf16_teacher_on_cuda_batches(data, tmp_path):
     """On a GPU: views decoded on the device, teacher under bf16 autocast (the trainer's default), same batches."""
-    from trainer.cache_teacher import autocast, load_teacher
+    from trainer.runtime import autocast, load_teacher
 
     cfg = variant(data, tmp_path, "g.zarr", device="cuda", epochs=1)
     cache_teacher(cfg)
@@ -363,17 +365,23 @@ def test_cuda_cache_matches_the_bf16_teacher_on_cuda_batches(data, tmp_path):
     assert loader.backend_name == fp["backend"]
     for batch in loader:
         assert batch.teacher_logits.device.type == "cuda"
-        with torch.no_grad(), autocast("bf16", cuda):
+        with torch.no_grad(), autocast(cuda, torch.bfloat16):
             z = teacher(batch.images).float()
         torch.testing.assert_close(batch.teacher_logits, z, atol=5e-2, rtol=2e-2)  # bf16 forward, float16 store
 
 
 def test_a_second_job_on_the_same_store_is_refused(data, tmp_path):
-    from trainer.cache_teacher import exclusive_job_lock
+    from trainer.cache_teacher import job_lock
 
     cfg = variant(data, tmp_path, "c.zarr", epochs=1)
-    with exclusive_job_lock(cfg.out):  # as if another job were running
+    lock_file = tmp_path / ".c.zarr.lock"
+    with job_lock(cfg.out):  # as if another job were running
         with pytest.raises(RuntimeError, match="another `kdpipe cache-teacher` is writing"):
             cache_teacher(cfg)
+    assert not lock_file.exists()  # nothing left beside the store
     cache_teacher(cfg)  # free again once it ends
     assert TeacherCache(cfg.out).missing() == {}
+    # a job refused because the store was made for other options leaves no lock file behind either
+    with pytest.raises(CacheMismatchError):
+        cache_teacher(dataclasses.replace(cfg, seed=6))
+    assert not lock_file.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["c.zarr"]

@@ -8,7 +8,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from trainer.checkpoint import read_metrics
+from trainer.rundir import RunDir
+
+
+def read_metrics(run) -> list[dict]:
+    return [r.to_json() for r in RunDir(run).read_metrics()]
 
 
 def _weights_worker(rank: int, world: int, tmp: str) -> None:
@@ -21,12 +25,15 @@ def _weights_worker(rank: int, world: int, tmp: str) -> None:
         from test_loop import FakeLoader, seeded_teacher, tiny_config
         from trainer import loop
 
-        captured = []
+        captured, masks = [], []
         original = loop.Distiller.__init__
 
         def capture(self, *a, **kw):
             original(self, *a, **kw)
             captured.append(self)
+            # the dropout mask of MobileNet's classifier at the first step (which units this rank dropped)
+            self.students[1].dropout.register_forward_hook(
+                lambda m, i, o: masks.append((o == 0).clone()) if not masks else None)
 
         loop.Distiller.__init__ = capture
         cfg = tiny_config(pathlib.Path(tmp), "dual", epochs=2, batch_size=8)
@@ -35,7 +42,7 @@ def _weights_worker(rank: int, world: int, tmp: str) -> None:
         loop.run_training(cfg, train_loader, val_loader, classes=train_loader.classes, teacher=seeded_teacher(),
                           progress=False)
         states = [{k: v.clone() for k, v in m.state_dict().items()} for m in captured[0].students]
-        torch.save(states, os.path.join(tmp, f"rank{rank}.pt"))
+        torch.save({"states": states, "mask": masks[0]}, os.path.join(tmp, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -45,6 +52,9 @@ def test_two_gloo_ranks_keep_students_in_sync(tmp_path):
     mp.spawn(_weights_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     a = torch.load(tmp_path / "rank0.pt", weights_only=True)
     b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    # each rank draws its own dropout masks (with the same masks DDP would average correlated gradients)
+    assert a["mask"].shape == b["mask"].shape and not torch.equal(a["mask"], b["mask"])
+    a, b = a["states"], b["states"]
     assert len(a) == 2
     for sa, sb in zip(a, b):
         for k in sa:
@@ -73,7 +83,7 @@ def test_kdpipe_train_under_torchrun_with_two_cpu_ranks(tmp_path):
                  workers=1, progress=False)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "trainer.cli", "train", "--shards", str(tmp_path / "shards"), "--out", str(tmp_path / "run"),
-           "--mode", "hard", "--students", "tiny_cnn,tiny_mobilenet", "--epochs", "2", "--batch-size", "8",
+           "--mode", "hard", "--students", "tiny_cnn,tiny_mobilenet", "--epochs", "2", "--batch-size", "16",
            "--image-size", "32", "--backend", "torch", "--num-workers", "0", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
@@ -81,5 +91,10 @@ def test_kdpipe_train_under_torchrun_with_two_cpu_ranks(tmp_path):
     recs = read_metrics(tmp_path / "run")
     assert [r["epoch"] for r in recs] == [0, 1]
     assert recs[0]["images"] == 32  # 2 ranks x 2 steps x 8 images: the epoch split between the ranks
+    import json
+
+    runtime = json.loads((tmp_path / "run" / "config.json").read_text())["runtime"]
+    # --batch-size is the global batch: 16 over 2 ranks is 8 a rank; the lr stays the configured one
+    assert (runtime["world_size"], runtime["global_batch"], runtime["per_rank_batch"]) == (2, 16, 8)
     assert recs[0]["val_images"] == 12  # every val image once, across both ranks
     assert load_checkpoint(tmp_path / "run" / "checkpoint-last.pt")["epoch"] == 2

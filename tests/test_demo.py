@@ -1,18 +1,23 @@
-"""`kdpipe demo --tiny`: the whole chain (generate, shard, teacher, cache, ladder, report) runs and resumes."""
+"""`kdpipe demo --tiny`: the whole chain (generate, shard, teacher, cache, ladder, report) runs and resumes;
+`--seeds 2` adds a second seed's cache and ladder to the same directory, and the report pools them."""
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 
 import pytest
+from click.testing import CliRunner
 
-from trainer.demo import LADDER, TINY, run_demo
+from pipeline.teacher_cache import TeacherCache
+from trainer.cli import main
+from trainer.demo import LADDER, TINY, DemoConfig, cache_path, ladder_run, run_demo
 
 
 def _numbers(run) -> list[dict]:
     """A run's metrics without the timing and memory figures (which differ between identical runs)."""
-    skip = {"epoch_time_s", "images_per_s", "peak_mem_mb"}
+    from trainer.metrics import TIMING_FIELDS as skip
     return [{k: v for k, v in json.loads(line).items() if k not in skip}
             for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -22,41 +27,60 @@ def _final(run) -> dict:
 
 
 @pytest.mark.slow
-def test_tiny_demo_end_to_end_and_resume(tmp_path, capsys):
-    out = tmp_path / "demo"
-    report = run_demo(out, TINY)
+def test_tiny_demo_end_to_end_seeds_and_resume(tmp_path, capsys):
+    out, runs = tmp_path / "demo", tmp_path / "demo" / "runs"
+    report = run_demo(out, TINY)  # one seed, as `make demo`
     text = report.read_text()
-    for section in ("## Table I", "## Table II", "## Table III", "## Teacher uncertainty", "## Demo stages"):
+    for section in ("## Assumptions where the paper is silent", "## Table I", "## Table II", "## Table III",
+                    "## Convergence", "## Table IV", "## Teacher uncertainty", "## What the teacher is unsure of",
+                    "## Demo stages"):
         assert section in text
-    # Every stage left its product: shards, a complete cache, each ladder run with all epochs.
-    assert (out / "shards" / "manifest.json").is_file() and (out / "teacher.zarr" / "zarr.json").is_file()
+    assert (out / "shards" / "manifest.json").is_file() and (cache_path(out, 0) / "zarr.json").is_file()
     for mode in LADDER:
-        lines = (out / "runs" / mode / "metrics.jsonl").read_text().splitlines()
-        assert len(lines) == TINY.epochs
-        cfg = json.loads((out / "runs" / mode / "config.json").read_text())
+        cfg = json.loads((ladder_run(runs, mode, 0) / "config.json").read_text())
         assert cfg["seed"] == TINY.seed and cfg["epochs"] == TINY.epochs and cfg["mode"] == mode
         assert (cfg["teacher_cache"] is not None) == (mode != "hard")
-    # Table I's numbers are the runs' final metrics.
-    kd, dual = _final(out / "runs" / "kd"), _final(out / "runs" / "dual")
-    s0 = TINY.students[0]
-    row = (f"| {s0} | {kd['s0']['val_top1']:.2f} | {kd['s0']['val_top5']:.2f} | {dual['s0']['val_top1']:.2f} | "
-           f"{dual['s0']['val_top5']:.2f} | {dual['s0']['val_top1'] - kd['s0']['val_top1']:+.2f} |")
-    assert row in text
-    assert (out / "report" / "val_accuracy.png").is_file() and (out / "report" / "w_histogram.png").is_file()
+    kd, dual = _final(ladder_run(runs, "kd", 0)), _final(ladder_run(runs, "dual", 0))
+    se = 100 * math.sqrt(kd["s0"]["val_top1"] / 100 * (1 - kd["s0"]["val_top1"] / 100) / kd["val_images"])
+    assert f"| tiny_cnn (stands in for ResNet-18) | {kd['s0']['val_top1']:.2f} ± {se:.2f} SE |" in text
+    assert f"| {dual['s0']['val_top1'] - kd['s0']['val_top1']:+.2f} |" in text
+    for png in ("val_accuracy.png", "w_histogram.png", "teacher_views.png"):
+        assert (out / "report" / png).is_file()
 
-    # A second call finds every stage finished and only rebuilds the report; a lost run is redone.
+    # --seeds 2 on the same directory: the shared stages and seed 0 are reused, seed 1 gets its own cache
+    # (made for seed 1's views) and ladder; a lost run of seed 0 is redone identically.
     capsys.readouterr()
-    before = {m: _numbers(out / "runs" / m) for m in LADDER}
-    shutil.rmtree(out / "runs" / "dual")
-    run_demo(out, TINY)
+    before = {m: _numbers(ladder_run(runs, m, 0)) for m in LADDER}
+    shutil.rmtree(ladder_run(runs, "dual", 0))
+    text = run_demo(out, dataclasses.replace(TINY, seeds=2)).read_text()
     said = capsys.readouterr().out
-    assert said.count("finished earlier, skipped") == len(LADDER) and "dual: training mode dual" in said
-    assert before == {m: _numbers(out / "runs" / m) for m in LADDER}  # same seed: the redone run is the same
+    assert said.count("finished earlier, skipped") == 1 + len(LADDER) - 1  # teacher + three seed-0 rungs
+    assert "dual-s0: training mode dual" in said and "uw-kd-s1: training mode uw-kd" in said
+    assert before == {m: _numbers(ladder_run(runs, m, 0)) for m in LADDER}
+    for seed in (0, 1):
+        with TeacherCache(cache_path(out, seed), prefetch=False) as c:
+            assert c.fingerprint["seed"] == seed
+        assert json.loads((ladder_run(runs, "kd", seed) / "config.json").read_text())["seed"] == seed
+    # The report pools the seeds: Table I's cell is the mean ± sd of the two kd runs, each change has a verdict.
+    acc = [_final(ladder_run(runs, "kd", s))["s0"]["val_top1"] for s in (0, 1)]
+    sd = abs(acc[0] - acc[1]) / math.sqrt(2)
+    assert f"| tiny_cnn (stands in for ResNet-18) | {sum(acc) / 2:.2f} ± {sd:.2f} |" in text
+    changes = [line for line in text.splitlines() if " -> " in line and line.startswith("| tiny_")]
+    assert len(changes) == 6 and all(line.endswith(" | 2 |") for line in changes)
+    assert all(any(f"| {v} |" in line for v in ("better", "worse", "within noise")) for line in changes)
 
 
 def test_demo_refuses_a_directory_made_with_other_settings(tmp_path):
     out = tmp_path / "demo"
     out.mkdir()
     (out / "demo.json").write_text(json.dumps(dataclasses.asdict(dataclasses.replace(TINY, epochs=3))))
-    with pytest.raises(ValueError, match=r"other settings \(epochs: 3 -> 1"):
+    with pytest.raises(FileExistsError, match=r"other settings \(epochs: 3 -> 1"):
         run_demo(out, TINY)
+
+
+def test_demo_seeds_option():
+    assert DemoConfig().seeds == 1  # `make demo` stays one seed
+    result = CliRunner().invoke(main, ["demo", "--tiny", "--seeds", "0", "--out", "/nonexistent/x"])
+    assert result.exit_code == 2 and "'--seeds': 0 is not in the range x>=1" in result.output
+    with pytest.raises(ValueError, match="--seeds must be at least 1, got 0"):
+        run_demo("/nonexistent/x", dataclasses.replace(TINY, seeds=0))

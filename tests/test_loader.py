@@ -164,7 +164,7 @@ def test_invalid_arguments_fail_fast(shards):
             make(shards, **{"batch_size": 4} | kw)
     with pytest.raises(ValueError, match="teacher_cache"):
         make(shards, "val", batch_size=4, teacher_cache=FakeCache())
-    with pytest.raises(KeyError, match="no split 'test'"):
+    with pytest.raises(FileNotFoundError, match="no 'test' split"):
         make(shards, "test", batch_size=4)
     with pytest.raises(FileNotFoundError, match="manifest"):
         make(shards.parent / "nothing", batch_size=4)

@@ -7,10 +7,17 @@ import pytest
 import torch
 
 from pipeline.batch import Batch
-from trainer.checkpoint import BEST, CONFIG, LAST, load_checkpoint, read_metrics
-from trainer.config import make_config
-from trainer.loop import NonFiniteLossError, lr_factor, run_training
+from pipeline.errors import CheckpointError, ConfigError
+from trainer.checkpoint import BEST, LAST, load_checkpoint
+from trainer.config import lr_factor, make_config
+from trainer.loop import NonFiniteLossError, run_training
+from trainer.metrics import TIMING_FIELDS
 from trainer.models import build_model
+from trainer.rundir import CONFIG, RunDir
+
+
+def read_metrics(run) -> list[dict]:
+    return [r.to_json() for r in RunDir(run).read_metrics()]
 
 
 class FakeLoader:
@@ -51,12 +58,9 @@ class FakeLoader:
             yield Batch(images, labels, ids, self.epoch, logits, weight)
 
 
-TIMING = ("epoch_time_s", "images_per_s", "peak_mem_mb", "peak_mem_kind")
-
-
 def deterministic(records: list[dict]) -> list[dict]:
     """metrics.jsonl lines without wall-clock fields."""
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
 
 
 def tiny_config(tmp_path, mode="dual", students=("tiny_cnn", "tiny_mobilenet"), name="run", **kw):
@@ -147,7 +151,7 @@ def test_resume_refuses_another_config_and_a_fresh_run_refuses_an_old_one(tmp_pa
     other = tiny_config(tmp_path, "hard", ("tiny_cnn",), epochs=1, optim={"lr": 0.2})
     with pytest.raises(ValueError, match=r"optim.lr: 0.05 -> 0.2"):
         train(other, resume=True)
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
         train(tiny_config(tmp_path, "hard", ("tiny_cnn",), name="empty"), resume=True)
 
 
@@ -202,28 +206,28 @@ def test_cuda_amp_modes_train(tmp_path, amp):
 
 
 def test_presets_overrides_validation_and_json_round_trip():
-    from trainer.config import from_dict, resume_mismatches, to_dict
+    from trainer.config import config_diff as resume_mismatches, from_dict, to_dict
 
     dual = make_config("dual")
     assert dual.students == ("resnet18", "mobilenet_v2") and (dual.loss.alpha, dual.loss.beta, dual.loss.gamma) == (
-        0.4, 0.4, 0.2) and dual.loss.uncertainty and dual.loss.tau == 4.0 and dual.batch_size == 64
+        0.4, 0.4, 0.2) and dual.loss.weight_fn == "confidence" and dual.loss.tau == 4.0 and dual.batch_size == 64
     kd, uw = make_config("kd"), make_config("uw-kd")
-    assert (kd.loss.alpha, kd.loss.beta, kd.loss.uncertainty, kd.students) == (0.3, 0.7, False, ("resnet18",))
-    assert uw.loss.uncertainty and not make_config("hard").uses_teacher
+    assert (kd.loss.alpha, kd.loss.beta, kd.loss.weight_fn, kd.students) == (0.3, 0.7, "none", ("resnet18",))
+    assert uw.loss.weight_fn == "confidence" and not make_config("hard").uses_teacher
     assert make_config("kd", loss={"tau": 2.0, "direction": "reverse", "alpha": None}).loss.alpha == 0.3
     assert from_dict(json.loads(json.dumps(to_dict(dual)))) == dual
     assert resume_mismatches(to_dict(dual), make_config("dual", out="elsewhere", log_every=5)) == []
     assert resume_mismatches(to_dict(dual), make_config("dual", epochs=10)) == ["epochs: 50 -> 10"]
-    for bad, match in [(dict(mode="nope"), "unknown mode"), (dict(students=("vgg",)), "students"),
+    for bad, match in [(dict(mode="nope"), "not a preset"), (dict(students=("vgg",)), "students"),
                        (dict(mode="kd", students=("resnet18",), loss={"gamma": 0.1}), "two or more"),
                        (dict(amp="fp8"), "amp"), (dict(log_every=0), "log_every"),
                        (dict(teacher_weights="a.pt", teacher_cache="c.zarr"), "either")]:
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises(ConfigError, match=match):
             make_config(**bad)
 
 
 def test_step_honours_kl_direction_and_uses_a_cached_weight_only_at_entropy_tau_1():
-    from trainer.loop import Distiller
+    from trainer.step import Distiller
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(8, 3, 32, 32, generator=g).contiguous(memory_format=torch.channels_last)
@@ -234,7 +238,7 @@ def test_step_honours_kl_direction_and_uses_a_cached_weight_only_at_entropy_tau_
         cfg = make_config("uw-kd", ("tiny_cnn",), loss=loss)
         torch.manual_seed(0)
         d = Distiller(cfg, [build_model("tiny_cnn", 4)], teacher=None, device=torch.device("cpu"), steps_per_epoch=4)
-        return d.summarize(d.step(x, y, tl, half))["s0"]
+        return d.summarize(d.step(x, y, tl, half))["students"][0]
 
     fwd, rev = first_step(), first_step(direction="reverse")
     assert fwd["teacher"] != pytest.approx(rev["teacher"]) and fwd["hard"] == rev["hard"]

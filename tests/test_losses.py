@@ -91,10 +91,15 @@ def test_dual_student_loss_combines_terms_by_hand():
     assert t["peer"].item() == pytest.approx(KL_FWD, rel=1e-5)
     expected = 0.4 * math.log(2) + 0.4 * W_T * KL_FWD + 0.2 * KL_FWD
     assert t["loss"].item() == pytest.approx(expected, rel=1e-5)
-    # without uncertainty w = 1; a given weight overrides the entropy
+    # weight_fn "none": w = 1 (even if a weight is passed); a given weight overrides the entropy
     t1 = dual_student_loss(student, None, teacher, labels, alpha=0.3, beta=0.7, gamma=0.0, tau=1.0,
-                           uncertainty=False)
+                           weight_fn="none", weight=torch.tensor([0.5, 0.5]))
     assert t1["teacher"].item() == pytest.approx(KL_FWD, rel=1e-5) and t1["w"].item() == 1.0
+    # weight_fn "entropy": the opposite weight, H / log C = 1 - W_T
+    t3 = dual_student_loss(student, None, teacher, labels, alpha=0.3, beta=0.7, gamma=0.0, tau=1.0,
+                           weight_fn="entropy")
+    assert t3["w"].item() == pytest.approx(1.0 - W_T, rel=1e-5)
+    assert t3["teacher"].item() == pytest.approx((1.0 - W_T) * KL_FWD, rel=1e-5)
     t2 = dual_student_loss(student, None, teacher, labels, alpha=0.3, beta=0.7, gamma=0.0, tau=1.0,
                            weight=torch.tensor([0.5, 0.5]))
     assert t2["teacher"].item() == pytest.approx(0.5 * KL_FWD, rel=1e-5)

@@ -17,7 +17,7 @@ import torch
 from pipeline.augment import AugSpec
 from pipeline.errors import ConfigError, RemoteReadError, ShardFormatError
 from pipeline.loader import ImageNet100Loader
-from pipeline.remote import RetryingStream, check_member_name, is_url, member_url
+from pipeline.remote import RetryingStream, is_url, member_url
 from pipeline.stream import buffer_shuffle, needed_segments, stream_plan
 
 WNIDS = ["n02869837", "n01749939", "n02488291", "n02107142"]
@@ -146,14 +146,11 @@ def test_needed_segments_narrow_to_the_ids_asked():
     assert needed_segments(shard_of, np.array([5, 6]), [(0, 0, 4), (1, 4, 8)]) == [(1, 5, 7)]
 
 
-def test_member_names_are_confined_and_pipe_specs_need_a_slot():
-    assert check_member_name("train-000001.tar", "m") == "train-000001.tar"
-    for bad in ["../x.tar", "/etc/passwd", "a/../../b", "x;rm -rf ~", "", "./a", None, "http://e/x"]:
-        with pytest.raises(ShardFormatError, match="not a plain relative name"):
-            check_member_name(bad, "manifest.json")
+def test_pipe_specs_need_a_slot_and_urls_are_told_from_paths():
     with pytest.raises(ConfigError, match="{name}"):
         member_url("pipe:cat /data/shards", "manifest.json")
     assert member_url("pipe:cat /d/{name}", "a.tar") == "pipe:cat /d/a.tar"
+    assert member_url("pipe:cat /d/{name}", "a b;c") == "pipe:cat /d/'a b;c'"  # quoted for the shell
     assert member_url("http://h/x/", "a.tar") == "http://h/x/a.tar"
     assert is_url("s3://b/k") and is_url("pipe:cat x") and not is_url("/data/shards") and not is_url(Path("x"))
 
@@ -237,7 +234,7 @@ def test_a_manifest_name_that_escapes_is_refused(shards, serve, tmp_path):
     m["splits"]["train"]["shards"][1]["name"] = "../../etc/hostname"
     (bad / "manifest.json").write_text(json.dumps(m))
     url, _ = serve(bad)
-    with pytest.raises(ShardFormatError, match=r"'\.\./\.\./etc/hostname'"):
+    with pytest.raises(ShardFormatError, match=r"'\.\./\.\./etc/hostname' is not a plain file name"):
         loader(url)
 
 
@@ -263,7 +260,7 @@ def test_cli_cache_teacher_and_train_from_urls(shards, serve, tmp_path):
     from click.testing import CliRunner
 
     from pipeline.teacher_cache import TeacherCache
-    from trainer.checkpoint import read_metrics
+    from trainer.rundir import RunDir
     from trainer.cli import main
     from trainer.models import build_model
 
@@ -285,7 +282,7 @@ def test_cli_cache_teacher_and_train_from_urls(shards, serve, tmp_path):
         assert np.array_equal(a.lookup(e, ids)[0], b.lookup(e, ids)[0])
     cli("train", "--shards", url, "--out", tmp_path / "run", "--mode", "kd", "--students", "tiny_cnn",
         "--teacher-cache", (tmp_path / "local.zarr").as_uri(), "--epochs", "2", "--batch-size", "8", *common)
-    recs = read_metrics(tmp_path / "run")
+    recs = [r.to_json() for r in RunDir(tmp_path / "run").read_metrics()]
     assert [r["images"] for r in recs] == [40, 40] and recs[0]["val_images"] == 8
     assert "(8 validation images)" in cli("eval", "--run", tmp_path / "run", "--shards", url)
 

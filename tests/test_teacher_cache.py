@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import zarr
 
+from pipeline.errors import CacheDamageError, CacheError, MissingDataError
 from pipeline.teacher_cache import (
     CacheLayout, CacheMismatchError, IncompleteCacheError, TeacherCache, TeacherCacheWriter,
     cache_fingerprint, entropy_and_weight, expand_topk, log_softmax, open_cache, topk_logprobs)
@@ -67,7 +68,7 @@ def test_store_opens_with_plain_zarr_and_documented_layout(tmp_path, layout):
     fill(TeacherCacheWriter.create(tmp_path / "c.zarr", layout, FP))
     g = zarr.open_group(str(tmp_path / "c.zarr"), mode="r")
     assert g.metadata.zarr_format == 3
-    assert sorted(g.array_keys()) == ["done", "entropy", "logits", "weight"]
+    assert sorted(g.array_keys()) == ["checksum", "done", "entropy", "logits", "weight"]
     expect = {"logits": ((3, 21, 5), np.float16, (1, 8, 5)), "weight": ((3, 21), np.float32, (1, 8)),
               "entropy": ((3, 21), np.float32, (1, 8)), "done": ((3, 3), np.uint8, (1, 1))}
     for name, (shape, dtype, chunks) in expect.items():
@@ -77,7 +78,7 @@ def test_store_opens_with_plain_zarr_and_documented_layout(tmp_path, layout):
         codecs = [type(c).__name__ for c in a.metadata.codecs]
         assert codecs in (["BytesCodec", "ZstdCodec"], ["BytesCodec"]), (name, codecs)
     attrs = dict(g.attrs)
-    assert attrs["format"] == "kdpipe-teacher-cache" and attrs["layout_version"] == 1
+    assert attrs["format"] == "kdpipe-teacher-cache" and attrs["layout_version"] == 2
     assert (attrs["epochs"], attrs["num_samples"], attrs["num_classes"], attrs["topk"]) == (3, 21, 5, 0)
     assert attrs["fingerprint"] == FP
     assert g["done"][:].all()
@@ -169,7 +170,7 @@ def test_topk_round_trip(tmp_path):
     lay = CacheLayout(epochs=2, num_samples=10, num_classes=12, chunk_n=4, topk=3)
     fill(TeacherCacheWriter.create(tmp_path / "k.zarr", lay, FP))
     g = zarr.open_group(str(tmp_path / "k.zarr"), mode="r")
-    assert sorted(g.array_keys()) == ["done", "entropy", "topk_indices", "topk_values", "weight"]
+    assert sorted(g.array_keys()) == ["checksum", "done", "entropy", "topk_indices", "topk_values", "weight"]
     assert g["topk_values"].dtype == np.float16 and g["topk_indices"].dtype == np.int16
     assert g["topk_values"].shape == (2, 10, 3)
     cache = TeacherCache(tmp_path / "k.zarr")
@@ -209,7 +210,7 @@ def test_cache_fingerprint_records_everything_views_depend_on():
     fp = cache_fingerprint(manifest_sha256="m", wnids=["b", "a"], spec=spec, seed=3,
                            teacher="resnet50", weights_sha256="w", precision="bf16", backend="torch", topk=0)
     assert fp["aug_fingerprint"] == spec.fingerprint() and fp["aug_spec"]["scale"] == [0.08, 1.0]
-    assert (fp["image_size"], fp["seed"], fp["wnids"], fp["layout_version"]) == (64, 3, ["b", "a"], 1)
+    assert (fp["image_size"], fp["seed"], fp["wnids"], fp["layout_version"]) == (64, 3, ["b", "a"], 2)
     assert fp["normalization"]["mean"][0] == pytest.approx(0.485 * 255)
     for key in ("manifest_sha256", "teacher", "weights_sha256", "precision", "backend",
                 "kdpipe_version", "topk"):
@@ -223,3 +224,87 @@ def test_create_never_clobbers_a_foreign_path_nor_leaves_a_half_store(tmp_path, 
         TeacherCacheWriter.create(tmp_path / "taken", layout, FP)
     TeacherCacheWriter.create(tmp_path / "c.zarr", layout, FP)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.zarr", "taken"]  # no temp dir left behind
+
+
+# ---------------------------------------------------------------- integrity: per-unit checksums
+
+def chunk_file(store, name: str, coords: tuple) -> "Path":
+    from pathlib import Path
+
+    g = zarr.open_group(str(store), mode="r")
+    return Path(store) / name / g[name].metadata.encode_chunk_key(coords)
+
+
+def flip_byte(path, where: float = 0.5) -> None:
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * where)] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("topk", [0, 2])
+def test_damage_is_refused_naming_epoch_and_chunk_and_recomputed_by_the_writer(tmp_path, topk):
+    layout = CacheLayout(epochs=3, num_samples=21, num_classes=5, chunk_n=8, topk=topk)
+    store = tmp_path / "c.zarr"
+    fill(TeacherCacheWriter.create(store, layout, FP))
+    clean = {n: zarr.open_group(str(store), mode="r")[n][:] for n in layout.data_arrays}
+    first = layout.data_arrays[0]
+    chunk_file(store, first, (1, 2, 0)).unlink()                # a lost chunk file: reads back as zeros
+    flip_byte(chunk_file(store, "weight", (2, 0)))               # a flipped byte inside a zstd frame
+    chunk_file(store, "entropy", (0, 1)).write_bytes(b"\x28\xb5")  # a cut file: zstd cannot decode it
+    cache = TeacherCache(store, prefetch=False)
+    with pytest.raises(CacheDamageError, match=rf"epoch 1 chunk 2: {first} fails its checksum: chunk file "
+                                               rf"{first}/c/1/2/0 is missing \(ids 16\.\.20\)") as err:
+        cache.lookup(1, [0, 17])
+    assert err.value.units == [(1, 2)] and "rerun `kdpipe cache-teacher` with the same options" in str(err.value)
+    with pytest.raises(CacheDamageError, match=r"epoch 2 chunk 0: weight (fails its checksum|chunk unreadable)"):
+        cache.lookup(2, [3])
+    cache.lookup(0, [3])  # entropy is not read for training: epoch 0 serves; verify and the writer see it
+    report = cache.verify()
+    assert not report.ok and report.checked == 9 and report.missing == {}
+    assert [(d.epoch, d.chunk, d.array) for d in report.damage] == [(0, 1, "entropy"), (1, 2, first), (2, 0, "weight")]
+    assert "chunk unreadable (RuntimeError" in report.damage[0].why
+    writer = TeacherCacheWriter(store)
+    with pytest.warns(UserWarning, match="recomputing 3 damaged units"):
+        pending = writer.pending_units()
+    assert pending == [(0, 1), (1, 2), (2, 0)] and [d.array for d in writer.damaged] == ["entropy", first, "weight"]
+    assert writer.pending_units(1, 2) == [(1, 2)]  # dealt out like any pending unit (rank 1: no warning)
+    fill(writer, pending)
+    assert writer.pending_units() == [] and TeacherCache(store).verify().ok
+    again = zarr.open_group(str(store), mode="r")
+    for name, arr in clean.items():
+        np.testing.assert_array_equal(again[name][:], arr, err_msg=name)
+
+
+def test_a_lost_checksum_or_done_marker_is_never_taken_for_clean_data(tmp_path, layout):
+    store = tmp_path / "c.zarr"
+    fill(TeacherCacheWriter.create(store, layout, FP))
+    chunk_file(store, "checksum", (0, 1, 0)).unlink()
+    chunk_file(store, "done", (2, 2)).write_bytes(b"")  # unreadable marker: the unit is redone
+    with pytest.raises(CacheDamageError, match="epoch 0 chunk 1: logits fails its checksum"):
+        TeacherCache(store).lookup(0, [9])
+    with pytest.raises(IncompleteCacheError, match=r"epoch 2 \(1/3 chunks missing\)"):
+        TeacherCache(store).lookup(2, [0])
+    with pytest.warns(UserWarning):
+        assert TeacherCacheWriter(store).pending_units() == [(0, 1), (2, 2)]
+
+
+def test_old_and_broken_stores_are_refused_in_one_line(tmp_path, layout):
+    store = tmp_path / "c.zarr"
+    fill(TeacherCacheWriter.create(store, layout, FP))
+    g = zarr.open_group(str(store), mode="r+")
+    g.attrs["layout_version"] = 1
+    for opener in (TeacherCache, TeacherCacheWriter):
+        with pytest.raises(CacheError, match=r"layout_version 1 \(written before per-unit checksums: its units "
+                                             r"cannot be verified\) is not the supported 2; make a new cache"):
+            opener(store)
+    with pytest.raises(CacheError, match="layout_version 1"):
+        TeacherCacheWriter.create(store, layout, FP)  # never overwritten either
+    g.attrs["layout_version"] = 2
+    (store / "weight" / "zarr.json").unlink()
+    with pytest.raises(CacheError, match=r"arrays weight missing"):
+        TeacherCache(store)
+    (store / "zarr.json").write_text("{")
+    with pytest.raises(CacheError, match=r"c\.zarr: not a readable Zarr store"):
+        TeacherCache(store)
+    with pytest.raises(MissingDataError, match="no teacher cache at"):
+        TeacherCache(tmp_path / "nothing.zarr")

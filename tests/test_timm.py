@@ -69,7 +69,7 @@ def test_1k_head_is_not_sliced_for_classes_that_are_not_wnids(tmp_path):
 def test_cli_trains_caches_and_evaluates_timm_models(tmp_path, small_wnids):
     from pipeline.shards import ShardOptions, build_shards
     from pipeline.synthetic import make_imagenet_tree
-    from trainer.checkpoint import read_metrics
+    from trainer.rundir import RunDir
     from trainer.cli import main
 
     def cli(*args):
@@ -85,7 +85,7 @@ def test_cli_trains_caches_and_evaluates_timm_models(tmp_path, small_wnids):
               "--device", "cpu"]
     cli("train", "--shards", tmp_path / "shards", "--out", tmp_path / "dual", "--students", f"{SMALL},{SMALLER}",
         "--teacher", SMALL, "--teacher-weights", tmp_path / "teacher-1k.pt", "--epochs", "1", *common)
-    rec = read_metrics(tmp_path / "dual")[0]
+    rec = RunDir(tmp_path / "dual").read_metrics()[0].to_json()
     assert (rec["s0"]["name"], rec["s1"]["name"]) == (SMALL, SMALLER) and rec["teacher_val"] is not None
     cli("cache-teacher", "--shards", tmp_path / "shards", "--teacher", SMALL, "--teacher-weights",
         tmp_path / "teacher-1k.pt", "--out", tmp_path / "t.zarr", "--image-size", "32", "--batch-size", "8",

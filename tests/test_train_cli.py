@@ -8,11 +8,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from trainer.checkpoint import read_metrics
 from trainer.cli import main
+from trainer.metrics import TIMING_FIELDS as TIMING
+from trainer.rundir import RunDir
 
 WNIDS = ["n02869837", "n01749939", "n02488291", "n02107142"]
-TIMING = ("epoch_time_s", "images_per_s", "peak_mem_mb", "peak_mem_kind")
+
+
+def read_metrics(run) -> list[dict]:
+    return [r.to_json() for r in RunDir(run).read_metrics()]
 COMMON = ["--image-size", "32", "--batch-size", "16", "--backend", "torch", "--num-workers", "0",
           "--device", "cpu", "--lr", "0.05"]
 
@@ -87,13 +91,17 @@ def test_interrupted_and_resumed_on_real_shards_matches(shards, tmp_path):
     assert cli("train", "--out", tmp_path / "whole", *args).exit_code == 0
     res = cli("train", "--out", tmp_path / "part", *args, "--stop-after-steps", "5")
     assert "stopped after 5 steps" in res.output
-    assert cli("train", "--out", tmp_path / "part", *args, "--resume").exit_code == 0
+    # a resume with another config is refused, naming the field and both values
+    assert "--lr 0.2 (the run has 0.05)" in cli_error("train", "--out", tmp_path / "part", "--resume", "--lr", "0.2")
+    # the run directory is enough: a bare --resume continues from RUN/config.json
+    assert cli("train", "--out", tmp_path / "part", "--resume").exit_code == 0
 
     def strip(rs):
         return [{k: v for k, v in r.items() if k not in TIMING} for r in rs]
     assert strip(read_metrics(tmp_path / "part")) == strip(read_metrics(tmp_path / "whole"))
-    # a resume with another config is refused, naming the field
-    assert "optim.lr: 0.05 -> 0.2" in cli_error("train", "--out", tmp_path / "part", *args, "--resume", "--lr", "0.2")
+    # and a run started from a run's config.json reproduces it exactly
+    assert cli("train", "--config", tmp_path / "whole" / "config.json", "--out", tmp_path / "again").exit_code == 0
+    assert strip(read_metrics(tmp_path / "again")) == strip(read_metrics(tmp_path / "whole"))
 
 
 def test_bad_input_gives_clear_errors(shards, teacher, tmp_path):
@@ -121,8 +129,14 @@ def test_training_from_a_teacher_cache(shards, teacher, tmp_path):
                                      image_size=32, batch_size=32, backend="torch", num_workers=0, device="cpu",
                                      progress=False))
     args = ["--shards", shards, "--mode", "uw-kd", "--students", "tiny_cnn", "--epochs", "2", *COMMON]
-    res = cli("train", "--out", tmp_path / "cached", "--teacher-cache", store, *args)
+    # a 1-epoch cache for a 2-epoch run would repeat every view: refused, naming both numbers ...
+    refused = cli_error("train", "--out", tmp_path / "cached", "--teacher-cache", store, *args)
+    assert "holds 1 augmentation epoch(s) but the run trains 2 epochs" in refused and "--reuse-views" in refused
+    # ... unless accepted, which config.json records
+    res = cli("train", "--out", tmp_path / "cached", "--teacher-cache", store, *args, "--reuse-views")
     assert res.exit_code == 0, res.output
+    saved = json.loads((tmp_path / "cached" / "config.json").read_text())
+    assert saved["reuse_views"] and saved["runtime"]["cache_epochs"] == 1 and saved["runtime"]["views_per_sample"] == 1
     cached = read_metrics(tmp_path / "cached")
     online = tmp_path / "online"
     assert cli("train", "--out", online, "--teacher", "tiny_resnet", "--teacher-weights",
@@ -132,4 +146,5 @@ def test_training_from_a_teacher_cache(shards, teacher, tmp_path):
     assert cached[0]["w_mean"] == pytest.approx(read_metrics(online)[0]["w_mean"], abs=2e-3)
     assert cached[0]["s0"]["loss"] == pytest.approx(read_metrics(online)[0]["s0"]["loss"], rel=2e-2)
     # a cache made for other views (another seed) is refused
-    assert "seed" in cli_error("train", "--out", tmp_path / "bad", "--teacher-cache", store, *args, "--seed", "1")
+    assert "seed" in cli_error("train", "--out", tmp_path / "bad", "--teacher-cache", store, *args, "--seed", "1",
+                               "--reuse-views")

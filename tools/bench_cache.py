@@ -49,25 +49,29 @@ def make_data(root: Path, per_class: int, teacher: str) -> tuple[Path, Path]:
 def bench_job(args, root: Path, device: torch.device) -> None:
     """cache-teacher (decode + augment + teacher + store) vs the teacher alone on the same batches."""
     from pipeline.augment import AugSpec
-    from trainer.cache_teacher import (CacheTeacherConfig, cache_teacher, load_teacher, open_views,
-                                       resolve_precision, teacher_logits)
+    from pipeline.loader import ImageNet100Loader
+    from trainer.cache_teacher import CacheTeacherConfig, cache_teacher
+    from trainer.runtime import load_teacher, precision_dtype, precision_name, teacher_forward
 
     shards, weights = make_data(root, args.per_class, args.teacher)
     cfg = CacheTeacherConfig(shards=str(shards), out=str(root / "job.zarr"), teacher_weights=str(weights),
                              teacher=args.teacher, epochs=1, image_size=args.image_size, batch_size=args.batch_size,
                              chunk_n=args.batch_size * 4, device=str(device), progress=False)
     n = args.per_class * len(WNIDS)
-    views, backend = open_views(cfg, AugSpec(image_size=args.image_size), device)
-    batches = [b[0].to(device) for b in views.iter_batches(np.arange(n), 0, args.batch_size)]
+    loader = ImageNet100Loader(cfg.shards, "train", args.batch_size, seed=cfg.seed, device=device,
+                               spec=AugSpec(image_size=args.image_size))
+    backend = loader.backend_name
+    batches = [b.images.to(device) for b in loader.iter_views(np.arange(n), 0)]
     model = load_teacher(args.teacher, weights, WNIDS, device)
-    precision = resolve_precision("auto", device)
-    teacher_logits(model, batches[0], precision)  # warm-up
+    dtype = precision_dtype("auto", device)
+    precision = precision_name(dtype)
+    teacher_forward(model, batches[0], dtype)  # warm-up
 
     def inference() -> float:
         sync(device)
         t0 = time.perf_counter()
         for images in batches:
-            teacher_logits(model, images, precision)
+            teacher_forward(model, images, dtype)
         sync(device)
         return n / (time.perf_counter() - t0)
 
@@ -93,7 +97,7 @@ def bench_step(args, root: Path, device: torch.device) -> None:
     """Training step with the online teacher vs with cached logits; lookup cost vs the step."""
     from pipeline.teacher_cache import CacheLayout, TeacherCache, TeacherCacheWriter
     from trainer.config import make_config
-    from trainer.loop import Distiller
+    from trainer.step import Distiller
     from trainer.models import build_model
 
     c, b = len(WNIDS), args.batch_size

@@ -28,10 +28,11 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from trainer.config import make_config
-from trainer.evaluate import autocast_for
-from trainer.loop import Distiller, NanWatch, amp_dtype, lr_factor, resolve_device
+from trainer.config import lr_factor, make_config
+from trainer.loop import StepLog
 from trainer.models import build_model
+from trainer.runtime import autocast, precision_dtype, resolve_device
+from trainer.step import Distiller, StepStats
 
 
 def machine(device: torch.device) -> str:
@@ -52,21 +53,20 @@ def fresh_students(names: list[str], num_classes: int, seed: int) -> list[torch.
 
 
 def trainer_step_fn(cfg, names, num_classes, device, teacher, images, labels, t_logits) -> Callable[[], None]:
-    """kdpipe's hot loop body: Distiller.step, stats accumulation, NaN watch."""
+    """kdpipe's hot loop body: Distiller.step, stats accumulation, the step log."""
     d = Distiller(cfg, fresh_students(names, num_classes, 0), teacher=teacher, device=device, steps_per_epoch=10**6)
-    acc = torch.zeros(d.stats_size, device=device)
+    acc = StepStats.zeros(len(names), device)
     log_every = 20
-    watch = NanWatch(d.names, device, capacity=log_every)
+    log = StepLog(d.names, device, capacity=log_every)
     state = {"step": 0}
 
-    def step() -> None:  # the loop's per-step body; its host sync (watch.check) comes every log_every steps
-        nonlocal acc
+    def step() -> None:  # the loop's per-step body; its host sync (log.flush) comes every log_every steps
         stats = d.step(images, labels, t_logits)
-        acc += stats
-        watch.observe(stats, state["step"])
+        acc.add_(stats)
+        log.observe(stats, state["step"], d.lr())
         state["step"] += 1
         if state["step"] % log_every == 0:
-            watch.check(Path("."), 10**6)
+            log.flush(Path("."), 10**6)
     return step
 
 
@@ -79,11 +79,11 @@ def plain_step_fn(cfg, names, num_classes, device, images, labels, t_logits) -> 
     opts = [torch.optim.SGD(m.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, fused=fused)
             for m in students]
     scheds = [torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, 10**6, 0)) for opt in opts]
-    dtype = amp_dtype(cfg.amp, device)
+    dtype = precision_dtype(cfg.amp, device)
     tau, C = lc.tau, t_logits.shape[1]
 
     def step() -> None:
-        with autocast_for(device, dtype):
+        with autocast(device, dtype):
             logits = [m(images) for m in students]
         p_t = F.softmax(t_logits / tau, dim=1)
         w = 1 + (F.softmax(t_logits, 1) * F.log_softmax(t_logits, 1)).sum(1) / math.log(C)
@@ -143,7 +143,7 @@ def run(students: list[str], teacher_name: str, image_size: int, batch_size: int
     t_logits = (3 * torch.randn(batch_size, num_classes, generator=g)).to(device)
     torch.manual_seed(1)
     teacher = build_model(teacher_name, num_classes)
-    print(f"machine: {machine(device)}; amp {amp_dtype(amp, device)}; {image_size}px, batch {batch_size}, "
+    print(f"machine: {machine(device)}; amp {precision_dtype(amp, device)}; {image_size}px, batch {batch_size}, "
           f"{num_classes} classes; {repeats} x {steps} steps after {warmup} warm-up")
     r1 = interleaved({"trainer": trainer_step_fn(cfg, students, num_classes, device, None, images, labels, t_logits),
                       "plain": plain_step_fn(cfg, students, num_classes, device, images, labels, t_logits)},

@@ -87,7 +87,7 @@ def make_data(root: Path, sizes: Sizes) -> Path:
 
 def distiller(num_classes: int, batch: int, device: torch.device, sizes: Sizes, *, online_teacher: bool):
     from trainer.config import make_config
-    from trainer.loop import Distiller
+    from trainer.step import Distiller
     from trainer.models import build_model
 
     cfg = make_config("dual", ("resnet18", "mobilenet_v2"), batch_size=batch, epochs=1, device=str(device),
@@ -212,7 +212,7 @@ def check_loss_falls(num_classes: int, device: torch.device, sizes: Sizes) -> di
     losses = []
     for _ in range(sizes.loss_steps):
         stats = d.step(images, labels, logits)
-        losses.append(float(stats[0] / stats[-1]))
+        losses.append(float(stats.terms[0, 0] / stats.count))
     return {"first_loss": losses[0], "last_loss": losses[-1], "ok": losses[-1] < losses[0]}
 
 

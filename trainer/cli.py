@@ -4,9 +4,18 @@ Each command imports its job lazily, so `kdpipe --help` stays fast and optional 
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import click
+
+from trainer.config import (CacheTeacherConfig, EvalConfig, ExportConfig, ShardConfig, TrainConfig,
+                            command_config, missing_required)
+from trainer.options import add_options, given, read_config_file
+
+CONFIG_FILE = click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
+                           help="Start from this config: a run's config.json or a TOML file with the same keys; "
+                                "flags given override it.")
 
 
 class KdpipeGroup(click.Group):
@@ -40,15 +49,6 @@ class _OneLine(click.ClickException):
         self.exit_code = exit_code
 
 
-class _DirOrURL(click.Path):
-    """An existing local path, or a URL / pipe: spec passed through as is (read remotely: pipeline/remote.py)."""
-
-    def convert(self, value, param, ctx):
-        from pipeline.remote import is_url
-
-        return value if is_url(value) else super().convert(value, param, ctx)
-
-
 def _debug(ctx: click.Context) -> bool:
     import os
 
@@ -65,7 +65,7 @@ def main(debug: bool) -> None:
 
 @main.command()
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Directory to write the tree into.")
-@click.option("--classes", "classes_file", type=click.Path(path_type=Path), default=None,
+@click.option("--classes", "classes_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Class list file (default: the ImageNet-100 list).")
 @click.option("--num-classes", type=int, default=None, help="Use only the first N classes of the list.")
 @click.option("--train-per-class", type=int, default=4, show_default=True)
@@ -83,9 +83,17 @@ def synth(out, classes_file, num_classes, train_per_class, val_per_class, val_la
           learnable, ambiguous_share):
     """Write a synthetic ImageNet tree in the real ILSVRC2012 layout (for tests, demos, benchmarks)."""
     from pipeline.classes import load_class_list
+    from pipeline.errors import ConfigError
     from pipeline.synthetic import make_imagenet_tree
 
-    wnids = load_class_list(classes_file)[:num_classes]
+    try:
+        wnids = load_class_list(classes_file)
+    except ValueError as e:  # a malformed list: one line naming the file and line
+        raise ConfigError(str(e)) from e
+    if num_classes is not None and not 1 <= num_classes <= len(wnids):
+        raise ConfigError(f"--num-classes {num_classes}: the class list {classes_file or '(ImageNet-100)'} has "
+                          f"{len(wnids)} classes; give 1..{len(wnids)}")
+    wnids = wnids[:num_classes]
     if learnable:
         from pipeline.learnable import make_learnable_tree
 
@@ -113,47 +121,19 @@ def bench() -> None:
 
 # ---- data: ImageNet tree -> WebDataset shards, and their verification (pipeline/shards.py) ----
 @main.command()
-@click.option("--imagenet", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="ImageNet root holding train/ (and val/), or a Kaggle download (ILSVRC/Data/CLS-LOC).")
-@click.option("--imagefolder", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Instead of --imagenet: any tree ROOT/train/<class>/<images> (and ROOT/val/<class>/...).")
-@click.option("--val-share", type=float, default=None,
-              help="With --imagefolder and no val/: carve this share of each class from train as val (seeded).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Shard directory.")
-@click.option("--classes", "classes_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              default=None, help="Class list file (default: the canonical ImageNet-100 list).")
-@click.option("--val-labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Labels for a flat val/: 'file<TAB>wnid' or LOC_val_solution.csv (default: shipped ILSVRC2012).")
-@click.option("--shard-size", type=click.IntRange(min=1), default=1000, show_default=True, help="Samples per shard.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train shuffle.")
-@click.option("--quality", type=click.IntRange(1, 100), default=95, show_default=True,
-              help="JPEG quality for re-encoded images (CMYK, PNG, --max-side).")
-@click.option("--max-side", type=click.IntRange(min=1), default=None,
-              help="Re-encode images whose longer side exceeds N px (default: off, bytes pass through).")
-@click.option("--workers", type=click.IntRange(min=1), default=None, help="Processes (default: all cores).")
-@click.option("--strict", is_flag=True, help="Exit nonzero if any file was rejected.")
-@click.option("--overwrite", is_flag=True, help="Replace an output made with different options or inputs.")
-def shard(imagenet, imagefolder, val_share, out, classes_file, val_labels, shard_size, seed, quality, max_side,
-          workers, strict, overwrite):
-    """Write ImageNet-100 (or --classes), or any class-folder tree, as WebDataset shards + manifest + index.
-    Resumable: rerun to continue."""
+@add_options(ShardConfig)
+def shard(**params):
+    """Write ImageNet-100 (or --classes), or any class-folder tree (--imagefolder), as WebDataset shards +
+    manifest + index. Resumable: rerun to continue."""
     from pipeline.imagefolder import discover_imagefolder
     from pipeline.imagenet import printable
-    from pipeline.shards import OptionsMismatch, ShardOptions, build_shards
+    from pipeline.shards import build_shards
 
-    if (imagenet is None) == (imagefolder is None):
-        raise click.UsageError("give exactly one of --imagenet and --imagefolder")
-    if imagefolder is not None and (classes_file or val_labels):
-        raise click.UsageError("--classes and --val-labels apply to --imagenet; --imagefolder takes train/'s folders")
-    if imagenet is not None and val_share is not None:
-        raise click.UsageError("--val-share applies to --imagefolder")
-    opts = ShardOptions(shard_size=shard_size, seed=seed, quality=quality, max_side=max_side)
-    try:
-        source = imagenet or discover_imagefolder(imagefolder, val_share=val_share, seed=seed)
-        report = build_shards(source, out, classes=classes_file, val_labels=val_labels, options=opts,
-                              workers=workers, overwrite=overwrite)
-    except (OptionsMismatch, FileNotFoundError, ValueError) as e:
-        raise click.ClickException(str(e)) from e
+    cfg = command_config(ShardConfig, given(ShardConfig, params))
+    out = Path(cfg.out)
+    source = cfg.imagenet or discover_imagefolder(cfg.imagefolder, val_share=cfg.val_share, seed=cfg.options.seed)
+    report = build_shards(source, out, classes=cfg.classes, val_labels=cfg.val_labels, options=cfg.options,
+                          workers=cfg.workers, overwrite=cfg.overwrite)
     splits = report.manifest["splits"]
     counts = ", ".join(f"{s} {v['count']} samples in {len(v['shards'])} shards" for s, v in splits.items())
     click.echo(f"{out}: {counts} (wrote {len(report.written)} shards, {len(report.reused)} found finished)")
@@ -161,66 +141,62 @@ def shard(imagenet, imagefolder, val_share, out, classes_file, val_labels, shard
         click.echo(f"rejected {len(report.rejected)} files (listed in {out / 'rejected.tsv'}):", err=True)
         for split, src, reason in report.rejected[:10]:
             click.echo(f"  {split}\t{printable(src)}\t{reason}", err=True)
-        if strict:
+        if cfg.strict:
             raise click.ClickException(f"--strict: {len(report.rejected)} files rejected")
 
 
 @main.command()
-@click.option("--shards", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--shards", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Shard directory: every checksum, member, id and label; every image decodes.")
+@click.option("--cache", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Teacher cache (Zarr store): every written unit against its checksums.")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Processes (default: all cores).")
-def verify(shards, workers):
-    """Check every shard against the manifest: counts, checksums, ids, labels, and that every image decodes."""
-    from pipeline.shards import verify_shards
+def verify(shards, cache, workers):
+    """Check shards against their manifest and index, and/or a teacher cache unit by unit. Lists every
+    problem found, one a line, and exits 1 if there is any."""
+    if shards is None and cache is None:
+        raise click.UsageError("give --shards DIR, --cache STORE, or both")
+    problems: dict[Path, int] = {}  # what was checked -> number of problems found
+    if shards is not None:
+        from pipeline.shards import verify_shards
 
-    result = verify_shards(shards, workers=workers, progress=True)
-    for problem in result.problems:
-        click.echo(problem, err=True)
-    if not result.ok:
-        raise click.ClickException(f"{len(result.problems)} problems in {shards}")
-    click.echo(f"{shards}: {result.shards} shards, {result.samples} samples OK")
+        result = verify_shards(shards, workers=workers, progress=True)
+        problems[shards] = len(result.problems)
+        for problem in result.problems:
+            click.echo(problem, err=True)
+        if result.ok:
+            click.echo(f"{shards}: {result.shards} shards, {result.samples} samples OK")
+    if cache is not None:
+        from pipeline.teacher_cache import TeacherCache
+
+        report = TeacherCache(cache, prefetch=False).verify()
+        problems[cache] = len(report.problems())
+        for problem in report.problems():
+            click.echo(f"{cache}: {problem}", err=True)
+        if report.ok:
+            click.echo(f"{cache}: {report.checked} units ({report.units} expected), every checksum OK")
+        elif report.damage:
+            click.echo(f"{cache}: rerun `kdpipe cache-teacher` with the same options to recompute the damaged units",
+                       err=True)
+    if any(problems.values()):
+        raise click.ClickException(f"{sum(problems.values())} problems in "
+                                   + ", ".join(str(p) for p, n in problems.items() if n))
 
 
 # ---- cache: teacher logits in a Zarr store (trainer/cache_teacher.py) ----
 @main.command("cache-teacher")
-@click.option("--shards", type=_DirOrURL(exists=True, file_okay=False, path_type=Path), required=True,
-              help="Shard directory, or its URL (http(s)://, s3://, gs://, file://, pipe:...{name}...): streamed.")
-@click.option("--teacher", default="resnet50", show_default=True, help="Teacher architecture (or timm:NAME).")
-@click.option("--teacher-weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
-              help="Local weights: kdpipe checkpoint, C-way or ImageNet-1k state dict.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Zarr store to create or resume.")
-@click.option("--epochs", type=int, default=1, show_default=True,
-              help="Augmentation epochs E; training epoch e reuses epoch e mod E (views and logits).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Must equal the training seed.")
-@click.option("--image-size", type=int, default=224, show_default=True, help="Must equal the training crop.")
-@click.option("--topk", type=int, default=0, show_default=True, help="0: full logits; K: top-K log-probs.")
-@click.option("--batch-size", type=int, default=256, show_default=True)
-@click.option("--chunk", "chunk_n", type=int, default=4096, show_default=True,
-              help="Samples per store chunk and per unit of resumable, parallel work.")
-@click.option("--backend", type=click.Choice(["auto", "dali", "torch"]), default="auto", show_default=True)
-@click.option("--num-workers", type=int, default=None)
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
-              show_default=True, help="auto: bf16 autocast on CUDA, fp32 on the CPU.")
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
-def cache_teacher_cmd(shards, teacher, teacher_weights, out, epochs, seed, image_size, topk, batch_size, chunk_n,
-                      backend, num_workers, precision, device):
+@add_options(CacheTeacherConfig)
+@CONFIG_FILE
+def cache_teacher_cmd(config_file, **params):
     """Run the teacher once per (augmentation epoch, train sample) and store logits + confidence weights.
 
-    Resumable (rerun the same command after any interruption) and parallel under torchrun."""
-    from trainer.cache_teacher import CacheTeacherConfig, cache_teacher
+    Resumable (rerun the same command after any interruption; damaged units are recomputed) and parallel
+    under torchrun."""
+    from trainer.cache_teacher import cache_teacher
 
-    try:
-        cfg = CacheTeacherConfig(shards=str(shards), out=str(out), teacher_weights=str(teacher_weights),
-                                 teacher=teacher, epochs=epochs, seed=seed, image_size=image_size, topk=topk,
-                                 batch_size=batch_size, chunk_n=chunk_n, backend=backend, num_workers=num_workers,
-                                 precision=precision, device=device)
-    except ValueError as e:
-        raise click.UsageError(str(e)) from e
-    from pipeline.teacher_cache import CacheMismatchError, IncompleteCacheError
-
-    try:
-        path = cache_teacher(cfg)
-    except (CacheMismatchError, IncompleteCacheError, FileExistsError) as e:
-        raise click.ClickException(str(e)) from e
+    cfg = command_config(CacheTeacherConfig, given(CacheTeacherConfig, params),
+                         read_config_file(config_file) if config_file else None)
+    path = cache_teacher(cfg)
     click.echo(f"teacher cache complete: {path}")
 
 
@@ -238,11 +214,17 @@ def cache_teacher_cmd(shards, teacher, teacher_weights, out, epochs, seed, image
               help="The learnable dataset the shards came from (tree or its learnable.json): split the teacher's "
                    "statistics into clean and ambiguous samples.")
 def report(runs, out, teacher_run, low_w, learnable):
-    """Write OUT/report.md (Tables I-III, teacher uncertainty, accuracy per epoch) and PNG plots from RUNS."""
+    """Write OUT/report.md (assumptions, Tables I-IV with verdicts, convergence, teacher uncertainty and its
+    most/least confident views, accuracy per epoch) and PNG plots from RUNS; seeds of one mode are pooled."""
+    from pipeline.errors import KdpipeError
+    from pipeline.locks import exclusive_lock
     from trainer.report import write_report
 
-    try:
-        path = write_report(list(runs), out, teacher=teacher_run, low_w=low_w, learnable=learnable)
+    try:  # one writer per directory: a report into a run being trained (or another report) is refused
+        with exclusive_lock(Path(out) / ".kdpipe.lock", f"directory {out}"):
+            path = write_report(list(runs), out, teacher=teacher_run, low_w=low_w, learnable=learnable)
+    except KdpipeError:
+        raise
     except (FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(f"wrote {path}")
@@ -250,100 +232,61 @@ def report(runs, out, teacher_run, low_w, learnable):
 
 # ---- train: dual-student distillation, evaluation, train-step benchmark (trainer/loop.py) ----
 @main.command()
-@click.option("--shards", type=_DirOrURL(exists=True, file_okay=False, path_type=Path), required=True,
-              help="Shard directory, or its URL (http(s)://, s3://, gs://, file://, pipe:...{name}...): streamed.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Run directory: config.json, metrics.jsonl, checkpoints, final weights.")
-@click.option("--mode", type=click.Choice(["hard", "kd", "uw-kd", "dual"]), default="dual", show_default=True,
-              help="Preset: hard (CE only), kd (alpha .3, beta .7), uw-kd (kd weighted by w), dual (.4/.4/.2).")
-@click.option("--students", default=None, help="Comma-separated models (default: resnet18,mobilenet_v2 for dual, "
-              "resnet18 otherwise; also resnet50, tiny_cnn, tiny_resnet, tiny_mobilenet, or timm:NAME with timm installed).")
-@click.option("--teacher", default="resnet50", show_default=True,
-              help="Architecture of the online teacher (a registry name or timm:NAME).")
-@click.option("--teacher-weights", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Online teacher weights: kdpipe checkpoint, C-way or ImageNet-1k state dict.")
-@click.option("--teacher-cache", type=_DirOrURL(exists=True), default=None,
-              help="Zarr teacher cache (kdpipe cache-teacher) instead of an online teacher.")
-@click.option("--epochs", type=int, default=50, show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True, help="Per rank.")
-@click.option("--lr", type=float, default=0.1, show_default=True, help="Peak LR; cosine to 0 per step.")
-@click.option("--momentum", type=float, default=0.9, show_default=True)
-@click.option("--weight-decay", type=float, default=1e-4, show_default=True)
-@click.option("--warmup-epochs", type=float, default=0.0, show_default=True)
-@click.option("--alpha", type=float, default=None, help="CE weight (default: the preset's).")
-@click.option("--beta", type=float, default=None, help="Teacher-term weight (default: the preset's).")
-@click.option("--gamma", type=float, default=None, help="Peer-term weight (default: the preset's).")
-@click.option("--tau", type=float, default=None, help="Temperature [default: 4].")
-@click.option("--uncertainty/--no-uncertainty", default=None, help="Weight the teacher term by w (default: preset).")
-@click.option("--entropy-tau", type=float, default=None, help="Temperature of the entropy behind w [default: 1].")
-@click.option("--kl-direction", type=click.Choice(["forward", "reverse"]), default=None,
-              help="forward: KL(teacher || student) (default); reverse: the paper's KL(student || teacher).")
-@click.option("--image-size", type=int, default=224, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--backend", type=click.Choice(["auto", "dali", "torch"]), default="auto", show_default=True)
-@click.option("--num-workers", type=int, default=None)
-@click.option("--amp", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
-              help="auto: bf16 on CUDA, fp32 on CPU; fp16 uses one GradScaler per student.")
-@click.option("--channels-last/--no-channels-last", default=True, show_default=True)
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile each student.")
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
-@click.option("--log-every", type=int, default=20, show_default=True, help="Steps between progress updates.")
-@click.option("--resume", is_flag=True, help="Continue exactly from OUT/checkpoint-last.pt.")
-@click.option("--stop-after-steps", type=int, default=None, help="Stop (with a checkpoint) after N global steps.")
-def train(shards, out, mode, students, teacher, teacher_weights, teacher_cache, epochs, batch_size, lr, momentum,
-          weight_decay, warmup_epochs, alpha, beta, gamma, tau, uncertainty, entropy_tau, kl_direction, image_size,
-          seed, backend, num_workers, amp, channels_last, compile_, device, log_every, resume, stop_after_steps):
+@add_options(TrainConfig)
+@CONFIG_FILE
+@click.option("--resume", is_flag=True, help="Continue the run in --out exactly from its config.json and "
+              "checkpoint-last.pt; flags given must agree with its config (paths, workers, logging may change).")
+@click.option("--stop-after-steps", type=click.IntRange(min=1), default=None,
+              help="Stop (with a checkpoint) after N global steps.")
+def train(config_file, resume, stop_after_steps, **params):
     """Train one or more students (the paper: ResNet-18 + MobileNetV2) from a teacher on ImageNet-100 shards."""
-    from pipeline.teacher_cache import IncompleteCacheError
-    from trainer.config import make_config
-    from trainer.loop import NonFiniteLossError
+    from pipeline.errors import ConfigError, MissingDataError
+    from trainer.config import resolve_train
     from trainer.train_job import train as train_job
 
-    try:
-        cfg = make_config(mode, tuple(students.split(",")) if students else None,
-                          loss=dict(alpha=alpha, beta=beta, gamma=gamma, tau=tau, uncertainty=uncertainty,
-                                    entropy_tau=entropy_tau, direction=kl_direction),
-                          optim=dict(lr=lr, momentum=momentum, weight_decay=weight_decay, warmup_epochs=warmup_epochs),
-                          shards=str(shards), out=str(out), teacher=teacher, teacher_weights=teacher_weights,
-                          teacher_cache=teacher_cache, epochs=epochs, batch_size=batch_size, image_size=image_size,
-                          seed=seed, backend=backend, num_workers=num_workers, amp=amp, channels_last=channels_last,
-                          compile=compile_, device=device, log_every=log_every)
-        result = train_job(cfg, resume=resume, stop_after_steps=stop_after_steps)
-    except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError, IncompleteCacheError) as e:
-        raise click.ClickException(str(e)) from e
+    flags = given(TrainConfig, params)
+    saved = None
+    if resume:
+        if config_file:
+            raise ConfigError("--resume continues from the run's own config.json: drop --config")
+        if "out" not in flags:
+            raise ConfigError("--resume needs --out RUN (the run directory to continue)")
+        saved_file = Path(flags["out"]) / "config.json"
+        if not saved_file.is_file():
+            raise MissingDataError(f"--resume: {saved_file} not found; is {flags['out']} a `kdpipe train` run?")
+        saved = read_config_file(saved_file)
+    cfg = resolve_train(flags, read_config_file(config_file) if config_file else None, saved,
+                        saved_name=str(Path(flags.get("out", "")) / "config.json"))
+    missing = missing_required(TrainConfig, dataclasses.asdict(cfg))
+    if missing:
+        raise ConfigError(f"missing required option(s): {', '.join(missing)}")
+    result = train_job(cfg, resume=resume, stop_after_steps=stop_after_steps)
     if result["stopped"]:
-        click.echo(f"stopped after {result['global_step']} steps; continue with --resume (checkpoint in {out})")
+        click.echo(f"stopped after {result['global_step']} steps; continue with "
+                   f"`kdpipe train --out {cfg.out} --resume`")
     else:
-        click.echo(f"done: {out}/metrics.jsonl, final weights {out}/student*.pt")
+        click.echo(f"done: {cfg.out}/metrics.jsonl, final weights {cfg.out}/student*.safetensors")
 
 
 @main.command("eval")
-@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Run directory (uses --which checkpoint).")
-@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="A kdpipe checkpoint or final-weights file.")
-@click.option("--which", type=click.Choice(["last", "best"]), default="last", show_default=True)
-@click.option("--shards", type=_DirOrURL(exists=True, file_okay=False), default=None,
-              help="Shards to evaluate on (default: the run's own).")
-@click.option("--image-size", type=int, default=None, help="Crop size (default: the run's own, else 224).")
-@click.option("--batch-size", type=int, default=128, show_default=True)
-@click.option("--backend", type=click.Choice(["auto", "dali", "torch"]), default="auto", show_default=True)
-@click.option("--num-workers", type=int, default=None)
-@click.option("--device", default="auto", show_default=True)
-def eval_cmd(run_dir, checkpoint, which, shards, image_size, batch_size, backend, num_workers, device):
+@add_options(EvalConfig)
+def eval_cmd(**params):
     """Top-1 / top-5 on the val split for each student and their ensemble (mean of softmaxes)."""
     from trainer.evaluate import eval_checkpoint, format_table
 
-    if (run_dir is None) == (checkpoint is None):
-        raise click.UsageError("give exactly one of --run and --checkpoint")
-    path = checkpoint or run_dir / f"checkpoint-{which}.pt"
-    try:
-        names, result = eval_checkpoint(str(path), shards=shards, image_size=image_size, batch_size=batch_size,
-                                        backend=backend, device=device, num_workers=num_workers)
-    except (ValueError, FileNotFoundError) as e:
-        raise click.ClickException(str(e)) from e
+    cfg = command_config(EvalConfig, given(EvalConfig, params))
+    path, names, result = eval_checkpoint(cfg)
     click.echo(f"{path}:")
     click.echo(format_table(names, result))
+
+
+@main.command("export")
+@add_options(ExportConfig)
+def export_cmd(**params):
+    """Export a finished run's students (ONNX), each checked against PyTorch on one batch."""
+    from trainer.export import export_run
+
+    export_run(command_config(ExportConfig, given(ExportConfig, params)))
 
 
 def _run_tool(script: str, args: tuple[str, ...]) -> None:
@@ -377,13 +320,16 @@ def bench_train(args):
 @click.option("--tiny", is_flag=True, help="A seconds-long version (5 classes, 1 epoch) that checks the chain.")
 @click.option("--backend", type=click.Choice(["auto", "dali", "torch"]), default="auto", show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
-def demo(out, tiny, backend, device):
+@click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Run the ladder with N seeds (data, shards and teacher shared; one teacher cache per seed); "
+                   "the report gives mean ± sd and a verdict per rung.")
+def demo(out, tiny, backend, device, seeds):
     """Generate a learnable dataset, shard it, train a teacher, cache it, run hard -> kd -> uw-kd -> dual, report."""
     import dataclasses
 
     from trainer.demo import TINY, DemoConfig, run_demo
 
-    cfg = dataclasses.replace(TINY if tiny else DemoConfig(), backend=backend, device=device)
+    cfg = dataclasses.replace(TINY if tiny else DemoConfig(), backend=backend, device=device, seeds=seeds)
     try:
         path = run_demo(out, cfg)
     except ValueError as e:

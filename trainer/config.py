@@ -1,142 +1,410 @@
-"""Training configuration: frozen dataclasses with visible defaults, and the four presets.
+"""Configuration of every command: frozen dataclasses with visible defaults, the single source of the CLI.
 
-The presets are the paper's ablation ladder as one trainer: hard -> kd -> uw-kd -> dual.
-Every loss weight can still be overridden; the resolved config is written to RUN/config.json.
+Each field carries its help text (with units) in its metadata; trainer/options.py turns the fields into the
+click options of `train`, `cache-teacher`, `shard` and `eval`, so no default or choice is typed twice.
+The presets are the paper's ablation ladder as one trainer: hard -> kd -> uw-kd -> dual. The resolved
+TrainConfig is written to RUN/config.json and read back by `--resume` and `--config`.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import types
+import typing
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
-import torch
+from pipeline.augment import ValResize
+from pipeline.errors import ConfigError
+from pipeline.shards import ShardOptions
 
-from .losses import DIRECTIONS
-from .models import MODELS
+from .losses import Direction, WeightFn
+
+
+def opt(default: Any = dataclasses.MISSING, help: str = "", **meta: Any) -> Any:
+    """A dataclass field with its CLI help (and options-generator hints: flag=, path=, cli=False, required=,
+    preset=, min=). `default` may be a zero-argument callable for a mutable default."""
+    kw: dict[str, Any] = {"metadata": {"help": help, **meta}}
+    if callable(default):
+        kw["default_factory"] = default
+    elif default is not dataclasses.MISSING:
+        kw["default"] = default
+    return field(**kw)
+
+
+Backend = Literal["auto", "dali", "torch"]
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    alpha: float = 0.4  # weight of cross-entropy with the labels
-    beta: float = 0.4  # weight of the teacher term (w * tau^2 * KL)
-    gamma: float = 0.2  # weight of the peer term (tau^2 * KL to the other students, detached)
-    tau: float = 4.0  # temperature of the teacher and peer terms
-    uncertainty: bool = True  # weight the teacher term per sample by w = 1 - H(p_T) / log C
-    entropy_tau: float = 1.0  # temperature at which H is measured for w (the paper mixes 1 and tau)
-    direction: str = "forward"  # "forward": KL(target || student), Hinton; "reverse": the paper's notation
+    alpha: float = opt(0.4, "weight of the cross-entropy with the labels", preset=True)
+    beta: float = opt(0.4, "weight of the teacher term (w * tau^2 * KL)", preset=True)
+    gamma: float = opt(0.2, "weight of the peer term (tau^2 * KL to the other students, detached)", preset=True)
+    tau: float = opt(4.0, "temperature of the teacher and peer terms")
+    weight_fn: WeightFn = opt(
+        "confidence", "per-sample weight of the teacher term: confidence w = 1 - H/log C (the paper), none "
+        "(w = 1), entropy (w = H/log C, up-weights what the teacher is unsure of)", preset=True)
+    entropy_tau: float = opt(1.0, "temperature of the teacher entropy H behind w (the paper mixes 1 and tau)")
+    direction: Direction = opt(
+        "forward", "KL direction: forward KL(target || student), Hinton; reverse KL(student || target), the "
+        "paper's notation", flag="--kl-direction")
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 0.1  # peak learning rate for batch 64 (per rank); cosine decay to 0, per step
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 0.0  # linear warm-up from 0, in epochs (fractions allowed)
-    nesterov: bool = False
+    lr: float = opt(0.1, "peak learning rate for the global batch; cosine decay to 0, per step")
+    momentum: float = opt(0.9, "SGD momentum")
+    weight_decay: float = opt(1e-4, "SGD weight decay")
+    decay_norm_and_bias: bool = opt(True, "apply weight decay to BatchNorm and bias parameters too (plain SGD)")
+    warmup_epochs: float = opt(0.0, "linear warm-up from 0, in epochs (fractions allowed)")
+    nesterov: bool = opt(False, "Nesterov momentum")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    shards: str = ""  # directory written by `kdpipe shard`
-    out: str = "runs/dual"  # run directory: config.json, metrics.jsonl, checkpoints, final weights
-    mode: str = "dual"  # preset name: hard | kd | uw-kd | dual
-    students: tuple[str, ...] = ("resnet18", "mobilenet_v2")
-    teacher: str = "resnet50"  # architecture of the online teacher
-    teacher_weights: str | None = None  # local file: kdpipe checkpoint, C-way or 1k-way state dict
-    teacher_cache: str | None = None  # Zarr teacher cache; replaces the online teacher
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    epochs: int = 50
-    batch_size: int = 64  # per rank
-    image_size: int = 224  # training crop, pixels
-    seed: int = 0  # augmentation, epoch order and model initialisation
-    backend: str = "auto"  # loader backend: auto | dali | torch
-    num_workers: int | None = None  # loader workers (None: the loader's default)
-    amp: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 (GradScaler per student) | fp32
-    channels_last: bool = True
-    compile: bool = False  # torch.compile each student
-    device: str = "auto"  # auto | cpu | cuda
-    log_every: int = 20  # steps between progress updates; each one syncs the host with the device
+    shards: str = opt("", "directory written by `kdpipe shard`, or its URL (http(s)://, s3://, gs://, file://, "
+                      "pipe:...{name}...): streamed", path="dir", url=True, required=True)
+    out: str = opt("runs/dual", "run directory: config.json, metrics.jsonl, checkpoints, final weights",
+                   path="out")
+    mode: Literal["hard", "kd", "uw-kd", "dual"] = opt(
+        "dual", "preset: hard (CE only), kd (alpha .3, beta .7), uw-kd (kd weighted by w), dual (.4/.4/.2 + peer)")
+    students: tuple[str, ...] = opt(("resnet18", "mobilenet_v2"), "comma-separated student models (resnet18, "
+                                    "mobilenet_v2, resnet50, tiny_cnn, tiny_resnet, tiny_mobilenet, or timm:NAME "
+                                    "with timm installed)", preset=True)
+    teacher: str = opt("resnet50", "architecture of the teacher (a registry name or timm:NAME)")
+    teacher_weights: str | None = opt(None, "online teacher weights: kdpipe checkpoint, C-way or ImageNet-1k "
+                                      "state dict", path="file")
+    teacher_cache: str | None = opt(None, "Zarr teacher cache (`kdpipe cache-teacher`) instead of an online "
+                                    "teacher; a URL is read-only", path="any", url=True)
+    loss: LossConfig = opt(LossConfig, "")
+    optim: OptimConfig = opt(OptimConfig, "")
+    epochs: int = opt(50, "training epochs", min=1)
+    batch_size: int = opt(64, "GLOBAL batch (samples per step over all ranks; split evenly across ranks)", min=1)
+    image_size: int = opt(224, "training crop and validation view side, pixels", min=1)
+    val_resize: ValResize = opt(
+        "shorter", "validation view: shorter (shorter side to 256/224 of the crop, centre crop; torchvision's "
+        "norm) or square (resize to 256x256, centre crop; the paper's words)")
+    dropout: float = opt(0.2, "dropout probability of every nn.Dropout in the students (MobileNetV2's classifier)")
+    reuse_views: bool = opt(False, "accept a teacher cache with fewer augmentation epochs than --epochs: "
+                            "training epoch e then repeats the views (and logits) of epoch e mod E")
+    seed: int = opt(0, "seed of augmentation, epoch order, initialisation and dropout")
+    backend: Backend = opt("auto", "loader backend (auto: DALI with a GPU when installed, else torch)")
+    num_workers: int | None = opt(None, "loader worker processes per rank (default: one per usable core)", min=0)
+    skip_corrupt: bool = opt(False, "drop samples that fail to read or decode (counted in metrics.jsonl, listed "
+                             "in RUN/skipped.tsv) instead of stopping")
+    amp: Precision = opt("auto", "mixed precision: auto (bf16 on CUDA, fp32 on the CPU); fp16 uses one "
+                         "GradScaler per student")
+    channels_last: bool = opt(True, "channels_last memory format for models and images")
+    compile: bool = opt(False, "torch.compile each student")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    log_every: int = opt(20, "steps between progress updates (each one syncs the host with the device)", min=1)
+    tensorboard: bool = opt(False, "also write per-step loss terms, lr and w, and per-epoch accuracy to RUN/tb "
+                            "(needs the `tb` extra)")
 
     @property
     def uses_teacher(self) -> bool:
         return self.loss.beta != 0.0
 
 
-# mode -> (loss weights, default students). Single-student presets train ResNet-18 like the paper.
-PRESETS: dict[str, tuple[LossConfig, tuple[str, ...]]] = {
-    "hard": (LossConfig(alpha=1.0, beta=0.0, gamma=0.0, uncertainty=False), ("resnet18",)),
-    "kd": (LossConfig(alpha=0.3, beta=0.7, gamma=0.0, uncertainty=False), ("resnet18",)),
-    "uw-kd": (LossConfig(alpha=0.3, beta=0.7, gamma=0.0, uncertainty=True), ("resnet18",)),
-    "dual": (LossConfig(alpha=0.4, beta=0.4, gamma=0.2, uncertainty=True), ("resnet18", "mobilenet_v2")),
+@dataclass(frozen=True)
+class CacheTeacherConfig:
+    shards: str = opt(help="directory written by `kdpipe shard`, or its URL (streamed)", path="dir", url=True,
+                      required=True)
+    out: str = opt(help="Zarr store to create or resume, e.g. teacher.zarr", path="out", required=True)
+    teacher_weights: str = opt(help="local teacher weights: kdpipe checkpoint, C-way or ImageNet-1k state dict",
+                               path="file", required=True)
+    teacher: str = opt("resnet50", "teacher architecture (a registry name or timm:NAME)")
+    epochs: int = opt(50, "augmentation epochs E (the paper trains 50); a training run of more epochs than E "
+                      "is refused unless it passes --reuse-views", min=1)
+    seed: int = opt(0, "augmentation seed; must equal the training --seed", )
+    image_size: int = opt(224, "training crop side, pixels; must equal the training --image-size", min=1)
+    topk: int = opt(0, "0: store full logits; K: top-K log-probabilities (for teachers with many classes)", min=0)
+    batch_size: int = opt(256, "GLOBAL teacher batch (split evenly across ranks); never crosses a unit", min=1)
+    chunk_n: int = opt(4096, "samples per store chunk and per unit of resumable, parallel work", flag="--chunk",
+                       min=1)
+    backend: Backend = opt("auto", "loader backend (auto: DALI with a GPU when installed, else torch)")
+    num_workers: int | None = opt(None, "loader worker processes per rank (default: one per usable core)", min=0)
+    skip_corrupt: bool = opt(False, "store no teacher signal (zero logits, w = 0) for samples that fail to read or "
+                             "decode, list them in OUT.skipped.tsv, instead of stopping")
+    precision: Precision = opt("auto", "teacher precision: auto (bf16 on CUDA, fp32 on the CPU)")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    progress: bool = opt(True, "progress bar", cli=False)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if min(self.epochs, self.batch_size, self.chunk_n, self.image_size) < 1 or self.topk < 0:
+            problems.append("--epochs, --batch-size, --chunk and --image-size must be >= 1, --topk >= 0")
+        elif self.chunk_n % self.batch_size:
+            problems.append(f"--chunk ({self.chunk_n}) must be a multiple of --batch-size ({self.batch_size}), so "
+                            f"batches never straddle two units and a resumed run computes identical logits")
+        if problems:
+            raise ConfigError("invalid cache-teacher options: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    out: str = opt(help="shard directory", path="out", required=True)
+    imagenet: str | None = opt(None, "ImageNet root holding train/ (and val/), or a Kaggle download "
+                               "(ILSVRC/Data/CLS-LOC); or give --imagefolder", path="dir")
+    imagefolder: str | None = opt(None, "instead of --imagenet: any class-folder tree ROOT/train/<class>/... (and "
+                                  "ROOT/val/<class>/...); classes are train/'s folder names, sorted", path="dir")
+    val_share: float | None = opt(None, "with --imagefolder and no val/: carve this share of each class from "
+                                  "train as val (class-stratified, seeded by --seed)")
+    classes: str | None = opt(None, "class list file (default: the canonical ImageNet-100 list)", path="file")
+    val_labels: str | None = opt(None, "labels of a flat val/: 'file<TAB>wnid' or LOC_val_solution.csv (default: "
+                                 "the shipped ILSVRC2012 labels)", path="file")
+    options: ShardOptions = opt(ShardOptions, "")
+    workers: int | None = opt(None, "processes (default: all usable cores)", min=1)
+    strict: bool = opt(False, "exit nonzero if any file was rejected")
+    overwrite: bool = opt(False, "replace an output made with different options or inputs")
+
+    def __post_init__(self) -> None:
+        if (self.imagenet is None) == (self.imagefolder is None):
+            raise ConfigError("give exactly one of --imagenet and --imagefolder")
+        if self.imagefolder is not None and (self.classes or self.val_labels):
+            raise ConfigError("--classes and --val-labels select from an ImageNet tree; --imagefolder takes "
+                              "train/'s folders")
+        if self.imagenet is not None and self.val_share is not None:
+            raise ConfigError("--val-share carves val from an --imagefolder tree")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    run: str | None = opt(None, "run directory (evaluates its --which checkpoint)", path="dir")
+    checkpoint: str | None = opt(None, "a kdpipe checkpoint or final-weights file", path="file")
+    which: Literal["last", "best"] = opt("last", "which checkpoint of --run")
+    shards: str | None = opt(None, "shards to evaluate on, a directory or URL (default: the run's own)",
+                             path="dir", url=True)
+    image_size: int | None = opt(None, "view side, pixels (default: the run's own)", min=1)
+    val_resize: ValResize | None = opt(None, "validation resize (default: the run's own)")
+    batch_size: int = opt(128, "GLOBAL evaluation batch", min=1)
+    backend: Backend = opt("auto", "loader backend")
+    num_workers: int | None = opt(None, "loader worker processes (default: one per usable core)", min=0)
+    skip_corrupt: bool = opt(False, "drop validation samples that fail to read or decode (and say how many)")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+
+    def __post_init__(self) -> None:
+        if (self.run is None) == (self.checkpoint is None):
+            raise ConfigError("give exactly one of --run and --checkpoint")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    run: str = opt(help="a finished run directory (its student*.safetensors)", path="dir", required=True)
+    format: Literal["onnx"] = opt("onnx", "output format (safetensors files are written by every run already)")
+    out: str | None = opt(None, "directory for the exported files (default: the run directory)", path="out")
+    batch_size: int = opt(2, "images in the batch that checks each export against PyTorch", min=1)
+    atol: float = opt(1e-4, "largest accepted |exported - PyTorch| logit difference on that batch")
+
+
+# mode -> (loss fields, default students). Single-student presets train ResNet-18 like the paper.
+PRESETS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
+    "hard": ({"alpha": 1.0, "beta": 0.0, "gamma": 0.0, "weight_fn": "none"}, ("resnet18",)),
+    "kd": ({"alpha": 0.3, "beta": 0.7, "gamma": 0.0, "weight_fn": "none"}, ("resnet18",)),
+    "uw-kd": ({"alpha": 0.3, "beta": 0.7, "gamma": 0.0, "weight_fn": "confidence"}, ("resnet18",)),
+    "dual": ({"alpha": 0.4, "beta": 0.4, "gamma": 0.2, "weight_fn": "confidence"}, ("resnet18", "mobilenet_v2")),
 }
 
-# Fields a resumed run may change (paths move, logging and compilation do not change the numbers).
-RESUME_FREE = ("out", "shards", "teacher_weights", "teacher_cache", "num_workers", "log_every", "compile")
+# Fields a resumed run may change (paths move; logging, workers and compilation do not change the numbers).
+RESUME_FREE = ("out", "shards", "teacher_weights", "teacher_cache", "num_workers", "log_every", "compile",
+               "tensorboard")
+
+
+def preset_fields(mode: str) -> dict[str, Any]:
+    """What --mode sets: the loss weights and the default students, as nested config fields."""
+    if mode not in PRESETS:
+        raise ConfigError(f"--mode {mode!r} is not a preset; choose from {', '.join(PRESETS)}")
+    loss, students = PRESETS[mode]
+    return {"mode": mode, "loss": dict(loss), "students": students}
 
 
 def make_config(mode: str = "dual", students: tuple[str, ...] | None = None, *,
                 loss: dict | None = None, optim: dict | None = None, **fields) -> TrainConfig:
     """The preset `mode`, with loss/optimizer overrides (None values ignored) and other fields set."""
-    if mode not in PRESETS:
-        raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(PRESETS)}")
-    preset_loss, preset_students = PRESETS[mode]
-    loss_cfg = dataclasses.replace(preset_loss, **{k: v for k, v in (loss or {}).items() if v is not None})
-    optim_cfg = OptimConfig(**{k: v for k, v in (optim or {}).items() if v is not None})
-    cfg = TrainConfig(mode=mode, students=tuple(students or preset_students), loss=loss_cfg, optim=optim_cfg,
-                      **{k: v for k, v in fields.items() if v is not None})
-    validate(cfg)
-    return cfg
+    preset = preset_fields(mode)
+    d = {**{k: v for k, v in fields.items() if v is not None}, "mode": mode,
+         "students": tuple(students or preset["students"]),
+         "loss": {**preset["loss"], **{k: v for k, v in (loss or {}).items() if v is not None}},
+         "optim": {k: v for k, v in (optim or {}).items() if v is not None}}
+    return from_dict(d)
+
+
+def resolve_train(given: dict, file: dict | None = None, saved: dict | None = None,
+                  saved_name: str = "config.json") -> TrainConfig:
+    """The TrainConfig of a `kdpipe train` call, from the flags given (a nested dict of only what was typed).
+
+    New run: dataclass defaults < the --mode preset (loss weights, students) < `file` (--config) < flags. A
+    --mode given on the command line that differs from the file's resets the loss weights and students to that
+    preset (then flags apply). Resume (`saved` = the run's config.json): the saved config, and every flag given
+    must agree with it except RESUME_FREE fields (paths, workers, logging, compile), else a ConfigError names
+    the field and both values."""
+    from .options import flag_of, flatten, merge
+
+    if saved is not None:
+        base = {k: v for k, v in _legacy(saved).items() if k != "runtime"}
+        clash = [f"{flag_of(TrainConfig, p)} {v!r} (the run has {_get(base, p)!r})"
+                 for p, v in flatten(given).items() if p[0] not in RESUME_FREE and _norm(_get(base, p)) != _norm(v)]
+        if clash:
+            raise ConfigError(f"--resume continues the run as {saved_name} says; these flags differ from it: "
+                              f"{'; '.join(clash)} (drop them, or start a new run with --config {saved_name} "
+                              f"--out NEW)")
+        return from_dict(merge(base, given))
+    file = _legacy(file or {})
+    mode = given.get("mode") or file.get("mode") or TrainConfig.mode
+    if "mode" in given and given["mode"] != file.get("mode", given["mode"]):
+        file = {k: v for k, v in file.items() if k not in ("loss", "students")}
+    return from_dict(merge(preset_fields(mode), file, given))
+
+
+def _get(d: dict, path: tuple[str, ...]) -> Any:
+    for key in path:
+        d = d.get(key) if isinstance(d, dict) else None
+    return d
+
+
+def _norm(v: Any) -> Any:
+    return list(v) if isinstance(v, (list, tuple)) else v
+
+
+def missing_required(cls: type, d: dict) -> list[str]:
+    """Flags of required fields that a nested config dict (files and flags combined) leaves empty."""
+    from .options import fields_of
+
+    out = []
+    for o in fields_of(cls):
+        if not o.field.metadata.get("required"):
+            continue
+        value = _get(d, o.path)
+        if value is None:
+            value = None if o.field.default is dataclasses.MISSING else o.field.default
+        if value in (None, ""):
+            out.append(o.flag)
+    return out
+
+
+def command_config(cls: type, given: dict, file: dict | None = None) -> Any:
+    """A command's config from a --config file and the flags given (flags win); required fields checked."""
+    from .options import merge
+
+    d = merge(file or {}, given)
+    missing = missing_required(cls, d)
+    if missing:
+        raise ConfigError(f"missing required option(s): {', '.join(missing)}")
+    return from_dict(d, cls)
 
 
 def validate(cfg: TrainConfig) -> None:
-    """Raise ValueError for settings that cannot train (before any data or model is touched)."""
+    """Raise ConfigError for settings that cannot train (before any data or model is touched)."""
+    from .models import MODELS
+
     errors = []
     unknown = [s for s in cfg.students if s not in MODELS]
     if not cfg.students or unknown:
-        errors.append(f"students must name models from {', '.join(sorted(MODELS))}; got {list(cfg.students)}")
+        errors.append(f"--students must name models from {', '.join(sorted(MODELS))}; got {','.join(cfg.students)}")
     if cfg.loss.gamma != 0.0 and len(cfg.students) < 2:
-        errors.append(f"the peer term (gamma={cfg.loss.gamma}) needs two or more students")
-    if cfg.loss.direction not in DIRECTIONS:
-        errors.append(f"loss direction must be one of {DIRECTIONS}")
+        errors.append(f"the peer term (--gamma {cfg.loss.gamma}) needs two or more students")
     if cfg.loss.tau <= 0 or cfg.loss.entropy_tau <= 0:
-        errors.append("temperatures must be positive")
-    if cfg.amp not in ("auto", "bf16", "fp16", "fp32"):
-        errors.append(f"amp must be auto, bf16, fp16 or fp32; got {cfg.amp!r}")
-    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.log_every < 1:
-        errors.append("epochs, batch_size and log_every must be at least 1")
+        errors.append("temperatures (--tau, --entropy-tau) must be positive")
     if cfg.optim.lr <= 0 or cfg.optim.warmup_epochs < 0:
-        errors.append("lr must be positive and warmup_epochs not negative")
+        errors.append("--lr must be positive and --warmup-epochs not negative")
+    if not 0.0 <= cfg.dropout < 1.0:
+        errors.append(f"--dropout must be in [0, 1), got {cfg.dropout}")
     if cfg.teacher_weights and cfg.teacher_cache:
-        errors.append("give either teacher_weights (online teacher) or teacher_cache, not both")
+        errors.append("give either --teacher-weights (online teacher) or --teacher-cache, not both")
     if errors:
-        raise ValueError("invalid training config: " + "; ".join(errors))
+        raise ConfigError("invalid training config: " + "; ".join(errors))
 
 
-def to_dict(cfg: TrainConfig) -> dict:
+def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(d: dict) -> TrainConfig:
-    """Inverse of to_dict (as read back from config.json or a checkpoint)."""
-    d = dict(d)
-    d["loss"] = LossConfig(**d["loss"])
-    d["optim"] = OptimConfig(**d["optim"])
-    d["students"] = tuple(d["students"])
-    return TrainConfig(**d)
+def _legacy(d: dict) -> dict:
+    """config.json files of earlier versions: loss.uncertainty (bool) became loss.weight_fn."""
+    loss = d.get("loss")
+    if isinstance(loss, dict) and "uncertainty" in loss:
+        loss = dict(loss)
+        flag = loss.pop("uncertainty")
+        loss.setdefault("weight_fn", "confidence" if flag else "none")
+        d = {**d, "loss": loss}
+    return d
 
 
-def to_json(cfg: TrainConfig) -> str:
-    return json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n"
+def from_dict(d: dict, cls: type = None) -> Any:
+    """A config from a (possibly partial, nested) dict such as config.json, a TOML file or a checkpoint's
+    config; unknown keys are a ConfigError naming them; missing keys take the defaults. Validated."""
+    cls = cls or TrainConfig
+    cfg = build(cls, _legacy(d) if cls is TrainConfig else d)
+    if cls is TrainConfig:
+        validate(cfg)
+    return cfg
 
 
-def resume_mismatches(saved: dict, current: TrainConfig) -> list[str]:
-    """Fields (dotted) where a checkpoint's config differs from the current one, ignoring RESUME_FREE."""
+def build(cls: type, d: dict, where: str = "") -> Any:
+    """Instantiate dataclass `cls` from a nested dict, checking names, and coercing lists to tuples."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"config section {where or cls.__name__} must be a table/object, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(where + k for k in unknown)}; known: "
+                          f"{', '.join(sorted(fields))}")
+    kw = {}
+    hints = typing.get_type_hints(cls)
+    for name, value in d.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kw[name] = build(hint, value, f"{where}{name}.")
+        else:
+            kw[name] = _checked(tuple(value) if isinstance(value, list) else value, hint, where + name)
+            lo, hi = fields[name].metadata.get("min"), fields[name].metadata.get("max")
+            if kw[name] is not None and ((lo is not None and kw[name] < lo) or (hi is not None and kw[name] > hi)):
+                raise ConfigError(f"config key {where}{name}: {kw[name]!r} is outside [{lo}, {hi if hi is not None else ''}]")
+    try:
+        return cls(**kw)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"invalid config {where or cls.__name__}: {e}") from e
+
+
+def _checked(value: Any, hint: Any, name: str) -> Any:
+    """`value` if it fits the field's type (Literal choices, int/float/bool/str, tuples, optional), else a
+    ConfigError naming the key: config files are not checked by click."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _checked(value, inner[0], name) if len(inner) == 1 else value
+    if typing.get_origin(hint) is Literal:
+        if value not in args:
+            raise ConfigError(f"config key {name}: {value!r} is not one of {', '.join(map(str, args))}")
+        return value
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, tuple) or not all(isinstance(x, str) for x in value):
+            raise ConfigError(f"config key {name}: expected a list of names, got {value!r}")
+        return value
+    ok = {bool: lambda v: isinstance(v, bool), int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), str: lambda v: isinstance(v, str)}
+    if hint in ok and not ok[hint](value):
+        raise ConfigError(f"config key {name}: expected {hint.__name__}, got {value!r}")
+    return float(value) if hint is float else value
+
+
+def to_json(cfg: Any, extra: dict | None = None) -> str:
+    return json.dumps({**to_dict(cfg), **(extra or {})}, indent=2, sort_keys=True) + "\n"
+
+
+def config_diff(saved: dict, current: Any, free: tuple[str, ...] = RESUME_FREE) -> list[str]:
+    """Fields (dotted) where a saved config differs from `current`, ignoring `free` top-level fields."""
     now = to_dict(current)
+    saved = _legacy({k: v for k, v in saved.items() if k != "runtime"})
     out = []
     for key in sorted(set(saved) | set(now)):
-        if key in RESUME_FREE:
+        if key in free:
             continue
         a, b = saved.get(key), now.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
@@ -146,18 +414,6 @@ def resume_mismatches(saved: dict, current: TrainConfig) -> list[str]:
     return out
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 on CUDA (no scaler needed), fp32 on CPU (CPU autocast is slower there)."""
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[amp]
-
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
     """Linear warm-up to 1, then cosine decay to 0 at total_steps (evaluated per optimizer step)."""
@@ -165,3 +421,4 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+

@@ -1,9 +1,15 @@
 """`kdpipe demo`: the whole system end to end on the built-in learnable dataset, sized for a 2-core CPU.
 
-generate -> shard -> train a teacher (--mode hard) -> cache-teacher -> the ablation ladder
-(hard, kd, uw-kd, dual; same seed, epochs and data) -> report. Each stage calls the real job's Python API.
+generate -> shard -> train a teacher (--mode hard) -> per seed: cache-teacher and the ablation ladder
+(hard, kd, uw-kd, dual; same epochs and data) -> report. Each stage calls the real job's Python API.
 Resumable: a stage that finished is skipped, a training run that was cut off resumes from its last
 checkpoint, the shard writer and the teacher cache finish what is missing.
+
+Seeds (`seeds` = N runs the ladder with seeds seed, seed+1, ..., seed+N-1): the dataset, the shards and the
+teacher are the fixed setup, made once with the base seed. A training seed decides the students'
+initialisation, the epoch order and the augmented views; a teacher cache holds the logits of one seed's views,
+so each seed gets its own cache (of the one teacher). The runs of one seed share initialisation, order and
+views across the four rungs, which is what makes the report's per-seed paired comparison meaningful.
 
 The demo uses small images and the registry's tiny CPU models (a `tiny_resnet` teacher, `tiny_cnn`
 and `tiny_mobilenet` students standing in for ResNet-50 -> ResNet-18 + MobileNetV2), so its numbers
@@ -17,6 +23,8 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from pipeline.atomic import atomic_write_json
 
 from .checkpoint import final_weights_path
 
@@ -41,7 +49,8 @@ class DemoConfig:
     batch_size: int = 64  # the paper's batch
     lr: float = 0.1  # the paper's peak learning rate (cosine to 0)
     shard_size: int = 1000  # samples per shard
-    seed: int = 0  # dataset, shuffle, augmentation and initialisation
+    seed: int = 0  # dataset, shuffle and teacher; the first ladder seed (augmentation, order, initialisation)
+    seeds: int = 1  # ladder repeats with seeds seed .. seed + seeds - 1 (the report's mean ± sd and verdicts)
     backend: str = "auto"  # loader backend: auto | dali | torch
     device: str = "auto"  # auto | cpu | cuda
     threads: int | None = 1  # torch intra-op threads in this process (None: torch's default). The tiny models
@@ -57,21 +66,37 @@ def _say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
+# Settings that may change between invocations on one directory: more or fewer seeds reuse the shared stages.
+FREE = ("seeds",)
+
+
 def _check_or_record(out: Path, cfg: DemoConfig) -> None:
     """Refuse to continue a demo directory made with other settings (its stages would not fit together)."""
+    from pipeline.errors import ConfigError, OutputExistsError
+
+    if cfg.seeds < 1:
+        raise ConfigError(f"--seeds must be at least 1, got {cfg.seeds}")
     path = out / "demo.json"
-    now = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    now = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(cfg))).items() if k not in FREE}
     if path.is_file():
         old = json.loads(path.read_text())
         diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in now.items() if old.get(k) != v]
         if diff:
-            raise ValueError(f"{out} holds a demo made with other settings ({'; '.join(diff)}); "
-                             "use another --out or delete it")
+            raise OutputExistsError(f"{out} holds a demo made with other settings ({'; '.join(diff)}); "
+                                    "use another --out or delete it")
         return
     out.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(now, indent=1))
-    tmp.replace(path)
+    atomic_write_json(path, now)
+
+
+def seed_list(cfg: DemoConfig) -> list[int]:
+    """The ladder's seeds: seed, seed + 1, ..., seed + seeds - 1."""
+    return [cfg.seed + k for k in range(cfg.seeds)]
+
+
+def ladder_run(runs: Path, mode: str, seed: int) -> Path:
+    """A ladder run's directory, e.g. runs/kd-s0."""
+    return runs / f"{mode}-s{seed}"
 
 
 def _finished(run: Path, epochs: int, students: tuple[str, ...]) -> bool:
@@ -84,7 +109,7 @@ def _finished(run: Path, epochs: int, students: tuple[str, ...]) -> bool:
 
 
 def _train(run: Path, mode: str, students: tuple[str, ...], epochs: int, cfg: DemoConfig, shards: Path,
-           cache: Path | None) -> None:
+           cache: Path | None, seed: int) -> None:
     from .config import make_config
     from .train_job import train
 
@@ -92,12 +117,12 @@ def _train(run: Path, mode: str, students: tuple[str, ...], epochs: int, cfg: De
         _say(f"{run.name}: finished earlier, skipped")
         return
     tcfg = make_config(mode, students, optim={"lr": cfg.lr}, shards=str(shards), out=str(run), epochs=epochs,
-                       batch_size=cfg.batch_size, image_size=cfg.crop_px, seed=cfg.seed, backend=cfg.backend,
+                       batch_size=cfg.batch_size, image_size=cfg.crop_px, seed=seed, backend=cfg.backend,
                        device=cfg.device, teacher=cfg.teacher,
                        teacher_cache=str(cache) if cache is not None and mode != "hard" else None)
     resume = (run / "checkpoint-last.pt").is_file()
     _say(f"{run.name}: {'resuming' if resume else 'training'} mode {mode}, students {', '.join(students)}, "
-         f"{epochs} epoch(s)")
+         f"seed {seed}, {epochs} epoch(s)")
     train(tcfg, resume=resume)
 
 
@@ -125,7 +150,7 @@ def _run_stages(out: Path, cfg: DemoConfig) -> Path:
     from .report import write_report
 
     wnids = imagenet100_wnids()[: cfg.num_classes]
-    data, shards, runs, cache = out / "imagenet", out / "shards", out / "runs", out / "teacher.zarr"
+    data, shards, runs = out / "imagenet", out / "shards", out / "runs"
     timings: list[tuple[str, float]] = []
     t_all = time.perf_counter()
 
@@ -152,31 +177,39 @@ def _run_stages(out: Path, cfg: DemoConfig) -> Path:
     teacher_weights = final_weights_path(teacher_run, 0, cfg.teacher)
 
     def teach() -> None:
-        _train(teacher_run, "hard", (cfg.teacher,), cfg.teacher_epochs, cfg, shards, None)
+        _train(teacher_run, "hard", (cfg.teacher,), cfg.teacher_epochs, cfg, shards, None, cfg.seed)
 
-    def cache_stage() -> None:
-        cache_teacher(CacheTeacherConfig(shards=str(shards), out=str(cache), teacher_weights=str(teacher_weights),
-                                         teacher=cfg.teacher, epochs=cfg.cache_epochs, seed=cfg.seed,
-                                         image_size=cfg.crop_px, batch_size=256, backend=cfg.backend,
-                                         device=cfg.device))
+    def cache_stage(seed: int) -> None:
+        cache_teacher(CacheTeacherConfig(shards=str(shards), out=str(cache_path(out, seed)),
+                                         teacher_weights=str(teacher_weights), teacher=cfg.teacher,
+                                         epochs=cfg.cache_epochs, seed=seed, image_size=cfg.crop_px, batch_size=256,
+                                         backend=cfg.backend, device=cfg.device))
 
     stage("generate the learnable dataset", generate)
     stage("shard", shard)
     stage(f"train the teacher ({cfg.teacher}, hard labels)", teach)
-    stage("cache the teacher's logits", cache_stage)
-    for mode in LADDER:
-        stage(f"ladder: {mode}", lambda mode=mode: _train(runs / mode, mode, cfg.students, cfg.epochs, cfg, shards,
-                                                          cache))
+    for seed in seed_list(cfg):
+        stage(f"seed {seed}: cache the teacher's logits", lambda seed=seed: cache_stage(seed))
+        for mode in LADDER:
+            stage(f"seed {seed}: ladder {mode}", lambda mode=mode, seed=seed: _train(
+                ladder_run(runs, mode, seed), mode, cfg.students, cfg.epochs, cfg, shards, cache_path(out, seed),
+                seed))
     report_path: list[Path] = []
+    ladder = [ladder_run(runs, m, s) for s in seed_list(cfg) for m in LADDER]
     stage("report", lambda: report_path.append(write_report(
-        [teacher_run] + [runs / m for m in LADDER], out / "report", teacher=teacher_run, learnable=data,
+        [teacher_run] + ladder, out / "report", teacher=teacher_run, learnable=data,
         appendix=_timings_section(timings, t_all))))
     total = time.perf_counter() - t_all
-    _atomic_json(out / "timings.json", {"stages": dict(timings), "total_s": total})
+    atomic_write_json(out / "timings.json", {"stages": dict(timings), "total_s": total})
     text = report_path[0].read_text()
     print(text[text.index("## Table I"):text.index("## Table II")].rstrip(), flush=True)
     _say(f"finished in {total:.1f} s; report with all tables and plots: {report_path[0]}")
     return report_path[0]
+
+
+def cache_path(out: Path, seed: int) -> Path:
+    """The teacher cache of one seed's views, e.g. teacher-s0.zarr."""
+    return out / f"teacher-s{seed}.zarr"
 
 
 def _timings_section(timings: list[tuple[str, float]], t_all: float) -> list[str]:
@@ -185,8 +218,3 @@ def _timings_section(timings: list[tuple[str, float]], t_all: float) -> list[str
     return ["## Demo stages (wall-clock seconds, this invocation)", "", "| stage | seconds |", "|---|---|", *rows,
             f"| total before the report | {time.perf_counter() - t_all:.1f} |", ""]
 
-
-def _atomic_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)

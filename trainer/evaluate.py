@@ -5,12 +5,17 @@ on several GPUs reports the accuracy over the whole validation split.
 """
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from pipeline.errors import ConfigError
+
+from .config import EvalConfig
+from .runtime import autocast, precision_dtype, resolve_device
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> torch.Tensor:
@@ -19,13 +24,6 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] =
     top = logits.topk(kmax, dim=-1).indices
     hit = top == labels[:, None]
     return torch.stack([hit[:, :min(k, kmax)].any(dim=-1).sum() for k in ks])
-
-
-def autocast_for(device: torch.device, dtype: torch.dtype | None):
-    """autocast on the device when a low-precision dtype is given, else a no-op context."""
-    if dtype is None or dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 @torch.no_grad()
@@ -47,7 +45,7 @@ def evaluate(models: Sequence[nn.Module], batches: Iterable, device: torch.devic
             images = batch.images
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            with autocast_for(device, amp_dtype):
+            with autocast(device, amp_dtype):
                 logits = [m(images).float() for m in models]
             probs = torch.stack([z.softmax(dim=-1) for z in logits]).mean(dim=0)
             for i, z in enumerate(logits + [probs]):
@@ -72,39 +70,41 @@ def format_table(names: Sequence[str], result: dict) -> str:
         rows.append(f"{name:<20} {t1:>8.2f} {t5:>8.2f}")
     if len(names) > 1:
         rows.append(f"{'ensemble (mean p)':<20} {result['ensemble_top1']:>8.2f} {result['ensemble_top5']:>8.2f}")
-    rows.append(f"({result['count']} validation images)")
+    skipped = f", {result['skipped']} corrupt ones skipped" if result.get("skipped") else ""
+    rows.append(f"({result['count']} validation images{skipped})")
     return "\n".join(rows)
 
 
-def eval_checkpoint(path: str, *, shards: str | None = None, image_size: int | None = None, batch_size: int = 128,
-                    backend: str = "auto", device: str = "auto",
-                    num_workers: int | None = None) -> tuple[list[str], dict]:
-    """The `kdpipe eval` job: the students of a kdpipe checkpoint (or one final-weights file) on the
-    shards' val split. Shards and image size default to the run's own config."""
+def eval_checkpoint(cfg: EvalConfig) -> tuple[Path, list[str], dict]:
+    """The `kdpipe eval` job: the students of a kdpipe checkpoint (or one final-weights file) on the shards' val
+    split. Shards, image size and validation resize default to the run's own config. Returns (the checkpoint
+    evaluated, student names, the result of `evaluate`)."""
     from pipeline.augment import AugSpec
     from pipeline.loader import ImageNet100Loader
 
-    from .checkpoint import load_checkpoint
+    from .checkpoint import LAST, BEST, load_checkpoint
     from .models import build_model
 
+    path = Path(cfg.checkpoint) if cfg.checkpoint else Path(cfg.run) / (LAST if cfg.which == "last" else BEST)
     state = load_checkpoint(path)
-    cfg = state.get("config") or {}
-    shards = shards or cfg.get("shards")
+    run_cfg = state.get("config") or {}
+    shards = cfg.shards or run_cfg.get("shards")
     if not shards:
-        raise ValueError(f"{path} does not record its shards; pass --shards DIR")
+        raise ConfigError(f"{path} does not record its shards; pass --shards DIR")
     entries = state["students"] if "students" in state else [state]
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
-    spec = AugSpec(image_size=image_size or cfg.get("image_size", AugSpec().image_size))
-    loader = ImageNet100Loader(shards, "val", batch_size, backend=backend, device=dev, spec=spec, drop_last=False,
-                               num_workers=num_workers)
+    device = resolve_device(cfg.device)
+    spec = AugSpec(image_size=cfg.image_size or run_cfg.get("image_size", AugSpec().image_size),
+                   val_resize_mode=cfg.val_resize or run_cfg.get("val_resize", "shorter"))
+    loader = ImageNet100Loader(shards, "val", cfg.batch_size, backend=cfg.backend, device=device, spec=spec,
+                               drop_last=False, num_workers=cfg.num_workers, skip_corrupt=cfg.skip_corrupt)
     if list(loader.classes) != list(state["classes"]):
-        raise ValueError(f"{path} was trained on {len(state['classes'])} classes that differ from the "
-                         f"{len(loader.classes)} classes of {shards}")
+        raise ConfigError(f"{path} was trained on {len(state['classes'])} classes that differ from the "
+                          f"{len(loader.classes)} classes of {shards}")
     models = []
     for e in entries:
         m = build_model(e["name"], len(loader.classes))
         m.load_state_dict(e["model"])
-        models.append(m.to(dev, memory_format=torch.channels_last))
-    dtype = torch.bfloat16 if dev.type == "cuda" else None
-    return [e["name"] for e in entries], evaluate(models, loader, dev, amp_dtype=dtype)
+        models.append(m.to(device, memory_format=torch.channels_last))
+    result = evaluate(models, loader, device, amp_dtype=precision_dtype("auto", device))
+    result["skipped"] = len(loader.skipped)
+    return path, [e["name"] for e in entries], result

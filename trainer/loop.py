@@ -1,182 +1,109 @@
-"""The training step for N students and the epoch loop around it.
+"""The epoch loop around `Distiller.step` (trainer/step.py): run directory, epochs, evaluation, records,
+checkpoints and exact resume.
 
-`Distiller.step` is the hot loop: teacher forward (or cached logits), student forwards under
-autocast, the loss dict per student in float32, one backward, one optimizer (and GradScaler) per
-student. It returns its statistics as one device tensor, so nothing waits for the GPU until a
-progress update asks for numbers. `run_training` drives epochs over any iterable of
-`pipeline.batch.Batch` with `set_epoch(epoch, start_step)` and `len()`: metrics, checkpoints, resume.
+`run_training` drives epochs over any iterable of `pipeline.batch.Batch` with `set_epoch(epoch, start_step)`
+and `len()`. The host waits for the device only every `log_every` steps and at epoch end; at those points the
+step log checks for non-finite losses, feeds TensorBoard, and the timer reads the step times.
 """
 from __future__ import annotations
 
-import math
 import resource
 import sys
 import time
-from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from pipeline.errors import KdpipeError, MissingDataError, OutputExistsError
+from pipeline.errors import KdpipeError
 
 from . import checkpoint as ck
-from .config import TrainConfig, amp_dtype, lr_factor, resolve_device, resume_mismatches, to_dict, to_json
-from .evaluate import autocast_for, evaluate, format_table
-from .losses import dual_student_loss, entropy, entropy_weight
+from .config import TrainConfig, to_dict
+from .evaluate import evaluate, format_table
+from .losses import TERMS
+from .metrics import EpochMetrics, StudentMetrics
 from .models import build_model
-
-TERMS = ("loss", "hard", "teacher", "peer", "w")  # per student, in the stats vector
+from .rundir import RunDir
+from .runtime import dist_info, resolve_device
+from .step import Distiller, StepStats, step_seed
 
 
 class NonFiniteLossError(KdpipeError, FloatingPointError):
     """A loss term became NaN or inf; names the step and the term."""
 
 
-def step_seed(seed: int, global_step: int) -> int:
-    """Seed of the global RNG (dropout) at each step: a resumed run draws the same masks without
-    depending on what the loader or evaluation consumed from the RNG in between."""
-    return (seed * 1_000_003 + global_step) % (2**63)
+class StepLog:
+    """Each step's loss terms in a device ring buffer, read where the loop syncs anyway (at least every
+    `capacity` steps): finds the first step whose terms were NaN/inf, naming student and term, at one small
+    copy per step; and hands the host rows to TensorBoard."""
+
+    def __init__(self, names: list[str], device: torch.device, capacity: int):
+        self.names, self.capacity = names, capacity
+        self.rows = torch.zeros(capacity, len(names) * len(TERMS), device=device)
+        self.steps: list[int] = []
+        self.lrs: list[float] = []
+
+    def observe(self, stats: StepStats, global_step: int, lr: float) -> None:
+        if len(self.steps) == self.capacity:
+            raise RuntimeError("StepLog.flush must run at least every `capacity` steps")
+        n = stats.count.clamp(min=1.0)
+        self.rows[len(self.steps)].copy_((stats.terms / n).flatten())
+        self.steps.append(global_step)
+        self.lrs.append(lr)
+
+    def flush(self, run: Path, steps_per_epoch: int) -> tuple[list[int], np.ndarray, list[float]]:
+        """(global steps, per-step term rows, lrs) since the last flush; NonFiniteLossError on a bad step."""
+        n, steps, lrs = len(self.steps), self.steps, self.lrs
+        self.steps, self.lrs = [], []
+        rows = self.rows[:n].cpu().numpy()  # host sync
+        bad = ~np.isfinite(rows)
+        if bad.any():
+            first = int(np.flatnonzero(bad.any(axis=1))[0])
+            step, flags = steps[first], bad[first].reshape(len(self.names), len(TERMS))
+            where = [f"student {i} ({self.names[i]}) term '{TERMS[j]}'" for i in range(len(self.names))
+                     for j in range(len(TERMS)) if flags[i, j]]
+            kept = run / ck.LAST
+            raise NonFiniteLossError(
+                f"non-finite loss at step {step} (epoch {step // steps_per_epoch}, step {step % steps_per_epoch} "
+                f"of the epoch): {', '.join(where)}; last good checkpoint: {kept if kept.is_file() else 'none yet'}")
+        return steps, rows, lrs
 
 
-def dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+class StepTimer:
+    """Where an epoch's time goes: the trainer waiting for the next batch vs the step itself. On CUDA the step
+    is timed with events whose times are read at the loop's existing sync points (no sync added per step)."""
 
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.data_s = self.compute_s = 0.0
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._t = 0.0
 
-class Distiller:
-    """N students, their optimizers, schedules and scalers, the optional online teacher, and the step."""
+    def waited(self, seconds: float) -> None:
+        self.data_s += seconds
 
-    def __init__(self, cfg: TrainConfig, students: Sequence[nn.Module], *, teacher: nn.Module | None,
-                 device: torch.device, steps_per_epoch: int):
-        self.cfg, self.device, self.names = cfg, device, list(cfg.students)
-        self.dtype = amp_dtype(cfg.amp, device)
-        fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        self.students = [m.to(device, memory_format=fmt).train() for m in students]
-        self.teacher = None if teacher is None else teacher.to(device, memory_format=fmt).eval().requires_grad_(False)
-        rank, world = dist_info()
-        self.forward = [DDP(m, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else m
-                        for m in self.students]
-        if cfg.compile:
-            self.forward = [torch.compile(m) for m in self.forward]
-        o = cfg.optim
-        # fused SGD on CUDA: one kernel per step, and GradScaler hands it found_inf instead of syncing on it
-        fused = True if device.type == "cuda" else None
-        self.optimizers = [torch.optim.SGD(m.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
-                                           nesterov=o.nesterov, fused=fused) for m in self.students]
-        total, warmup = cfg.epochs * steps_per_epoch, round(o.warmup_epochs * steps_per_epoch)
-        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup))
-                           for opt in self.optimizers]
-        fp16 = self.dtype == torch.float16
-        self.scalers = [torch.amp.GradScaler(device.type) if fp16 else None for _ in self.students]
-
-    @property
-    def stats_size(self) -> int:
-        return len(self.students) * (len(TERMS) + 1) + 3  # terms + correct per student; H1, Htau, count
-
-    def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), autocast_for(self.device, self.dtype):
-            return self.teacher(images).float()
-
-    def step(self, images: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None = None,
-             teacher_weight: torch.Tensor | None = None) -> torch.Tensor:
-        """One optimisation step of every student; returns the stats vector (device, no sync).
-
-        Layout: per student [loss, hard, teacher, peer, w] * n, then correct counts per student,
-        then sum of teacher entropy at tau=1 and at tau, then n (the batch size)."""
-        lc = self.cfg.loss
-        if lc.beta != 0.0 and teacher_logits is None:
-            if self.teacher is None:
-                raise ValueError("this mode needs teacher logits: an online teacher or a teacher cache")
-            teacher_logits = self.teacher_logits(images)
-        if lc.beta == 0.0:
-            teacher_logits = None
-        weight, h1 = None, None
-        if teacher_logits is not None:  # teacher statistics once per batch, shared by every student's loss
-            h1 = entropy(teacher_logits, 1.0)
-            if lc.uncertainty:
-                # a cached w was computed at tau = 1; use it only when that is the configured temperature
-                if lc.entropy_tau != 1.0:
-                    weight = entropy_weight(teacher_logits, lc.entropy_tau)
-                else:
-                    weight = teacher_weight if teacher_weight is not None else \
-                        1.0 - h1 / math.log(teacher_logits.shape[-1])
-        with autocast_for(self.device, self.dtype):
-            logits = [m(images) for m in self.forward]
-        rows, total = [], 0.0
-        for i, z in enumerate(logits):
-            peers = [p for j, p in enumerate(logits) if j != i] if lc.gamma != 0.0 else None
-            t = dual_student_loss(z, peers, teacher_logits, labels, alpha=lc.alpha, beta=lc.beta, gamma=lc.gamma,
-                                  tau=lc.tau, uncertainty=lc.uncertainty, direction=lc.direction,
-                                  entropy_tau=lc.entropy_tau, weight=weight)
-            scaler = self.scalers[i]
-            total = total + (scaler.scale(t["loss"]) if scaler is not None else t["loss"])
-            rows.append(torch.stack([t[k].detach() for k in TERMS]))
-        for opt in self.optimizers:
-            opt.zero_grad(set_to_none=True)
-        # The peer targets are detached and the teacher has no grad, so d(sum L_i)/d(theta_i) = dL_i/d(theta_i):
-        # one backward serves all students (and lets DDP overlap their all-reduces).
-        total.backward()
-        for opt, scaler, sched in zip(self.optimizers, self.scalers, self.schedulers):
-            if scaler is not None:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
-            sched.step()
-        n = labels.new_full((), labels.shape[0], dtype=torch.float32)  # a fill kernel, not a host->device copy
-        correct = torch.stack([(z.detach().argmax(dim=-1) == labels).sum() for z in logits]).float()
-        if h1 is not None:
-            ent = torch.stack([h1.sum(), entropy(teacher_logits, lc.tau).sum()])
+    def start_step(self) -> None:
+        if self.cuda:
+            self._events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+            self._events[-1][0].record()
         else:
-            ent = n.new_zeros(2)
-        return torch.cat([torch.stack(rows).flatten() * n, correct, ent, n[None]])
+            self._t = time.perf_counter()
 
-    def summarize(self, stats: torch.Tensor) -> dict:
-        """Per-sample means from a summed stats vector (host side)."""
-        s, k = len(self.students), len(TERMS)
-        v = stats.tolist()
-        n = max(v[-1], 1.0)
-        out = {"images": int(v[-1])}
-        for i, name in enumerate(self.names):
-            out[f"s{i}"] = {"name": name, **{t: v[i * k + j] / n for j, t in enumerate(TERMS)},
-                            "train_acc": 100.0 * v[s * k + i] / n}
-        teacher = self.cfg.uses_teacher
-        if not teacher:  # no teacher term: there is no weight to report
-            for i in range(s):
-                out[f"s{i}"]["w"] = None
-        out["w_mean"] = out["s0"]["w"]
-        out["teacher_entropy_tau1"] = v[-3] / n if teacher else None
-        out["teacher_entropy_tau"] = v[-2] / n if teacher else None
-        return out
+    def end_step(self) -> None:
+        if self.cuda:
+            self._events[-1][1].record()
+        else:
+            self.compute_s += time.perf_counter() - self._t
 
-    def sync_buffers(self) -> None:
-        """Rank 0's BatchNorm statistics everywhere: DDP broadcasts buffers before each forward, so after
-        the last step each rank holds its own; evaluation and checkpoints must see one model."""
-        for m in self.students:
-            for b in m.buffers():
-                dist.broadcast(b, 0)
-
-    def lr(self) -> float:
-        return self.optimizers[0].param_groups[0]["lr"]
-
-    def state_dict(self) -> dict:
-        return {"students": [{"name": name, "model": m.state_dict(), "optimizer": o.state_dict(),
-                              "scheduler": sc.state_dict(), "scaler": None if g is None else g.state_dict()}
-                             for name, m, o, sc, g in zip(self.names, self.students, self.optimizers,
-                                                           self.schedulers, self.scalers)]}
-
-    def load_state_dict(self, state: dict) -> None:
-        for entry, m, o, sc, g in zip(state["students"], self.students, self.optimizers, self.schedulers,
-                                      self.scalers):
-            m.load_state_dict(entry["model"])
-            o.load_state_dict(entry["optimizer"])
-            sc.load_state_dict(entry["scheduler"])
-            if g is not None and entry["scaler"] is not None:
-                g.load_state_dict(entry["scaler"])
+    def settle(self) -> None:
+        """After a sync: add up the finished steps' GPU times."""
+        for a, b in self._events:
+            self.compute_s += a.elapsed_time(b) / 1000.0
+        self._events = []
 
 
 class Progress:
@@ -210,183 +137,239 @@ def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_max_rss"
 
 
-class NanWatch:
-    """Finds the first step whose loss terms were NaN/inf and names the terms, at one copy per step:
-    each step's terms go into a device ring buffer, and `check` (called where the loop syncs anyway, at
-    least every `capacity` steps) reads the rows written since the last check."""
-
-    def __init__(self, names: list[str], device: torch.device, capacity: int):
-        self.names, self.capacity = names, capacity
-        self.rows = torch.zeros(capacity, len(names) * len(TERMS), device=device)
-        self.steps: list[int] = []
-
-    def observe(self, stats: torch.Tensor, global_step: int) -> None:
-        if len(self.steps) == self.capacity:
-            raise RuntimeError("NanWatch.check must run at least every `capacity` steps")
-        self.rows[len(self.steps)].copy_(stats[:self.rows.shape[1]])
-        self.steps.append(global_step)
-
-    def check(self, run: Path, steps_per_epoch: int) -> None:
-        n, steps, self.steps = len(self.steps), self.steps, []
-        if n == 0:
-            return
-        bad = ~torch.isfinite(self.rows[:n])
-        bad_rows = bad.any(dim=1).tolist()  # host sync
-        if not any(bad_rows):
-            return
-        first = bad_rows.index(True)
-        step, flags = steps[first], bad[first].view(len(self.names), len(TERMS)).tolist()
-        where = [f"student {i} ({self.names[i]}) term '{TERMS[j]}'" for i in range(len(self.names))
-                 for j in range(len(TERMS)) if flags[i][j]]
-        kept = run / ck.LAST
-        raise NonFiniteLossError(
-            f"non-finite loss at step {step} (epoch {step // steps_per_epoch}, step {step % steps_per_epoch} of "
-            f"the epoch): {', '.join(where)}; last good checkpoint: {kept if kept.is_file() else 'none yet'}")
-
-
-def epoch_line(r: dict, num_students: int, epochs: int) -> str:
-    """One human line per epoch: losses, val top-1 per student (and ensemble), speed."""
-    parts = [f"epoch {r['epoch'] + 1}/{epochs}"]
-    for i in range(num_students):
-        s = r[f"s{i}"]
-        parts.append(f"{s['name']} loss {s['loss']:.3f} val top-1 {s['val_top1']:.2f}%")
-    if num_students > 1:
-        parts.append(f"ensemble {r['val_ensemble_top1']:.2f}%")
-    parts.append(f"{r['images_per_s']:.0f} img/s, {r['epoch_time_s']:.1f} s")
+def epoch_line(r: EpochMetrics, epochs: int) -> str:
+    """One human line per epoch: losses, val top-1 per student (and ensemble), speed, data share."""
+    parts = [f"epoch {r.epoch + 1}/{epochs}"]
+    parts += [f"{s.name} loss {s.loss:.3f} val top-1 {s.val_top1:.2f}%" for s in r.students]
+    if len(r.students) > 1:
+        parts.append(f"ensemble {r.val_ensemble_top1:.2f}%")
+    parts.append(f"{r.images_per_s:.0f} img/s, {r.epoch_time_s:.1f} s, data {100 * (r.data_share or 0):.0f} % of it")
+    if r.skipped:
+        parts.append(f"{r.skipped} corrupt samples skipped")
     return " | ".join(parts)
 
 
-def _open_run(cfg: TrainConfig, classes: list[str], resume: bool, rank: int) -> dict | None:
-    """Create RUN (config.json) or, with resume, load and check RUN/checkpoint-last.pt."""
-    run = Path(cfg.out)
-    last = run / ck.LAST
-    if not resume:
-        if last.is_file():
-            raise OutputExistsError(f"{run} already holds a run ({last}); pass --resume or choose another --out")
-        if rank == 0:
-            ck.atomic_write_bytes(run / ck.CONFIG, to_json(cfg).encode())
-        return None
-    if not last.is_file():
-        raise MissingDataError(f"--resume: no checkpoint at {last}")
-    state = ck.load_checkpoint(last)
-    diff = resume_mismatches(state["config"], cfg)
-    if diff:
-        raise ValueError(f"{last} was written by another config; differing fields: {'; '.join(diff)}")
-    if list(state["classes"]) != list(classes):
-        raise ValueError(f"{last} was trained on other classes than the shards' {len(classes)}")
-    return state
+@dataclass
+class Position:
+    """Where the run is, and what a checkpoint must carry to continue it exactly."""
+
+    epoch: int = 0
+    step: int = 0  # steps done in `epoch`
+    best: float = -1.0  # best ensemble (or single-student) val top-1 so far
+    teacher_val: dict | None = None
+    stats: StepStats | None = None  # sums of the epoch so far (global: reduced before saving)
+    data_s: float = 0.0
+    compute_s: float = 0.0
+    skipped: list = field(default_factory=list)  # (id, reason) dropped this epoch so far
+
+
+def _checkpoint(cfg: TrainConfig, classes: list[str], runtime: dict, pos: Position, distiller: Distiller) -> dict:
+    return {"format": ck.CHECKPOINT_FORMAT, "config": to_dict(cfg), "runtime": runtime, "classes": list(classes),
+            "epoch": pos.epoch, "step": pos.step, "best": pos.best, "teacher_val": pos.teacher_val,
+            "accum": None if pos.stats is None else pos.stats.state(),
+            "timing": [pos.data_s, pos.compute_s], "skipped": [[int(i), str(r)] for i, r in pos.skipped],
+            **distiller.state_dict()}
+
+
+def _position(state: dict, device: torch.device, rank: int) -> Position:
+    accum = state.get("accum")
+    # the saved partial-epoch sums are global (reduced before saving): rank 0 carries them
+    stats = StepStats.from_state(accum, device) if isinstance(accum, dict) and rank == 0 else None
+    data_s, compute_s = state.get("timing") or (0.0, 0.0)
+    return Position(state["epoch"], state["step"], state["best"], state["teacher_val"], stats, data_s, compute_s,
+                    [(int(i), str(r)) for i, r in state.get("skipped") or []] if rank == 0 else [])
+
+
+def _skipped_since(loader, before: int) -> list[tuple[int, str]]:
+    return list(getattr(loader, "skipped", [])[before:])
+
+
+def _gather_skipped(local: list[tuple[int, str]], world: int) -> list[tuple[int, str]]:
+    if world == 1:
+        return local
+    parts: list = [None] * world
+    dist.all_gather_object(parts, local)
+    return [x for p in parts for x in p]
 
 
 def run_training(cfg: TrainConfig, train_loader, val_loader, *, classes: list[str],
                  teacher: nn.Module | None = None, resume: bool = False, stop_after_steps: int | None = None,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, runtime: dict | None = None) -> dict:
     """Train cfg.students on batches from train_loader; evaluate on val_loader every epoch.
 
-    Writes RUN/config.json, metrics.jsonl, checkpoint-last.pt (every epoch, and at a stop),
-    checkpoint-best.pt (best ensemble top-1) and the students' final weights. `stop_after_steps`
-    stops after that many global steps with a checkpoint (interruption for tests and preemption).
-    Returns {"stopped", "epochs", "final": last epoch's metrics, "teacher_val"}.
+    Holds RUN's lock (rank 0) for the whole run and writes RUN/config.json, metrics.jsonl, checkpoint-last.pt
+    (every epoch, and at a stop), checkpoint-best.pt, skipped.tsv (with --skip-corrupt) and the students'
+    final weights. `stop_after_steps` stops after that many global steps with a checkpoint (interruption for
+    tests and preemption). Returns {"stopped", "epochs", "final": the last EpochMetrics, "teacher_val"}.
     """
+    rank, _ = dist_info()
+    run = RunDir(cfg.out)
+    with run.lock() if rank == 0 else nullcontext():
+        return _train(cfg, run, train_loader, val_loader, classes, teacher, resume, stop_after_steps, progress,
+                      runtime or {"world_size": dist_info()[1]})
+
+
+def _train(cfg: TrainConfig, run: RunDir, train_loader, val_loader, classes: list[str], teacher: nn.Module | None,
+           resume: bool, stop_after_steps: int | None, progress: bool, runtime: dict) -> dict:
     device = resolve_device(cfg.device)
     rank, world = dist_info()
-    run = Path(cfg.out)
-    state = _open_run(cfg, classes, resume, rank)
+    state = run.open(cfg, classes, runtime, resume=resume, write=rank == 0)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
-        raise ValueError("the training loader yields no batches (fewer samples than one batch per rank?)")
+        raise KdpipeError(f"the training loader yields no batches: {getattr(train_loader, 'num_samples', '?')} "
+                          f"samples are fewer than one batch per rank (--batch-size {cfg.batch_size})")
     distiller = Distiller(cfg, [build_model(n, len(classes)) for n in cfg.students], teacher=teacher,
                           device=device, steps_per_epoch=steps_per_epoch)
-    epoch, start_step, best, teacher_val, acc = 0, 0, -1.0, None, None
+    pos = Position()
     if state is not None:
         distiller.load_state_dict(state)
-        epoch, start_step, best, teacher_val = state["epoch"], state["step"], state["best"], state["teacher_val"]
-        # the saved partial-epoch sums are global (reduced before saving): rank 0 carries them
-        acc = state["accum"].to(device) if state["accum"] is not None and rank == 0 else None
+        pos = _position(state, device, rank)
         if rank == 0:
-            ck.truncate_metrics(run, epoch)
-    if teacher is not None and teacher_val is None:
-        teacher_val = evaluate([distiller.teacher], val_loader, device, amp_dtype=distiller.dtype)
-    watch = NanWatch(distiller.names, device, capacity=cfg.log_every)
+            run.truncate_metrics(pos.epoch)
+    if teacher is not None and pos.teacher_val is None:
+        pos.teacher_val = evaluate([distiller.teacher], val_loader, device, amp_dtype=distiller.dtype)
+    log = StepLog(distiller.names, device, capacity=cfg.log_every)
+    tb = None
+    if cfg.tensorboard and rank == 0:
+        from .tb import TensorBoard
 
-    def save(path: Path, epoch_: int, step_: int, accum: torch.Tensor | None) -> None:
+        tb = TensorBoard(run.path, distiller.names)
+
+    def save(path: Path) -> None:
         if rank == 0:
-            ck.atomic_torch_save({"format": ck.CHECKPOINT_FORMAT, "config": to_dict(cfg), "classes": list(classes),
-                                  "epoch": epoch_, "step": step_, "best": best, "teacher_val": teacher_val,
-                                  "accum": None if accum is None else accum.cpu(), **distiller.state_dict()}, path)
+            ck.atomic_torch_save(_checkpoint(cfg, classes, runtime, pos, distiller), path)
 
-    record: dict = {}
-    while epoch < cfg.epochs:
-        train_loader.set_epoch(epoch, start_step=start_step)
-        if acc is None:
-            acc = torch.zeros(distiller.stats_size, device=device)
-        bar = Progress(epoch, cfg.epochs, steps_per_epoch, start_step, progress and rank == 0)
-        t0, step, last_log, images0 = time.perf_counter(), start_step, start_step, acc[-1].item()
-        for batch in train_loader:
-            global_step = epoch * steps_per_epoch + step
-            torch.manual_seed(step_seed(cfg.seed, global_step))
+    record: EpochMetrics | None = None
+    try:
+        while pos.epoch < cfg.epochs:
+            timing = _train_epoch(cfg, distiller, train_loader, pos, log, tb, run, steps_per_epoch,
+                                  stop_after_steps, progress and rank == 0)
+            if timing is None:  # stopped by stop_after_steps
+                if world > 1:
+                    pos.stats.all_reduce_()
+                    distiller.sync_buffers()
+                pos.skipped = _gather_skipped(pos.skipped, world)
+                save(run.path / ck.LAST)
+                return {"stopped": True, "global_step": pos.epoch * steps_per_epoch + pos.step,
+                        "teacher_val": pos.teacher_val}
+            record = _finish_epoch(cfg, distiller, val_loader, pos, timing, device, world)
+            improved = record.val_ensemble_top1 > pos.best  # a single student's own top-1 when alone
+            pos.best = max(pos.best, record.val_ensemble_top1)
+            if rank == 0:
+                run.append_metrics(record)
+                run.record_skipped(record.epoch, pos.skipped)
+                if tb is not None:
+                    tb.epoch(record)
+                if progress:
+                    print(epoch_line(record, cfg.epochs), file=sys.stderr, flush=True)
+            pos.epoch, pos.step, pos.stats, pos.data_s, pos.compute_s, pos.skipped = pos.epoch + 1, 0, None, 0.0, 0.0, []
+            save(run.path / ck.LAST)
+            if improved:
+                save(run.path / ck.BEST)
+    finally:
+        if tb is not None:
+            tb.close()
+    if rank == 0:
+        for i, (name, m) in enumerate(zip(distiller.names, distiller.students)):
+            ck.save_final_weights(run.path, i, name, m.state_dict(), classes)
+        if progress and record is not None:
+            print(format_table(distiller.names, _val_of(record)), flush=True)
+    return {"stopped": False, "epochs": cfg.epochs, "final": record, "teacher_val": pos.teacher_val}
+
+
+def _train_epoch(cfg: TrainConfig, distiller: Distiller, loader, pos: Position, log: StepLog, tb, run: RunDir,
+                 steps_per_epoch: int, stop_after_steps: int | None, show: bool) -> tuple[float, float] | None:
+    """Steps from pos.step to the end of pos.epoch, updating pos. Returns (seconds, images) of this invocation's
+    part of the epoch, or None when stopped by stop_after_steps."""
+    device, (rank, world) = distiller.device, dist_info()
+    loader.set_epoch(pos.epoch, start_step=pos.step)
+    if pos.stats is None:
+        pos.stats = StepStats.zeros(len(distiller.students), device)
+    timer = StepTimer(device)
+    timer.data_s, timer.compute_s = pos.data_s, pos.compute_s
+    bar = Progress(pos.epoch, cfg.epochs, steps_per_epoch, pos.step, show)
+    skipped_before = len(getattr(loader, "skipped", []))
+    t0, last_log, images0 = time.perf_counter(), pos.step, pos.stats.count.item()
+    it, stopped = iter(loader), False
+    while not stopped:
+        t_wait = time.perf_counter()
+        batch = next(it, None)
+        timer.waited(time.perf_counter() - t_wait)
+        if batch is None:
+            break
+        global_step = pos.epoch * steps_per_epoch + pos.step
+        if len(batch) == 0:  # every sample of the batch was corrupt and skipped: keep the schedule in step
+            if world > 1:
+                raise KdpipeError(f"a whole training batch of epoch {pos.epoch} was corrupt (step {pos.step}); "
+                                  f"under torchrun every rank needs samples: fix the shards (kdpipe verify)")
+            for sched in distiller.schedulers:
+                sched.step()
+        else:
+            torch.manual_seed(step_seed(cfg.seed, global_step, rank))
             batch = batch.to(device)
             images = batch.images
             if cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
+            timer.start_step()
             stats = distiller.step(images, batch.labels, batch.teacher_logits, batch.teacher_weight)
-            acc += stats
-            watch.observe(stats, global_step)
-            step += 1
-            stop = stop_after_steps is not None and global_step + 1 >= stop_after_steps
-            if step - last_log >= cfg.log_every or step == steps_per_epoch or stop:
-                watch.check(run, steps_per_epoch)  # syncs
-                s = distiller.summarize(acc)
-                ips = (s["images"] - images0) * world / max(time.perf_counter() - t0, 1e-9)
-                terms = " ".join(f"{s[f's{i}']['loss']:.3f}" for i in range(len(cfg.students)))
-                bar.update(step - last_log, f"loss {terms} lr {distiller.lr():.4f} {ips:.0f} img/s")
-                last_log = step
-            if stop:
-                bar.close()
-                if world > 1:
-                    dist.all_reduce(acc)
-                    distiller.sync_buffers()
-                save(run / ck.LAST, epoch, step, acc)
-                return {"stopped": True, "global_step": global_step + 1, "teacher_val": teacher_val}
-        bar.close()
-        watch.check(run, steps_per_epoch)
-        if step != steps_per_epoch:
-            raise RuntimeError(f"the training loader yielded {step} batches in epoch {epoch}, len() said "
-                               f"{steps_per_epoch}")
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        epoch_time = time.perf_counter() - t0
-        if world > 1:
-            dist.all_reduce(acc)
-            distiller.sync_buffers()
-        record = {"epoch": epoch, "lr": distiller.lr(), **distiller.summarize(acc)}
-        record["epoch_time_s"] = epoch_time
-        record["images_per_s"] = (record["images"] - images0) / max(epoch_time, 1e-9)
-        record["peak_mem_mb"], record["peak_mem_kind"] = _peak_memory_mb(device)
-        val = evaluate(distiller.students, val_loader, device, amp_dtype=distiller.dtype,
-                       channels_last=cfg.channels_last)
-        for i in range(len(cfg.students)):
-            record[f"s{i}"].update(val_top1=val["top1"][i], val_top5=val["top5"][i])
-        record.update(val_ensemble_top1=val["ensemble_top1"], val_ensemble_top5=val["ensemble_top5"],
-                      val_images=val["count"], teacher_val=teacher_val)
-        epoch, start_step, acc = epoch + 1, 0, None
-        improved = record["val_ensemble_top1"] > best
-        best = max(best, record["val_ensemble_top1"])
-        if rank == 0:
-            ck.write_metrics_line(run, record)
-            if progress:
-                print(epoch_line(record, len(cfg.students), cfg.epochs), file=sys.stderr, flush=True)
-            save(run / ck.LAST, epoch, 0, None)
-            if improved:
-                save(run / ck.BEST, epoch, 0, None)
-    if rank == 0:
-        for i, (name, m) in enumerate(zip(distiller.names, distiller.students)):
-            ck.save_final_weights(run, i, name, m.state_dict(), classes)
-        if progress and record:
-            val = {"top1": [record[f"s{i}"]["val_top1"] for i in range(len(cfg.students))],
-                   "top5": [record[f"s{i}"]["val_top5"] for i in range(len(cfg.students))],
-                   "ensemble_top1": record["val_ensemble_top1"], "ensemble_top5": record["val_ensemble_top5"],
-                   "count": record["val_images"]}
-            print(format_table(distiller.names, val), flush=True)
-    return {"stopped": False, "epochs": cfg.epochs, "final": record, "teacher_val": teacher_val}
+            timer.end_step()
+            pos.stats.add_(stats)
+            log.observe(stats, global_step, distiller.lr())
+        pos.step += 1
+        stopped = stop_after_steps is not None and global_step + 1 >= stop_after_steps
+        if pos.step - last_log >= cfg.log_every or pos.step == steps_per_epoch or stopped:
+            steps, rows, lrs = log.flush(run.path, steps_per_epoch)  # syncs
+            timer.settle()
+            if tb is not None:
+                tb.steps(steps, rows, lrs)
+            s = distiller.summarize(pos.stats)
+            elapsed = max(time.perf_counter() - t0, 1e-9)
+            ips = (s["images"] - images0) * world / elapsed
+            terms = " ".join(f"{x['loss']:.3f}" for x in s["students"])
+            bar.update(pos.step - last_log, f"loss {terms} lr {distiller.lr():.4f} {ips:.0f} img/s, "
+                                            f"data {100 * timer.data_s / max(timer.data_s + timer.compute_s, 1e-9):.0f} % of step")
+            last_log = pos.step
+    bar.close()
+    pos.data_s, pos.compute_s = timer.data_s, timer.compute_s
+    pos.skipped += _skipped_since(loader, skipped_before)
+    if stopped:
+        return None
+    if pos.step != steps_per_epoch:
+        raise RuntimeError(f"the training loader yielded {pos.step} batches in epoch {pos.epoch}, len() said "
+                           f"{steps_per_epoch}")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    timer.settle()
+    pos.data_s, pos.compute_s = timer.data_s, timer.compute_s
+    return time.perf_counter() - t0, pos.stats.count.item() - images0
 
+
+def _finish_epoch(cfg: TrainConfig, distiller: Distiller, val_loader, pos: Position, timing: tuple[float, float],
+                  device: torch.device, world: int) -> EpochMetrics:
+    """The epoch's record: reduced training sums, timing, memory, then validation of every student."""
+    epoch_time, images_timed = timing
+    if world > 1:
+        pos.stats.all_reduce_()
+        distiller.sync_buffers()
+    pos.skipped = _gather_skipped(pos.skipped, world)
+    s = distiller.summarize(pos.stats)
+    val = evaluate(distiller.students, val_loader, device, amp_dtype=distiller.dtype,
+                   channels_last=cfg.channels_last)
+    students = [StudentMetrics(**x, val_top1=val["top1"][i], val_top5=val["top5"][i])
+                for i, x in enumerate(s["students"])]
+    peak, kind = _peak_memory_mb(device)
+    total = pos.data_s + pos.compute_s
+    return EpochMetrics(
+        epoch=pos.epoch, lr=distiller.lr(), images=s["images"], students=students,
+        val_ensemble_top1=val["ensemble_top1"], val_ensemble_top5=val["ensemble_top5"], val_images=val["count"],
+        w_mean=s["w_mean"], teacher_entropy_tau1=s["teacher_entropy_tau1"], teacher_entropy_tau=s["teacher_entropy_tau"],
+        teacher_val=pos.teacher_val, skipped=len(pos.skipped), epoch_time_s=epoch_time,
+        images_per_s=images_timed * world / max(epoch_time, 1e-9), data_time_s=pos.data_s,
+        compute_time_s=pos.compute_s, data_share=pos.data_s / total if total > 0 else None,
+        peak_mem_mb=peak, peak_mem_kind=kind)
+
+
+def _val_of(r: EpochMetrics) -> dict:
+    return {"top1": [s.val_top1 for s in r.students], "top5": [s.val_top5 for s in r.students],
+            "ensemble_top1": r.val_ensemble_top1, "ensemble_top5": r.val_ensemble_top5, "count": r.val_images}

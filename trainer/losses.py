@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
-DIRECTIONS = ("forward", "reverse")
+Direction = Literal["forward", "reverse"]
+# The per-sample weight of the teacher term: the paper's confidence (w = 1 - H/log C), none (w = 1), or its
+# opposite, entropy (w = H/log C: up-weights what the teacher is unsure of, as entropy-aware KD variants do).
+WeightFn = Literal["confidence", "none", "entropy"]
+DIRECTIONS: tuple[str, ...] = get_args(Direction)
+WEIGHT_FNS: tuple[str, ...] = get_args(WeightFn)
 TERMS = ("loss", "hard", "teacher", "peer", "w")  # the keys of dual_student_loss, in logging order
 
 
@@ -30,6 +36,20 @@ def entropy_weight(teacher_logits: torch.Tensor, tau: float = 1.0) -> torch.Tens
     """
     num_classes = teacher_logits.shape[-1]
     return 1.0 - entropy(teacher_logits, tau) / math.log(num_classes)
+
+
+def teacher_weight(teacher_logits: torch.Tensor, weight_fn: str, tau: float = 1.0,
+                   confidence: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The per-sample weight of the teacher term under `weight_fn` (None for "none": w = 1).
+
+    `confidence`, when given, is a precomputed 1 - H/log C at tau (e.g. from a teacher cache), so the
+    entropy is not computed again."""
+    if weight_fn not in WEIGHT_FNS:
+        raise ValueError(f"weight_fn must be one of {WEIGHT_FNS}, got {weight_fn!r}")
+    if weight_fn == "none":
+        return None
+    conf = confidence if confidence is not None else entropy_weight(teacher_logits, tau)
+    return conf if weight_fn == "confidence" else 1.0 - conf
 
 
 def _kl_per_sample(student_logits: torch.Tensor, target_logits: torch.Tensor, tau: float,
@@ -66,15 +86,15 @@ def dual_student_loss(student_logits: torch.Tensor,
                       peer_logits: torch.Tensor | Sequence[torch.Tensor] | None,
                       teacher_logits: torch.Tensor | None, labels: torch.Tensor, *,
                       alpha: float, beta: float, gamma: float, tau: float,
-                      uncertainty: bool = True, direction: str = "forward",
+                      weight_fn: str = "confidence", direction: str = "forward",
                       entropy_tau: float = 1.0,
                       weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """L = alpha * CE + beta * mean(w * tau^2 KL(teacher)) + gamma * tau^2 KL(peer), as a dict.
 
     `peer_logits` may be one tensor or a list (three or more students: the peer term is the
     mean over peers) or None (single student). `teacher_logits=None` means no teacher term
-    (hard-label training). `weight` is a precomputed w (e.g. from a teacher cache); otherwise
-    w comes from the teacher's entropy at `entropy_tau` when `uncertainty` is on, else w = 1.
+    (hard-label training). The teacher term's per-sample weight follows `weight_fn` (see
+    `teacher_weight`); `weight` is a precomputed one (e.g. from a teacher cache) used as given.
     Every value is a float32 scalar; "w" is the batch mean of the weight used.
     """
     hard = F.cross_entropy(student_logits.float(), labels)
@@ -84,8 +104,11 @@ def dual_student_loss(student_logits: torch.Tensor,
         if teacher_logits.shape != student_logits.shape:
             raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} do not match "
                              f"student logits {tuple(student_logits.shape)} (different number of classes?)")
-        if uncertainty:
-            w = weight if weight is not None else entropy_weight(teacher_logits, entropy_tau)
+        if weight_fn == "none":
+            w = None
+        else:
+            w = weight if weight is not None else teacher_weight(teacher_logits, weight_fn, entropy_tau)
+        if w is not None:
             w = w.detach().float()
             teacher, w_mean = kd_loss(student_logits, teacher_logits, tau, w, direction), w.mean()
         else:

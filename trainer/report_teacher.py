@@ -91,7 +91,7 @@ def teacher_section(runs: list, stats: dict | None, hist_png: str | None, table)
                    "class; occlude: a patch over the shape; noise: heavy noise)." if stats["by_kind"] else ""), ""]
         if hist_png:
             out += [f"![histogram of w]({hist_png})", ""]
-    rows = [[r.name, r.mode, _f4(r.final.w_mean), _f4(r.final.entropy_tau1), _f4(r.final.entropy_tau)]
+    rows = [[r.name, r.mode, _f4(r.final.w_mean), _f4(r.final.teacher_entropy_tau1), _f4(r.final.teacher_entropy_tau)]
             for r in runs if r.final.w_mean is not None]
     if rows:
         out += ["As the trainer saw it on its training batches (final epoch; w as applied, so 1 in modes "

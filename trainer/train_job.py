@@ -5,27 +5,28 @@ Thin on purpose: everything that trains lives in trainer/loop.py and works with 
 from __future__ import annotations
 
 import dataclasses
-import os
 
-import torch
 import torch.distributed as dist
 
-from .config import TrainConfig, resolve_device
-from .loop import dist_info, run_training
-from .models import build_model, load_weights
+from pipeline.errors import ConfigError
+
+from .config import TrainConfig
+from .loop import run_training
+from .runtime import dist_info, init_distributed, load_teacher
 
 
-def _init_distributed() -> torch.device | None:
-    """Under torchrun (WORLD_SIZE > 1): join the process group; each rank uses GPU LOCAL_RANK if any."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return None
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        dist.init_process_group("nccl")
-        return torch.device("cuda", local)
-    dist.init_process_group("gloo")
-    return torch.device("cpu")
+def per_rank_batch(global_batch: int, world: int, flag: str = "--batch-size") -> int:
+    """The global batch split across `world` ranks; a ConfigError naming both numbers if it does not divide."""
+    if global_batch % world:
+        raise ConfigError(f"{flag} {global_batch} (the global batch) does not split evenly across {world} ranks; "
+                          f"use a multiple of {world}")
+    return global_batch // world
+
+
+def views_per_sample(epochs: int, cache_epochs: int | None) -> int:
+    """Distinct views each training sample gets in a run: one per epoch, or E when a cache of E augmentation
+    epochs is reused (training epoch e shows the view of epoch e mod E)."""
+    return epochs if cache_epochs is None else min(epochs, cache_epochs)
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | None = None,
@@ -34,31 +35,46 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
     from pipeline.augment import AugSpec
     from pipeline.loader import ImageNet100Loader
 
-    ddp_device = _init_distributed()
-    if ddp_device is not None:
-        cfg = dataclasses.replace(cfg, device=str(ddp_device))
-    device, (rank, world) = resolve_device(cfg.device), dist_info()
-    spec = AugSpec(image_size=cfg.image_size)
-    common = dict(seed=cfg.seed, backend=cfg.backend, device=device, spec=spec, rank=rank, world_size=world,
-                  num_workers=cfg.num_workers)
-    val_loader = ImageNet100Loader(cfg.shards, "val", cfg.batch_size, drop_last=False, **common)
-    classes = list(val_loader.classes)
-    cache = None
-    if cfg.uses_teacher and cfg.teacher_cache:
-        from .cache_teacher import validate_cache_for_training
-
-        cache = validate_cache_for_training(cfg.teacher_cache, loader=val_loader, spec=spec, seed=cfg.seed,
-                                            image_size=cfg.image_size)
-    train_loader = ImageNet100Loader(cfg.shards, "train", cfg.batch_size, teacher_cache=cache, **common)
-    teacher = None
-    if cfg.uses_teacher and cache is None:
-        if not cfg.teacher_weights:
-            raise ValueError(f"mode {cfg.mode!r} needs a teacher: --teacher-weights FILE or --teacher-cache PATH")
-        teacher = load_weights(build_model(cfg.teacher, len(classes)), cfg.teacher_weights, name=cfg.teacher,
-                               classes=classes)
+    device, created = init_distributed(cfg.device)
     try:
+        cfg = dataclasses.replace(cfg, device=str(device)) if created else cfg
+        rank, world = dist_info()
+        batch = per_rank_batch(cfg.batch_size, world)
+        spec = AugSpec(image_size=cfg.image_size, val_resize_mode=cfg.val_resize)
+        common = dict(seed=cfg.seed, backend=cfg.backend, device=device, spec=spec, rank=rank, world_size=world,
+                      num_workers=cfg.num_workers, skip_corrupt=cfg.skip_corrupt)
+        val_loader = ImageNet100Loader(cfg.shards, "val", batch, drop_last=False, **common)
+        classes = list(val_loader.classes)
+        cache = open_training_cache(cfg, val_loader, spec) if cfg.teacher_cache else None
+        cache_epochs = None if cache is None else cache.epochs
+        # the cache gives logits only to teacher modes; a `hard` run given one only repeats its views like them
+        train_loader = ImageNet100Loader(cfg.shards, "train", batch, **common,
+                                         teacher_cache=cache if cfg.uses_teacher else None,
+                                         view_epochs=cache_epochs)
+        teacher = None
+        if cfg.uses_teacher and cache is None:
+            if not cfg.teacher_weights:
+                raise ConfigError(f"mode {cfg.mode!r} needs a teacher: --teacher-weights FILE or --teacher-cache PATH")
+            teacher = load_teacher(cfg.teacher, cfg.teacher_weights, classes, device, cfg.channels_last)
+        runtime = {"world_size": world, "global_batch": cfg.batch_size, "per_rank_batch": batch,
+                   "cache_epochs": cache_epochs, "views_per_sample": views_per_sample(cfg.epochs, cache_epochs)}
         return run_training(cfg, train_loader, val_loader, classes=classes, teacher=teacher, resume=resume,
-                            stop_after_steps=stop_after_steps, progress=progress)
+                            stop_after_steps=stop_after_steps, progress=progress, runtime=runtime)
     finally:
-        if ddp_device is not None:
+        if created:
             dist.destroy_process_group()
+
+
+def open_training_cache(cfg: TrainConfig, loader, spec):
+    """The teacher cache, refused unless made for these shards, classes, views and seed, complete and undamaged,
+    and with at least --epochs augmentation epochs (fewer only with --reuse-views)."""
+    from pipeline.teacher_cache import validate_cache_for_training
+
+    cache = validate_cache_for_training(cfg.teacher_cache, loader=loader, spec=spec, seed=cfg.seed,
+                                        image_size=cfg.image_size)
+    if cache.epochs < cfg.epochs and not cfg.reuse_views:
+        raise ConfigError(f"teacher cache {cfg.teacher_cache} holds {cache.epochs} augmentation epoch(s) but the run "
+                          f"trains {cfg.epochs} epochs: every view would repeat {-(-cfg.epochs // cache.epochs)} "
+                          f"times. Make a cache with `kdpipe cache-teacher --epochs {cfg.epochs}`, or pass "
+                          f"--reuse-views to accept the repetition (recorded in config.json and the report)")
+    return cache

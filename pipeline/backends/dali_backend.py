@@ -27,6 +27,7 @@ import torch
 
 from ..augment import AugSpec, sample_params, val_geometry
 from ..batch import IMAGENET_MEAN_255, IMAGENET_STD_255, host_to_device
+from ..errors import CorruptSampleError
 
 if TYPE_CHECKING:
     from ..index import ShardIndex
@@ -261,8 +262,8 @@ class DaliBackend:
         for j, i in enumerate(ids.tolist()):
             try:
                 blobs.append(np.frombuffer(self.index.read(i), dtype=np.uint8))
-            except (OSError, ValueError) as e:
-                self._corrupt(i, f"cannot read: {e}")
+            except (OSError, ValueError, CorruptSampleError) as e:  # CorruptSampleError: a failed crc32 check
+                self._corrupt(i, e if isinstance(e, CorruptSampleError) else f"cannot read: {e}")
                 keep[j] = False
         ids = ids[keep]
         hs, ws = self.index.heights[ids], self.index.widths[ids]

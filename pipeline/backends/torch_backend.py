@@ -48,14 +48,17 @@ _LEVELS = np.arange(256, dtype=np.float64)
 
 
 def sample_error(index: ShardIndex, sample_id: int, reason: object) -> CorruptSampleError:
-    """The error for one bad sample, naming where it lives so the user can find and fix it."""
+    """The error for one bad sample, naming where it lives so the user can find and fix it (an error that
+    already does, like ShardIndex.read's crc32 failure, is kept as it is)."""
+    if isinstance(reason, CorruptSampleError):
+        return reason
     try:
         where = str(index.shard_path(sample_id))
     except (IndexError, KeyError) as e:
         where = f"(no shard: {e})"
     text = " ".join(str(reason).split())[:300]
     return CorruptSampleError(f"{index.split} sample {int(sample_id)} in shard {where}: {text} "
-                              f"(pass skip_corrupt=True to drop such samples and count them)")
+                              f"(--skip-corrupt, or skip_corrupt=True, drops such samples and counts them)")
 
 
 def read_and_decode(index: ShardIndex, sample_id: int) -> torch.Tensor:
@@ -63,6 +66,8 @@ def read_and_decode(index: ShardIndex, sample_id: int) -> torch.Tensor:
     try:
         data = index.read(sample_id)
         img = decode(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    except CorruptSampleError:
+        raise
     except (OSError, RuntimeError, ValueError) as e:
         raise sample_error(index, sample_id, e) from e
     h, w = int(index.heights[sample_id]), int(index.widths[sample_id])
@@ -297,7 +302,7 @@ class TorchBackend:
             try:
                 datas.append(torch.frombuffer(bytearray(self.index.read(sid)), dtype=torch.uint8))
                 keep.append(sid)
-            except OSError as e:
+            except (OSError, CorruptSampleError) as e:
                 self._bad(sid, e)
         return datas, keep
 
