@@ -307,3 +307,29 @@ def test_unreachable_sources_are_one_line_errors(shards, serve, tmp_path):
     if importlib.util.find_spec("aiohttp") is None:  # zarr reads http(s) through fsspec's aiohttp filesystem
         with pytest.raises(ConfigError, match="aiohttp"):
             TeacherCache(f"{url}/teacher.zarr")
+
+
+@pytest.mark.slow
+def test_interrupted_and_resumed_streamed_run_matches_an_uninterrupted_one(shards, serve, tmp_path):
+    from click.testing import CliRunner
+
+    from trainer.cli import main
+    from trainer.metrics import TIMING_FIELDS
+    from trainer.rundir import RunDir
+
+    def cli(*args):
+        res = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        return res.output
+
+    def metrics(run):
+        return [{k: v for k, v in r.to_json().items() if k not in TIMING_FIELDS} for r in RunDir(run).read_metrics()]
+
+    url, _ = serve(shards)
+    args = ["--shards", url, "--mode", "hard", "--students", "tiny_cnn", "--epochs", "2", "--batch-size", "8",
+            "--image-size", "32", "--backend", "torch", "--num-workers", "0", "--device", "cpu"]
+    cli("train", "--out", tmp_path / "whole", *args)
+    assert "stopped after 7 steps" in cli("train", "--out", tmp_path / "part", *args, "--stop-after-steps", "7")
+    cli("train", "--out", tmp_path / "part", "--resume")  # the URL comes from the run's config.json
+    assert metrics(tmp_path / "part") == metrics(tmp_path / "whole")
+    assert [m["images"] for m in metrics(tmp_path / "whole")] == [40, 40]
