@@ -27,7 +27,7 @@ from typing import IO, Callable
 import numpy as np
 
 from .errors import ConfigError, MissingDataError, RemoteReadError, ShardFormatError, one_line
-from .index import INDEX_DTYPE, check_manifest
+from .index import INDEX_DTYPE, INDEX_DTYPE_NO_CRC, check_manifest
 
 URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 RETRIES = 3  # re-opens of one file after a failed or short read
@@ -226,6 +226,9 @@ class RemoteIndex:
             self.rows: np.ndarray = np.load(io.BytesIO(read_whole(url)), allow_pickle=False)
         except ValueError as e:
             raise ShardFormatError(f"{url}: not a kdpipe index ({one_line(e, 200)})") from None
+        if self.rows.dtype == INDEX_DTYPE_NO_CRC:
+            raise ShardFormatError(f"{url}: written by an older kdpipe, without the crc32 field; rerun `kdpipe shard` "
+                                   f"with the same options on the source and upload the new index files")
         if self.rows.dtype != INDEX_DTYPE or len(self.rows) != info["count"]:
             raise ShardFormatError(f"{url}: expected {info['count']} rows of {INDEX_DTYPE}, "
                                    f"found {len(self.rows)} of {self.rows.dtype}")

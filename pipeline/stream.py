@@ -17,7 +17,6 @@ sample's view is the same as on the random-access path; only the order differs.
 """
 from __future__ import annotations
 
-import json
 import queue
 import threading
 import zlib
@@ -122,7 +121,7 @@ def needed_segments(shard_of: np.ndarray, ids: np.ndarray, segments: list[Segmen
 
 def read_segment(index: RemoteIndex, seg: Segment, retries: int = RETRIES) -> Iterator[tuple[int, bytes | None, str]]:
     """(id, JPEG bytes, "") for ids [first, end) of one shard in order, read sequentially from the first one's
-    tar header on; (id, None, reason) for a sample whose bytes fail their crc32 or the index's size.
+    tar header on; (id, None, reason) for a sample whose bytes fail the index's size or crc32.
     A stream that cannot be read whole raises RemoteReadError; a tar that disagrees with the manifest,
     ShardFormatError. Never fewer samples than asked without an error."""
     from webdataset.tariterators import group_by_keys, tar_file_expander
@@ -142,7 +141,7 @@ def read_segment(index: RemoteIndex, seg: Segment, retries: int = RETRIES) -> It
     expected = lo
     with RetryingStream(url, info["bytes"], start, retries) as stream:
         files = tar_file_expander([{"url": url, "stream": stream}], handler=stop,
-                                  select_files=lambda name: name.endswith((".jpg", ".json")))
+                                  select_files=lambda name: name.endswith(".jpg"))
         for sample in group_by_keys(files, handler=stop):
             try:
                 sid = int(sample["__key__"])
@@ -166,18 +165,15 @@ def read_segment(index: RemoteIndex, seg: Segment, retries: int = RETRIES) -> It
 
 
 def check_sample(index: RemoteIndex, sid: int, sample: dict) -> tuple[bytes | None, str]:
-    """(bytes, "") when the JPEG matches its .json crc32 and the index's size, else (None, reason)."""
+    """(bytes, "") when the JPEG has the size and crc32 the index records, else (None, reason)."""
     jpg = sample.get("jpg")
-    if jpg is None or "json" not in sample:
-        return None, "sample lacks its .jpg or .json member"
-    try:
-        crc = json.loads(sample["json"])["jpg_crc32"]
-    except (ValueError, KeyError, TypeError):
-        return None, "unreadable .json member"
+    if jpg is None:
+        return None, "sample lacks its .jpg member"
+    size, crc = int(index.rows["size"][sid]), int(index.rows["crc32"][sid])
+    if len(jpg) != size:
+        return None, f".jpg has {len(jpg)} bytes, the index says {size}"
     if zlib.crc32(jpg) != crc:
-        return None, f".jpg crc32 {zlib.crc32(jpg)} differs from the recorded {crc}"
-    if len(jpg) != int(index.rows["size"][sid]):
-        return None, f".jpg has {len(jpg)} bytes, the index says {int(index.rows['size'][sid])}"
+        return None, f".jpg crc32 {zlib.crc32(jpg)} differs from the {crc} recorded in the index"
     return jpg, ""
 
 
