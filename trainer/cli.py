@@ -215,10 +215,15 @@ def cache_teacher_cmd(config_file, **params):
 def report(runs, out, teacher_run, low_w, learnable):
     """Write OUT/report.md (assumptions, Tables I-IV with verdicts, convergence, teacher uncertainty and its
     most/least confident views, accuracy per epoch) and PNG plots from RUNS; seeds of one mode are pooled."""
+    from pipeline.errors import KdpipeError
+    from pipeline.locks import exclusive_lock
     from trainer.report import write_report
 
-    try:
-        path = write_report(list(runs), out, teacher=teacher_run, low_w=low_w, learnable=learnable)
+    try:  # one writer per directory: a report into a run being trained (or another report) is refused
+        with exclusive_lock(Path(out) / ".kdpipe.lock", f"directory {out}"):
+            path = write_report(list(runs), out, teacher=teacher_run, low_w=low_w, learnable=learnable)
+    except KdpipeError:
+        raise
     except (FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(f"wrote {path}")
