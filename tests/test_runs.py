@@ -278,3 +278,12 @@ def test_export_without_the_extra_names_it(tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text("{}")
     out = one_line_error(cli("export", "--run", tmp_path), code=2)
     assert "needs the `onnx` extra" in out
+
+
+def test_a_report_into_a_run_being_trained_is_refused(tmp_path):
+    from pipeline.locks import exclusive_lock
+
+    run = tmp_path / "run"
+    with exclusive_lock(run / ".kdpipe.lock", "run directory"):  # as a training job holds it
+        out = one_line_error(cli("report", tmp_path, "--out", run))
+    assert f"directory {run} is in use" in out
