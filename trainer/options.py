@@ -3,9 +3,9 @@
 Every field becomes one option: its flag (the field name with dashes, or the `flag` metadata; nested
 dataclasses are flattened: loss.alpha is --alpha), its type and choices (int, float, str, bool as
 --x/--no-x, Literal as a choice, tuple[str, ...] as a comma-separated list, paths checked for existence;
-url=True on a path field also accepts a URL), its help and displayed default from the metadata. Every generated
-option defaults to None ("not given"), so a command can layer: dataclass defaults < --mode preset < --config FILE (or a run's config.json)
-< the flags actually given.
+url=True on a path field also accepts a URL), its help and displayed default from the metadata. Every
+generated option defaults to None ("not given"), so a command can layer: dataclass defaults < --mode preset
+< --config FILE (or a run's config.json) < the flags actually given.
 """
 from __future__ import annotations
 
