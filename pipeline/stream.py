@@ -282,13 +282,17 @@ def _produce(q: queue.Queue, stop: threading.Event, items: Iterator[tuple]) -> N
         put(e)
 
 
-def _drain(q: queue.Queue) -> Iterator[tuple]:
+def _drain(q: queue.Queue, failed: list[BaseException]) -> Iterator[tuple]:
+    """The reader's items until it ends; an exception it handed over ends the items and goes into `failed`
+    (raised by the consumer once the batches in flight are out: a DataLoader whose sampler raises leaves its
+    worker pipes to be closed twice)."""
     while True:
         item = q.get()
         if item is _END:
             return
         if isinstance(item, BaseException):
-            raise item
+            failed.append(item)
+            return
         yield item
 
 
@@ -327,19 +331,22 @@ class StreamBackend:
         decode = _DecodeBatches(self.index, self.spec, self.seed, aug_epoch, self.train, self.skip_corrupt)
         workers = min(self.num_workers, len(chunks))
         reader = threading.Thread(target=_produce, args=(q, stop, items), name="kdpipe-stream", daemon=True)
+        failed: list[BaseException] = []
         try:
             if workers:  # the DataLoader forks its workers first, then pulls items (starting the reader)
-                batches = torch.utils.data.DataLoader(decode, batch_size=None, sampler=_Started(reader, q),
+                batches = torch.utils.data.DataLoader(decode, batch_size=None, sampler=_Started(reader, q, failed),
                                                       num_workers=workers, worker_init_fn=_one_thread,
                                                       prefetch_factor=2)
             else:
                 reader.start()
-                batches = (decode[item] for item in _drain(q))
+                batches = (decode[item] for item in _drain(q, failed))
             for out in batches:
                 self.skipped.extend(out["skipped"])
                 x = out["images"].to(self.device, non_blocking=True)
                 x = normalize_nhwc(x, self.dtype) if self.normalize else x.permute(0, 3, 1, 2)
                 yield x, host_to_device(out["labels"], self.device), host_to_device(out["ids"], self.device)
+            if failed:  # the stream broke: never a silently short epoch
+                raise failed[0]
         finally:
             stop.set()
             while True:  # unblock a reader waiting to put
@@ -359,10 +366,10 @@ class _Started:
     """The DataLoader's sampler: starts the reader thread on first use (after the workers are forked), then
     hands over its items in order."""
 
-    def __init__(self, reader: threading.Thread, q: queue.Queue):
-        self.reader, self.q = reader, q
+    def __init__(self, reader: threading.Thread, q: queue.Queue, failed: list[BaseException]):
+        self.reader, self.q, self.failed = reader, q, failed
 
     def __iter__(self) -> Iterator[tuple]:
         if not self.reader.is_alive() and self.reader.ident is None:
             self.reader.start()
-        return _drain(self.q)
+        return _drain(self.q, self.failed)
