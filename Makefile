@@ -10,7 +10,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[dali,test,plots,onnx,tb]' $(PINS)
+	$(VENV)/bin/pip install -q -e '.[dali,test,plots,onnx,tb,timm]' $(PINS)
 	touch $@
 
 demo: setup

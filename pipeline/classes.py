@@ -13,6 +13,8 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
+from .errors import ConfigError, MissingDataError
+
 WNID_RE = re.compile(r"^n\d{8}$")
 
 
@@ -33,13 +35,13 @@ def parse_class_list(text: str, source: str = "<class list>") -> list[str]:
             continue
         wnid = line.split()[0]
         if not WNID_RE.match(wnid):
-            raise ValueError(f"{source}:{lineno}: {wnid!r} is not a WordNet id like n01440764")
+            raise ConfigError(f"{source}:{lineno}: {wnid!r} is not a WordNet id like n01440764")
         wnids.append(wnid)
     dupes = sorted({w for w in wnids if wnids.count(w) > 1})
     if dupes:
-        raise ValueError(f"{source}: repeated wnids: {', '.join(dupes)}")
+        raise ConfigError(f"{source}: repeated wnids: {', '.join(dupes)}")
     if not wnids:
-        raise ValueError(f"{source}: no wnids found")
+        raise ConfigError(f"{source}: no wnids found")
     return wnids
 
 
@@ -54,8 +56,19 @@ def load_class_list(path: str | Path | None) -> list[str]:
         return imagenet100_wnids()
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"class list file not found: {path}")
-    return parse_class_list(path.read_text(), str(path))
+        raise MissingDataError(f"class list file not found: {path}")
+    return parse_class_list(read_text_file(path, "class list"), str(path))
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """A small UTF-8 text file the user named; a bad byte is an error naming the file, byte and offset."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}:{line}: {what} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                          f"save it as UTF-8") from None
 
 
 def sorted_classes(wnids: list[str]) -> list[str]:
@@ -77,6 +90,12 @@ def imagenet1k() -> tuple[tuple[str, str], ...]:
 def wnid_names() -> dict[str, str]:
     """wnid -> human-readable name for the 1000 ImageNet-1k classes."""
     return {wnid: name for wnid, name in imagenet1k()}
+
+
+def is_imagenet1k(classes: list[str]) -> bool:
+    """True when every class is an ImageNet-1k wnid: only then can a 1000-way head be sliced to them."""
+    known = {wnid for wnid, _ in imagenet1k()}
+    return bool(classes) and all(c in known for c in classes)
 
 
 def imagenet1k_indices(wnids: list[str]) -> list[int]:
@@ -104,8 +123,8 @@ def read_val_labels(path: str | Path) -> dict[str, str]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"validation labels file not found: {path}")
-    text = path.read_text()
+        raise MissingDataError(f"validation labels file not found: {path}")
+    text = read_text_file(path, "validation labels file")
     first = text.splitlines()[0] if text else ""
     labels: dict[str, str] = {}
     if first.startswith("ImageId,PredictionString"):
@@ -113,7 +132,7 @@ def read_val_labels(path: str | Path) -> dict[str, str]:
             if lineno == 1 or not row:
                 continue
             if len(row) < 2 or not row[1].split():
-                raise ValueError(f"{path}:{lineno}: expected 'ImageId,PredictionString', got {row!r}")
+                raise ConfigError(f"{path}:{lineno}: expected 'ImageId,PredictionString', got {row!r}")
             image_id, wnid = row[0], row[1].split()[0]
             labels[image_id if "." in image_id else image_id + ".JPEG"] = wnid
     else:
@@ -122,9 +141,9 @@ def read_val_labels(path: str | Path) -> dict[str, str]:
             if not line.strip() or (lineno == 1 and parts[0] == "file"):
                 continue
             if len(parts) != 2:
-                raise ValueError(f"{path}:{lineno}: expected 'file<TAB>wnid', got {line!r}")
+                raise ConfigError(f"{path}:{lineno}: expected 'file<TAB>wnid', got {line!r}")
             labels[parts[0]] = parts[1]
     bad = [w for w in set(labels.values()) if not WNID_RE.match(w)]
     if bad:
-        raise ValueError(f"{path}: not WordNet ids: {', '.join(sorted(bad)[:5])}")
+        raise ConfigError(f"{path}: not WordNet ids: {', '.join(sorted(bad)[:5])}")
     return labels

@@ -36,8 +36,18 @@ class MissingDataError(DataError, FileNotFoundError):
     """A file or directory the job needs is not there."""
 
 
+class TreeLayoutError(DataError, ValueError):
+    """An input image tree (ImageNet or class folders) laid out in a way `kdpipe shard` cannot read; names the
+    folder or file and the layout it expected."""
+
+
 class ShardFormatError(DataError, ValueError):
     """A shard directory's manifest, index or member is malformed, or names a path outside the directory."""
+
+
+class RemoteReadError(DataError, OSError):
+    """A file behind a URL (shard, manifest, index, teacher cache) could not be read whole after retries: the
+    connection dropped or the server failed. Names the URL and the byte it stopped at."""
 
 
 class CorruptSampleError(DataError, RuntimeError):

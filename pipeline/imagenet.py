@@ -4,6 +4,12 @@ Layouts (ILSVRC2012): train/<wnid>/<file>; val either as class folders val/<wnid
 val/ILSVRC2012_val_<8 digits>.JPEG with labels from a file (the shipped ground truth by default).
 Kaggle's ILSVRC/Data/CLS-LOC/ nesting is found too. Extensions match case-insensitively; other files
 (a stray notes.txt, LOC_val_solution.csv) are ignored. Labels are positions in the sorted wnid list.
+Any class-folder tree (not ImageNet) is found by pipeline/imagefolder.py into the same `ImageNetTree`.
+
+File names are whatever the file system holds: a name that is not valid UTF-8 arrives as a str with
+surrogate escapes (Python's os functions round-trip it), so it is sharded like any other and hashed by its
+bytes. An image-named symlink that leads nowhere (a loop, a dangling link) is kept in the list, and the
+shard writer rejects it with the OS's reason (listed in rejected.tsv); it never aborts discovery.
 """
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .classes import WNID_RE, default_val_labels, read_val_labels, sorted_classes
+from .errors import MissingDataError, TreeLayoutError
 
 IMAGE_EXTS = frozenset({".jpeg", ".jpg", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"})
 KAGGLE_SUBDIR = Path("ILSVRC/Data/CLS-LOC")
@@ -23,25 +30,56 @@ class SourceFile:
     """One input image: path relative to the tree root (posix), its class and integer label."""
 
     rel: str
-    wnid: str
+    wnid: str  # the class id: an ImageNet wnid, or a class folder's name (pipeline/imagefolder.py)
     label: int
 
 
 @dataclass
 class ImageNetTree:
-    """What a tree holds for the selected classes (sorted wnids = label order)."""
+    """What a tree holds for the selected classes (sorted class ids = label order)."""
 
     root: Path
     classes: list[str]
     splits: dict[str, list[SourceFile]] = field(default_factory=dict)  # "train"/"val" -> files, path-sorted
-    val_layout: str | None = None  # "folders", "flat" or None (no val/)
+    val_layout: str | None = None  # "folders", "flat", "carved" (imagefolder --val-share) or None (no val/)
+    rejected: list[tuple[str, str, str]] = field(default_factory=list)  # (split, rel, reason) found by discovery
+    dataset: dict | None = None  # how a non-ImageNet tree was read (recorded in plan and manifest); None: ImageNet
 
     def fingerprint(self, split: str) -> str:
-        """sha256 of the split's (path, wnid) list: a resumed run must see the same inputs."""
+        """sha256 of the split's (path, class) list: a resumed run must see the same inputs.
+
+        Names are hashed as the file system's bytes (surrogateescape), so a name that is not valid
+        UTF-8 hashes stably, and every valid one hashes as before."""
         h = hashlib.sha256()
         for f in self.splits[split]:
-            h.update(f"{f.rel}\t{f.wnid}\n".encode())
+            h.update(f"{f.rel}\t{f.wnid}\n".encode("utf-8", "surrogateescape"))
         return h.hexdigest()
+
+
+def printable(name: str) -> str:
+    """A file name as valid UTF-8 text: bytes that are not UTF-8 shown as \\xNN (for messages and tables)."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def is_dir_entry(entry: os.DirEntry) -> bool:
+    """entry.is_dir() that says False, instead of raising, for a symlink loop or an unreadable link."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def is_image_entry(entry: os.DirEntry) -> bool:
+    """An image-named regular file, or an image-named symlink that leads nowhere (a loop, a dangling link:
+    kept so the writer lists it in rejected.tsv with the OS's reason). FIFOs, sockets and folders are not."""
+    if not is_image_name(entry.name):
+        return False
+    try:
+        if entry.is_file():
+            return True
+    except OSError:  # ELOOP and friends: stat failed through the link
+        return True
+    return entry.is_symlink() and not os.path.exists(entry.path)
 
 
 def is_image_name(name: str) -> bool:
@@ -53,23 +91,23 @@ def resolve_root(root: str | Path) -> Path:
     """The folder that holds train/: ROOT itself or Kaggle's ROOT/ILSVRC/Data/CLS-LOC."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"ImageNet tree not found: {root}")
+        raise MissingDataError(f"ImageNet tree not found: {root}")
     for cand in (root, root / KAGGLE_SUBDIR):
         if (cand / "train").is_dir():
             return cand
-    raise FileNotFoundError(f"{root}: no train/ folder (expected ROOT/train/<wnid>/*.JPEG or {KAGGLE_SUBDIR}/train)")
+    raise MissingDataError(f"{root}: no train/ folder (expected ROOT/train/<wnid>/*.JPEG or {KAGGLE_SUBDIR}/train)")
 
 
 def _images_in(folder: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(folder) if e.is_file() and is_image_name(e.name))
+    return sorted(e.name for e in os.scandir(folder) if is_image_entry(e))
 
 
 def _class_folder_files(base: Path, root: Path, wnids: list[str], labels: dict[str, int]) -> list[SourceFile]:
-    present = {e.name for e in os.scandir(base) if e.is_dir()}
+    present = {e.name for e in os.scandir(base) if is_dir_entry(e)}
     missing = [w for w in wnids if w not in present]
     if missing:
         shown = ", ".join(missing[:20]) + (f" ... ({len(missing)} in all)" if len(missing) > 20 else "")
-        raise FileNotFoundError(f"{base}: {len(missing)} listed classes have no folder: {shown}")
+        raise MissingDataError(f"{base}: {len(missing)} listed classes have no folder: {shown}")
     out = []
     for wnid in sorted(wnids):
         prefix = (base / wnid).relative_to(root).as_posix()
@@ -82,10 +120,10 @@ def detect_val_layout(val: Path) -> str | None:
     if not val.is_dir():
         return None
     entries = list(os.scandir(val))
-    has_folders = any(e.is_dir() and WNID_RE.match(e.name) for e in entries)
-    has_files = any(e.is_file() and is_image_name(e.name) for e in entries)
+    has_folders = any(WNID_RE.match(e.name) and is_dir_entry(e) for e in entries)
+    has_files = any(is_image_entry(e) for e in entries)
     if has_folders and has_files:
-        raise ValueError(f"{val}: has both class folders and loose images; use one validation layout")
+        raise TreeLayoutError(f"{val}: has both class folders and loose images; use one validation layout")
     return "folders" if has_folders else "flat" if has_files else None
 
 
@@ -94,14 +132,14 @@ def _flat_val_files(val: Path, root: Path, wnids: list[str], labels: dict[str, i
     names = _images_in(val)
     unlabeled = [n for n in names if n not in val_labels]
     if unlabeled:
-        raise ValueError(f"{val}: {len(unlabeled)} images have no label in {labels_source} "
-                         f"(e.g. {', '.join(unlabeled[:5])}); pass --val-labels FILE")
+        raise TreeLayoutError(f"{val}: {len(unlabeled)} images have no label in {labels_source} "
+                              f"(e.g. {', '.join(map(printable, unlabeled[:5]))}); pass --val-labels FILE")
     selected = set(wnids)
     out = [SourceFile(f"{val.relative_to(root).as_posix()}/{n}", val_labels[n], labels[val_labels[n]])
            for n in names if val_labels[n] in selected]
     empty = sorted(selected - {f.wnid for f in out})
     if empty:
-        raise ValueError(f"{val}: no validation images for listed classes: {', '.join(empty[:20])}")
+        raise TreeLayoutError(f"{val}: no validation images for listed classes: {', '.join(empty[:20])}")
     return out
 
 
@@ -127,5 +165,5 @@ def discover(root: str | Path, wnids: list[str], val_labels: str | Path | None =
     seen = {f.wnid for f in tree.splits["train"]}
     empty = [w for w in classes if w not in seen]
     if empty:
-        raise ValueError(f"{root / 'train'}: listed classes have no images: {', '.join(empty[:20])}")
+        raise TreeLayoutError(f"{root / 'train'}: listed classes have no images: {', '.join(empty[:20])}")
     return tree

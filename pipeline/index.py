@@ -26,7 +26,12 @@ MIN_SAMPLE_BYTES = 4 * 512  # four tar members, each at least a 512-byte header:
 
 def read_manifest(shard_dir: str | Path) -> dict:
     """The manifest of a shard directory (see docs/CONTRACTS.md), checked for the structure readers rely on
-    (ShardFormatError naming the file and entry; MissingDataError when absent)."""
+    (ShardFormatError naming the file and entry; MissingDataError when absent). A URL's manifest is fetched
+    once per process and checked the same way (pipeline/remote.py)."""
+    from .remote import fetch_manifest, is_url
+
+    if is_url(shard_dir):
+        return fetch_manifest(shard_dir)[0]
     path = Path(shard_dir) / MANIFEST
     if not path.is_file():
         raise MissingDataError(f"{path}: no manifest; is {shard_dir} a finished `kdpipe shard` output? "

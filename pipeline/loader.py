@@ -7,6 +7,8 @@ teacher logits); a backend only turns ids into pixels. Every backend class has
     .iter_batches(ids, aug_epoch, batch_size) -> iterator of (images, labels, ids), in exactly ids' order
 
 so a new backend (DALI, torch CPU, torch CUDA) plugs in without touching the order logic.
+Shards behind a URL (`pipeline.remote.is_url`) are streamed: their order comes from `pipeline.stream.stream_plan`
+(shards permuted per epoch, contiguous rank shares, a shuffle buffer) and `StreamBackend` reads them in order.
 """
 from __future__ import annotations
 
@@ -19,7 +21,9 @@ import torch
 
 from .augment import AugSpec, epoch_order
 from .batch import Batch, host_to_device
+from .errors import ConfigError
 from .index import ShardIndex
+from .remote import is_url
 from .shard_io import usable_cores
 
 BACKENDS = ("auto", "torch", "dali")
@@ -64,7 +68,7 @@ class ImageNet100Loader:
                  rank: int = 0, world_size: int = 1, num_workers: int | None = None,
                  drop_last: bool | None = None, normalize: bool = True, dtype: torch.dtype | None = None,
                  teacher_cache: Any = None, skip_corrupt: bool = False, check_crc: bool = True,
-                 view_epochs: int | None = None):
+                 view_epochs: int | None = None, shuffle_buffer: int | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -80,10 +84,24 @@ class ImageNet100Loader:
             torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {self.device} asked for, but CUDA is not available; use device='cpu'")
-        self.backend_name = choose_backend(backend, self.device)
-        # raises naming the directory and the splits it has; check_crc: each JPEG's bytes against the crc32
-        # recorded by the shard writer (about 1 % of a training view: docs/loader.md "Bad input")
-        self.index = ShardIndex(shards, split, check_crc=check_crc)
+        self.stream = is_url(shards)  # a URL: read the tars in order (pipeline/stream.py), no random access
+        if self.stream and backend not in ("auto", "torch"):
+            raise ConfigError(f"backend {backend!r}: shards behind a URL are streamed through the torch backend's "
+                              f"CPU workers; use backend='torch' or 'auto'")
+        if shuffle_buffer is not None and (not self.stream or shuffle_buffer < 0):
+            raise ConfigError("shuffle_buffer (>= 0) applies to shards streamed from a URL")
+        # streamed pixels are the torch CPU path's, whatever the device (teacher-cache fingerprints record this)
+        self.backend_name = "torch" if self.stream else choose_backend(backend, self.device)
+        if self.stream:
+            from .remote import RemoteIndex
+            from .stream import DEFAULT_BUFFER
+
+            self.shuffle_buffer = DEFAULT_BUFFER if shuffle_buffer is None else shuffle_buffer
+            self.index = RemoteIndex(shards, split)  # streamed samples are always checked (pipeline/stream.py)
+        else:
+            # raises naming the directory and the splits it has; check_crc: each JPEG's bytes against the crc32
+            # recorded by the shard writer (about 1 % of a training view: docs/loader.md "Bad input")
+            self.index = ShardIndex(shards, split, check_crc=check_crc)
         self.split, self.batch_size, self.seed = split, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.spec = spec or AugSpec()
@@ -107,10 +125,15 @@ class ImageNet100Loader:
             raise ValueError(f"teacher cache has {self.teacher_cache.num_samples} samples, "
                              f"split {split!r} of {shards} has {len(self.index)}")
         self.num_workers = usable_cores() if num_workers is None else num_workers
-        self.backend = backend_class(self.backend_name)(
+        if self.stream:
+            from .stream import StreamBackend as backend_cls
+        else:
+            backend_cls = backend_class(self.backend_name)
+        self.backend = backend_cls(
             self.index, spec=self.spec, seed=seed, train=self.train, device=self.device, normalize=normalize,
             dtype=dtype, num_workers=self.num_workers, skip_corrupt=skip_corrupt)
         self.epoch, self.start_step = 0, 0
+        self._plan: tuple[int, Any] | None = None  # streamed shards: (epoch, StreamPlan) of the last epoch asked
 
     # -- what it holds
     @property
@@ -155,17 +178,37 @@ class ImageNet100Loader:
         views repeat exactly as the cached logits do."""
         return epoch % self.view_epochs if self.view_epochs is not None else epoch
 
+    def stream_plan(self, epoch: int) -> Any:
+        """Streamed shards: this rank's segments and order for `epoch` (pipeline.stream.stream_plan)."""
+        from .stream import stream_plan
+
+        if self._plan is None or self._plan[0] != epoch:
+            shards = self.index.shards
+            plan = stream_plan([s["first_id"] for s in shards], [s["count"] for s in shards], self.seed, epoch,
+                               self.rank, self.world_size, shuffle=self.train, pad=self.train,
+                               buffer=self.shuffle_buffer)
+            self._plan = (epoch, plan)
+        return self._plan[1]
+
     def rank_ids(self, epoch: int) -> np.ndarray:
         """This rank's ids for an epoch, after drop_last (the whole epoch, before start_step)."""
-        ids = epoch_order(self.num_samples, self.seed, epoch, self.rank, self.world_size,
-                          shuffle=self.train, pad=self.train)
+        if self.stream:
+            ids = self.stream_plan(epoch).order
+        else:
+            ids = epoch_order(self.num_samples, self.seed, epoch, self.rank, self.world_size,
+                              shuffle=self.train, pad=self.train)
         if self.drop_last:
             ids = ids[: len(ids) // self.batch_size * self.batch_size]
         return ids
 
     def __len__(self) -> int:
-        n = -(-self.num_samples // self.world_size) if self.train else \
-            len(range(self.rank, self.num_samples, self.world_size))
+        if self.stream:
+            from .stream import stream_count
+
+            n = stream_count(self.num_samples, self.rank, self.world_size, pad=self.train)
+        else:
+            n = -(-self.num_samples // self.world_size) if self.train else \
+                len(range(self.rank, self.num_samples, self.world_size))
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
@@ -173,7 +216,8 @@ class ImageNet100Loader:
         ids = self.rank_ids(epoch)[start * self.batch_size:]
         aug_epoch = self.aug_epoch(epoch)
         pos = 0
-        for images, labels, batch_ids in self.backend.iter_batches(ids, aug_epoch, self.batch_size):
+        plan = {"segments": self.stream_plan(epoch).segments} if self.stream else {}
+        for images, labels, batch_ids in self.backend.iter_batches(ids, aug_epoch, self.batch_size, **plan):
             batch = Batch(images, labels, batch_ids, epoch)
             n, pos = len(batch_ids), pos + len(batch_ids)
             if self.teacher_cache is not None:

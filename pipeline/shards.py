@@ -27,7 +27,7 @@ from . import __version__
 from .classes import load_class_list, wnid_names
 from .imagenet import ImageNetTree, SourceFile, discover
 from .atomic import atomic_write_bytes, atomic_write_json
-from .errors import BusyError, KdpipeError
+from .errors import BusyError, ConfigError, KdpipeError
 from .index import INDEX_DTYPE, MANIFEST, index_path, read_manifest
 from .shard_image import Prepared, prepare_many
 from .shard_io import HashProcess, TarShardWriter, dali_index_text, file_sha256, ordered_map, usable_cores
@@ -75,9 +75,14 @@ def shard_name(split: str, k: int) -> str:
 
 
 def manifest_sha256(shard_dir: str | Path) -> str:
-    """sha256 of manifest.json: identifies a shard set (teacher-cache fingerprints use it)."""
+    """sha256 of manifest.json: identifies a shard set (teacher-cache fingerprints use it). A URL's manifest
+    has the same sha256 as the directory it was copied from, so caches work across both."""
     import hashlib
 
+    from .remote import fetch_manifest, is_url
+
+    if is_url(shard_dir):
+        return fetch_manifest(shard_dir)[1]
     path = Path(shard_dir) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no manifest")
@@ -108,8 +113,11 @@ def sample_members(sample_id: int, src: SourceFile, img: Prepared, jpg: bytes) -
 
 def make_plan(tree: ImageNetTree, opts: ShardOptions) -> dict:
     """What the output must be made from; a rerun must match it exactly to resume."""
-    return {"format_version": FORMAT_VERSION, "options": asdict(opts), "classes": tree.classes,
+    plan = {"format_version": FORMAT_VERSION, "options": asdict(opts), "classes": tree.classes,
             "inputs": {s: {"files": len(f), "list_sha256": tree.fingerprint(s)} for s, f in tree.splits.items()}}
+    if tree.dataset is not None:  # a class-folder tree; ImageNet plans (and manifests) keep their old bytes
+        plan["dataset"] = tree.dataset
+    return plan
 
 
 def plan_diff(old: dict, new: dict) -> list[str]:
@@ -147,7 +155,8 @@ def check_plan(out: Path, plan: dict, overwrite: bool) -> None:
     if old is None and (out / MANIFEST).is_file():
         m = read_manifest(out)
         old = {"format_version": m["format_version"], "options": m["options"],
-               "classes": [c["wnid"] for c in m["classes"]], "inputs": m["inputs"]}
+               "classes": [c["wnid"] for c in m["classes"]], "inputs": m["inputs"],
+               **({"dataset": m["dataset"]} if "dataset" in m else {})}
     if old is None and not overwrite:
         foreign = sorted(e.name for e in os.scandir(out) if e.is_file() and OUR_FILES.match(e.name))
         if foreign:
@@ -319,18 +328,26 @@ def _counting(it: Iterator[Prepared], bar) -> Iterator[Prepared]:
         yield x
 
 
-def build_shards(imagenet: str | Path, out: str | Path, *, classes: Sequence[str] | str | Path | None = None,
-                 val_labels: str | Path | None = None, options: ShardOptions = ShardOptions(),
-                 workers: int | None = None, overwrite: bool = False, progress: bool = True) -> ShardReport:
+def build_shards(imagenet: str | Path | ImageNetTree, out: str | Path, *,
+                 classes: Sequence[str] | str | Path | None = None, val_labels: str | Path | None = None,
+                 options: ShardOptions = ShardOptions(), workers: int | None = None, overwrite: bool = False,
+                 progress: bool = True) -> ShardReport:
     """Shard an ImageNet tree into `out`; resumes an interrupted run and only checks a finished one.
 
+    imagenet: the tree's root, or a tree already discovered (e.g. `pipeline.imagefolder.discover_imagefolder`
+    for any class-folder dataset; then classes and val_labels must be None).
     classes: wnids, a class-list file, or None for the canonical ImageNet-100 list.
     Raises OptionsMismatch when `out` holds shards made differently (unless overwrite).
     """
     if options.shard_size < 1 or not 1 <= options.quality <= 100 or (options.max_side or 1) < 1:
-        raise ValueError(f"invalid shard options: {options}")
-    wnids = list(classes) if isinstance(classes, (list, tuple)) else load_class_list(classes)
-    tree = discover(imagenet, wnids, val_labels)
+        raise ConfigError(f"invalid shard options: {options}")
+    if isinstance(imagenet, ImageNetTree):
+        if classes is not None or val_labels is not None:
+            raise ConfigError("classes and val_labels select from an ImageNet tree; a discovered tree has its own")
+        tree = imagenet
+    else:
+        wnids = list(classes) if isinstance(classes, (list, tuple)) else load_class_list(classes)
+        tree = discover(imagenet, wnids, val_labels)
     out = Path(out)
     (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
     workers = workers or usable_cores()
@@ -364,22 +381,33 @@ def finish(out: Path, tree: ImageNetTree, plan: dict, metas: dict[str, list[dict
             for j, field in enumerate(ROW_FIELDS):
                 part[field] = rows[:, j]
         _write_if_changed(index_path(out, split), _npy_bytes(arr))
-        report.rejected += [(split, src, reason) for m in shards for src, reason in m["rejected"]]
+        found = [(s, src, reason) for s, src, reason in tree.rejected if s == split]  # by discovery, if any
+        report.rejected += found + [(split, src, reason) for m in shards for src, reason in m["rejected"]]
     tsv = "split\tsource\treason\n" + "".join(f"{s}\t{src}\t{r}\n" for s, src, r in report.rejected)
-    _write_if_changed(out / "rejected.tsv", tsv.encode())
-    names = wnid_names()
+    _write_if_changed(out / "rejected.tsv", tsv.encode("utf-8", "surrogateescape"))  # names as on disk
     manifest = {
         "format": "kdpipe-shards", "format_version": FORMAT_VERSION, "kdpipe_version": __version__,
-        "classes": [{"label": i, "wnid": w, "name": names.get(w, "")} for i, w in enumerate(tree.classes)],
+        "classes": manifest_classes(tree),
         "splits": {split: {"count": sum(m["count"] for m in shards),
-                           "rejected": sum(len(m["rejected"]) for m in shards),
+                           "rejected": sum(len(m["rejected"]) for m in shards) +
+                           sum(s == split for s, _, _ in tree.rejected),
                            "reencoded": sum(m["reencoded"] for m in shards),
                            "shards": [{k: m[k] for k in ("name", "first_id", "count", "bytes", "sha256")}
                                       for m in shards]}
                    for split, shards in metas.items()},
         "options": plan["options"], "inputs": plan["inputs"], "rejected": len(report.rejected)}
+    if "dataset" in plan:
+        manifest["dataset"] = plan["dataset"]
     _write_if_changed(out / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
     return manifest
+
+
+def manifest_classes(tree: ImageNetTree) -> list[dict]:
+    """The manifest's class list: label, class id ("wnid": an ImageNet wnid or a class folder's name) and a
+    human-readable name (ImageNet's for wnids it knows; a class folder's own name otherwise)."""
+    names = wnid_names()
+    default = (lambda c: c) if tree.dataset is not None else (lambda c: "")
+    return [{"label": i, "wnid": c, "name": names.get(c, default(c))} for i, c in enumerate(tree.classes)]
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:

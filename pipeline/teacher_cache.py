@@ -30,8 +30,8 @@ import numpy as np
 from .cache_fingerprint import (FORMAT, LAYOUT_VERSION, _jsonable, cache_fingerprint, fingerprint_diff,
                                 view_fingerprint)
 from .cache_check import CHECKSUM, CacheVerifyReport, Damage, check_epoch, crc32_rows, read_done
-from .errors import (CacheDamageError, CacheError, CacheMismatchError, IncompleteCacheError, MissingDataError,
-                     OutputExistsError)
+from .errors import (CacheDamageError, CacheError, CacheMismatchError, ConfigError, IncompleteCacheError,
+                     MissingDataError, OutputExistsError)
 
 __all__ = ["CacheDamageError", "CacheMismatchError", "IncompleteCacheError", "TeacherCache", "TeacherCacheWriter",
            "CacheLayout", "cache_fingerprint", "view_fingerprint", "fingerprint_diff"]
@@ -124,8 +124,14 @@ def _open_group(path: str | Path, mode: str):
     """The store's root group; a missing or unreadable one is a one-line error naming the path."""
     import zarr
 
-    try:
+    from .remote import is_url
+
+    if is_url(str(path)) and mode != "r":
+        raise ConfigError(f"{path}: a teacher cache is written to a local path; a URL can only be read")
+    try:  # a URL is read through zarr's fsspec store (file://, s3:// with s3fs, http(s):// with aiohttp, ...)
         return zarr.open_group(str(path), mode=mode)
+    except ImportError as e:  # the URL scheme's fsspec package is missing: say which
+        raise ConfigError(f"{path}: {e}") from None
     except FileNotFoundError:
         raise MissingDataError(f"no teacher cache at {path} (run `kdpipe cache-teacher` to make one)") from None
     except (ValueError, OSError) as e:  # a damaged zarr.json

@@ -2,6 +2,8 @@
 
     python tools/bench_loader.py                        # synthetic JPEGs (300-500 px sides), temp dir
     python tools/bench_loader.py --shards DIR --images 2048 --backends torch,dali
+    python tools/bench_loader.py --backends torch,stream    # + streamed from a local `python -m http.server`
+    python tools/bench_loader.py --shards URL               # streamed from URL vs a local copy of it
     kdpipe bench loader ...                             # the same
 
 Training augmentation at --size (224): RandomResizedCrop, flip, ColorJitter(0.4, 0.4, 0.4), normalised
@@ -52,6 +54,41 @@ def synth_shards(root: Path, images: int) -> Path:
                        size=(300, 500, 300, 500), progress=True)
     build_shards(root / "tree", root / "shards", classes=WNIDS, options=ShardOptions(shard_size=256), progress=False)
     return root / "shards"
+
+
+def local_copy(url: str, out: Path) -> Path:
+    """The train split of the shard directory at `url`, downloaded to `out` (the local path's input)."""
+    from pipeline.remote import RetryingStream, fetch_manifest, member_url, read_whole
+
+    manifest = fetch_manifest(url)[0]
+    out.mkdir(parents=True)
+    for name in ("manifest.json", "train.index.npy"):
+        (out / name).write_bytes(read_whole(member_url(url, name)))
+    for entry in manifest["splits"]["train"]["shards"]:
+        with RetryingStream(member_url(url, entry["name"]), entry["bytes"]) as f, open(out / entry["name"], "wb") as g:
+            while chunk := f.read(1 << 20):
+                g.write(chunk)
+    return out
+
+
+def http_server(shards: Path):
+    """`python -m http.server` serving `shards` on 127.0.0.1 in its own process: (URL, process)."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                             "--directory", str(shards)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    return f"http://127.0.0.1:{port}", proc
 
 
 def imagefolder_from_shards(shards: Path, out: Path, ids: np.ndarray) -> Path:
@@ -176,12 +213,14 @@ def params_rate(n: int = 1_000_000) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shards", type=Path, default=None, help="Shard directory (default: synthetic, temp dir).")
+    ap.add_argument("--shards", default=None, help="Shard directory (default: synthetic, temp dir), or its URL: "
+                    "then 'stream' reads the URL and the other paths a local copy.")
     ap.add_argument("--images", type=int, default=1024, help="Images per round (and synthetic images).")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
-    ap.add_argument("--backends", "--backend", default="torch", help="Comma-separated kdpipe backends: torch,dali.")
+    ap.add_argument("--backends", "--backend", default="torch",
+                    help="Comma-separated kdpipe backends: torch,dali; 'stream' = the torch backend over HTTP.")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip-stages", action="store_true", help="Only the throughput rounds.")
     args = ap.parse_args(argv)
@@ -189,7 +228,17 @@ def main(argv: list[str] | None = None) -> None:
     print(f"machine: {machine()}; torch {torch.__version__}")
     print(f"sample_params: {params_rate() / 1e6:.2f} M samples/s on one core (target >= 1)")
     with tempfile.TemporaryDirectory(prefix="kdpipe-bench-loader-") as tmp:
-        shards = args.shards or synth_shards(Path(tmp), args.images)
+        from pipeline.remote import is_url
+
+        url, server = None, None  # the streamed path's source: --shards URL, or a local HTTP server
+        if args.shards and is_url(args.shards):
+            url, shards = args.shards, local_copy(args.shards, Path(tmp) / "copy")
+            args.backends += "" if "stream" in args.backends else ",stream"
+        else:
+            shards = Path(args.shards) if args.shards else synth_shards(Path(tmp), args.images)
+            if "stream" in args.backends:
+                url, server = http_server(shards)
+                print(f"stream: {url} served by `python -m http.server` in its own process (it shares the cores)")
         from pipeline.index import ShardIndex
 
         n_all = len(ShardIndex(shards, "train"))
@@ -216,7 +265,8 @@ def main(argv: list[str] | None = None) -> None:
         for r in range(args.rounds):
             for p in paths:
                 it = reference_batches(tree, args.size, args.batch_size, args.workers) if p == "reference" else \
-                    kdpipe_batches(shards, p, args.size, args.batch_size, args.workers, r)
+                    kdpipe_batches(url if p == "stream" else shards, "torch" if p == "stream" else p, args.size,
+                                   args.batch_size, args.workers, r)
                 rates[p].append(timed_round(it, limit, warm))
             print(f"round {r + 1}: " + ", ".join(f"{p} {rates[p][-1]:.0f}" for p in paths) + " img/s")
         ref = statistics.median(rates["reference"])
@@ -226,6 +276,11 @@ def main(argv: list[str] | None = None) -> None:
             paired = statistics.median(a / b for a, b in zip(rates[p], rates["reference"]))
             print(f"kdpipe {p}: {med:.0f} img/s = {med / ref:.2f}x the reference's median; "
                   f"median of the per-round ratios (each next to its reference run): {paired:.2f}x")
+        if url and "torch" in rates and "stream" in rates:
+            ratio = statistics.median(a / b for a, b in zip(rates["stream"], rates["torch"]))
+            print(f"stream / local (torch backend, same process, per-round): {ratio:.2f}")
+        if server is not None:
+            server.terminate()
 
 if __name__ == "__main__":
     main()

@@ -123,23 +123,24 @@ def bench() -> None:
 @main.command()
 @add_options(ShardConfig)
 def shard(**params):
-    """Write ImageNet-100 (or --classes) as WebDataset shards + manifest + index. Resumable: rerun to continue."""
+    """Write ImageNet-100 (or --classes), or any class-folder tree (--imagefolder), as WebDataset shards +
+    manifest + index. Resumable: rerun to continue."""
+    from pipeline.imagefolder import discover_imagefolder
+    from pipeline.imagenet import printable
     from pipeline.shards import build_shards
 
     cfg = command_config(ShardConfig, given(ShardConfig, params))
     out = Path(cfg.out)
-    try:
-        report = build_shards(cfg.imagenet, out, classes=cfg.classes, val_labels=cfg.val_labels, options=cfg.options,
-                              workers=cfg.workers, overwrite=cfg.overwrite)
-    except (FileNotFoundError, ValueError) as e:  # discovery errors not yet in the KdpipeError family
-        raise click.ClickException(str(e)) from e
+    source = cfg.imagenet or discover_imagefolder(cfg.imagefolder, val_share=cfg.val_share, seed=cfg.options.seed)
+    report = build_shards(source, out, classes=cfg.classes, val_labels=cfg.val_labels, options=cfg.options,
+                          workers=cfg.workers, overwrite=cfg.overwrite)
     splits = report.manifest["splits"]
     counts = ", ".join(f"{s} {v['count']} samples in {len(v['shards'])} shards" for s, v in splits.items())
     click.echo(f"{out}: {counts} (wrote {len(report.written)} shards, {len(report.reused)} found finished)")
     if report.rejected:
         click.echo(f"rejected {len(report.rejected)} files (listed in {out / 'rejected.tsv'}):", err=True)
         for split, src, reason in report.rejected[:10]:
-            click.echo(f"  {split}\t{src}\t{reason}", err=True)
+            click.echo(f"  {split}\t{printable(src)}\t{reason}", err=True)
         if cfg.strict:
             raise click.ClickException(f"--strict: {len(report.rejected)} files rejected")
 

@@ -64,18 +64,20 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    shards: str = opt("", "directory written by `kdpipe shard`", path="dir", required=True)
+    shards: str = opt("", "directory written by `kdpipe shard`, or its URL (http(s)://, s3://, gs://, file://, "
+                      "pipe:...{name}...): streamed", path="dir", url=True, required=True)
     out: str = opt("runs/dual", "run directory: config.json, metrics.jsonl, checkpoints, final weights",
                    path="out")
     mode: Literal["hard", "kd", "uw-kd", "dual"] = opt(
         "dual", "preset: hard (CE only), kd (alpha .3, beta .7), uw-kd (kd weighted by w), dual (.4/.4/.2 + peer)")
     students: tuple[str, ...] = opt(("resnet18", "mobilenet_v2"), "comma-separated student models (resnet18, "
-                                    "mobilenet_v2, resnet50, tiny_cnn, tiny_resnet, tiny_mobilenet)", preset=True)
-    teacher: str = opt("resnet50", "architecture of the teacher")
+                                    "mobilenet_v2, resnet50, tiny_cnn, tiny_resnet, tiny_mobilenet, or timm:NAME "
+                                    "with timm installed)", preset=True)
+    teacher: str = opt("resnet50", "architecture of the teacher (a registry name or timm:NAME)")
     teacher_weights: str | None = opt(None, "online teacher weights: kdpipe checkpoint, C-way or ImageNet-1k "
                                       "state dict", path="file")
     teacher_cache: str | None = opt(None, "Zarr teacher cache (`kdpipe cache-teacher`) instead of an online "
-                                    "teacher", path="any")
+                                    "teacher; a URL is read-only", path="any", url=True)
     loss: LossConfig = opt(LossConfig, "")
     optim: OptimConfig = opt(OptimConfig, "")
     epochs: int = opt(50, "training epochs", min=1)
@@ -108,11 +110,12 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class CacheTeacherConfig:
-    shards: str = opt(help="directory written by `kdpipe shard`", path="dir", required=True)
+    shards: str = opt(help="directory written by `kdpipe shard`, or its URL (streamed)", path="dir", url=True,
+                      required=True)
     out: str = opt(help="Zarr store to create or resume, e.g. teacher.zarr", path="out", required=True)
     teacher_weights: str = opt(help="local teacher weights: kdpipe checkpoint, C-way or ImageNet-1k state dict",
                                path="file", required=True)
-    teacher: str = opt("resnet50", "teacher architecture")
+    teacher: str = opt("resnet50", "teacher architecture (a registry name or timm:NAME)")
     epochs: int = opt(50, "augmentation epochs E (the paper trains 50); a training run of more epochs than E "
                       "is refused unless it passes --reuse-views", min=1)
     seed: int = opt(0, "augmentation seed; must equal the training --seed", )
@@ -142,9 +145,13 @@ class CacheTeacherConfig:
 
 @dataclass(frozen=True)
 class ShardConfig:
-    imagenet: str = opt(help="ImageNet root holding train/ (and val/), or a Kaggle download (ILSVRC/Data/CLS-LOC)",
-                        path="dir", required=True)
     out: str = opt(help="shard directory", path="out", required=True)
+    imagenet: str | None = opt(None, "ImageNet root holding train/ (and val/), or a Kaggle download "
+                               "(ILSVRC/Data/CLS-LOC); or give --imagefolder", path="dir")
+    imagefolder: str | None = opt(None, "instead of --imagenet: any class-folder tree ROOT/train/<class>/... (and "
+                                  "ROOT/val/<class>/...); classes are train/'s folder names, sorted", path="dir")
+    val_share: float | None = opt(None, "with --imagefolder and no val/: carve this share of each class from "
+                                  "train as val (class-stratified, seeded by --seed)")
     classes: str | None = opt(None, "class list file (default: the canonical ImageNet-100 list)", path="file")
     val_labels: str | None = opt(None, "labels of a flat val/: 'file<TAB>wnid' or LOC_val_solution.csv (default: "
                                  "the shipped ILSVRC2012 labels)", path="file")
@@ -153,13 +160,23 @@ class ShardConfig:
     strict: bool = opt(False, "exit nonzero if any file was rejected")
     overwrite: bool = opt(False, "replace an output made with different options or inputs")
 
+    def __post_init__(self) -> None:
+        if (self.imagenet is None) == (self.imagefolder is None):
+            raise ConfigError("give exactly one of --imagenet and --imagefolder")
+        if self.imagefolder is not None and (self.classes or self.val_labels):
+            raise ConfigError("--classes and --val-labels select from an ImageNet tree; --imagefolder takes "
+                              "train/'s folders")
+        if self.imagenet is not None and self.val_share is not None:
+            raise ConfigError("--val-share carves val from an --imagefolder tree")
+
 
 @dataclass(frozen=True)
 class EvalConfig:
     run: str | None = opt(None, "run directory (evaluates its --which checkpoint)", path="dir")
     checkpoint: str | None = opt(None, "a kdpipe checkpoint or final-weights file", path="file")
     which: Literal["last", "best"] = opt("last", "which checkpoint of --run")
-    shards: str | None = opt(None, "shards to evaluate on (default: the run's own)", path="dir")
+    shards: str | None = opt(None, "shards to evaluate on, a directory or URL (default: the run's own)",
+                             path="dir", url=True)
     image_size: int | None = opt(None, "view side, pixels (default: the run's own)", min=1)
     val_resize: ValResize | None = opt(None, "validation resize (default: the run's own)")
     batch_size: int = opt(128, "GLOBAL evaluation batch", min=1)

@@ -3,6 +3,7 @@
 The paper's models are torchvision's ResNet-18, MobileNetV2 and ResNet-50 with C outputs. The
 `tiny_*` models are small CNNs with the same interface, so a 2-core CPU can run the very same
 trainer in a demo or a test in seconds; they are not meant to reach any accuracy worth reporting.
+Any timm model is `timm:NAME` (the optional extra `timm`), built at random init with C outputs.
 """
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ import torch
 import torchvision
 from torch import nn
 
-from pipeline.classes import imagenet1k_indices
+from pipeline.classes import imagenet1k_indices, is_imagenet1k
+from pipeline.errors import CheckpointError, ConfigError, one_line
 
 IMAGENET1K_CLASSES = 1000
+TIMM_PREFIX = "timm:"
 
 
 def _conv_bn(cin: int, cout: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
@@ -73,29 +76,77 @@ class TinyMobileNet(TinyCNN):
         self.features = nn.Sequential(_conv_bn(3, w, 2), sep(w, 2 * w), sep(2 * w, 4 * w))
 
 
-MODELS: dict[str, Callable[[int], nn.Module]] = {
+class ModelRegistry(dict):
+    """name -> builder(num_classes). `name in MODELS` is also true for every `timm:NAME` that timm knows, so
+    any check against the registry (config validation included) accepts timm models; iterating lists only
+    the built-in names."""
+
+    def __contains__(self, name: object) -> bool:
+        return super().__contains__(name) or (isinstance(name, str) and is_timm_name(name))
+
+
+def is_timm_name(name: str) -> bool:
+    """True for `timm:NAME` when timm is installed and knows NAME."""
+    if not name.startswith(TIMM_PREFIX):
+        return False
+    try:
+        import timm
+    except ImportError:
+        return False
+    return bool(timm.is_model(name[len(TIMM_PREFIX):]))
+
+
+def is_model_name(name: str) -> bool:
+    """A name build_model accepts: a built-in model or `timm:NAME`."""
+    return name in MODELS
+
+
+def _timm_model(name: str, num_classes: int) -> nn.Module:
+    arch = name[len(TIMM_PREFIX):]
+    try:
+        import timm
+    except ImportError:
+        raise ConfigError(f"model {name!r} needs timm: pip install 'kdpipe[timm]'") from None
+    if not timm.is_model(arch):
+        raise ConfigError(f"timm has no model {arch!r} (see timm.list_models('*{arch[:6]}*')); timm "
+                          f"{timm.__version__}")
+    return timm.create_model(arch, pretrained=False, num_classes=num_classes)
+
+
+MODELS: dict[str, Callable[[int], nn.Module]] = ModelRegistry({
     "resnet18": lambda c: torchvision.models.resnet18(weights=None, num_classes=c),
     "resnet50": lambda c: torchvision.models.resnet50(weights=None, num_classes=c),
     "mobilenet_v2": lambda c: torchvision.models.mobilenet_v2(weights=None, num_classes=c),
     "tiny_cnn": lambda c: TinyCNN(c),
     "tiny_resnet": lambda c: TinyResNet(c),
     "tiny_mobilenet": lambda c: TinyMobileNet(c),
-}
+})
 
 
 def build_model(name: str, num_classes: int) -> nn.Module:
     """A freshly initialised model with `num_classes` outputs (no pretrained weights)."""
+    if name.startswith(TIMM_PREFIX):
+        return _timm_model(name, num_classes)
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose from {', '.join(sorted(MODELS))}")
+        raise ConfigError(f"unknown model {name!r}; choose from {', '.join(sorted(MODELS))} or timm:NAME")
     return MODELS[name](num_classes)
 
 
-def head_name(model: nn.Module) -> str:
-    """Qualified name of the classifier: the last nn.Linear (fc for ResNets, classifier.1 for MobileNetV2)."""
+def head_names(model: nn.Module) -> list[str]:
+    """Qualified names of the classifier layers: what timm's pretrained_cfg says (several for distilled
+    heads), else the last nn.Linear (fc for ResNets, classifier.1 for MobileNetV2)."""
+    declared = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    if declared:
+        return [declared] if isinstance(declared, str) else list(declared)
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise ValueError(f"{type(model).__name__} has no nn.Linear head")
-    return linears[-1]
+    return [linears[-1]]
+
+
+def head_name(model: nn.Module) -> str:
+    """The (first) classifier layer's qualified name."""
+    return head_names(model)[0]
 
 
 def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -113,49 +164,69 @@ def _state_from_file(obj: object, path: Path, name: str, classes: list[str]) -> 
     """The model state dict inside whatever the file holds (kdpipe checkpoint/weights, or a state dict)."""
     if isinstance(obj, dict) and obj.get("format") in ("kdpipe-checkpoint", "kdpipe-weights"):
         if obj.get("classes") is not None and list(obj["classes"]) != list(classes):
-            raise ValueError(f"{path}: trained on {len(obj['classes'])} classes that differ from the shards' "
+            raise CheckpointError(f"{path}: trained on {len(obj['classes'])} classes that differ from the shards' "
                              f"{len(classes)} classes")
         entries = obj["students"] if obj["format"] == "kdpipe-checkpoint" else [obj]
         for entry in entries:
             if entry["name"] == name:
                 return entry["model"]
-        raise ValueError(f"{path}: holds models {[e['name'] for e in entries]}, not {name!r}")
+        raise CheckpointError(f"{path}: holds models {[e['name'] for e in entries]}, not {name!r}")
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
     if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
-        raise ValueError(f"{path}: not a state dict or kdpipe checkpoint")
+        raise CheckpointError(f"{path}: not a state dict or kdpipe checkpoint")
     return obj
+
+
+def _read_file(path: Path) -> object:
+    """A .safetensors file (how timm's weights are published), or a torch file loaded weights-only."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def load_weights(model: nn.Module, path: str | Path, *, name: str, classes: list[str]) -> nn.Module:
     """Load teacher weights into `model` (built with len(classes) outputs) from a local file.
 
-    Accepts a kdpipe checkpoint or final-weights file, a torchvision-style state dict with C outputs,
-    or an ImageNet-1k state dict whose 1000-way head is sliced to `classes` (wnids, label order).
+    Accepts a kdpipe checkpoint or final-weights file, a torchvision- or timm-style state dict with C outputs
+    (timm's training checkpoints and .safetensors files too), or, when the classes are ImageNet wnids, an
+    ImageNet-1k state dict whose 1000-way head is sliced to `classes` (label order).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"teacher weights file not found: {path}")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    state = _strip_prefixes(dict(_state_from_file(obj, path, name, classes)))
-    head = head_name(model)
-    wkey, bkey = f"{head}.weight", f"{head}.bias"
-    if wkey not in state:
-        raise ValueError(f"{path}: no {wkey!r} in the file; is it a {name} state dict?")
-    rows, num_classes = state[wkey].shape[0], len(classes)
-    if rows != num_classes:
+    state = _strip_prefixes(dict(_state_from_file(_read_file(path), path, name, classes)))
+    num_classes = len(classes)
+    for head in head_names(model):
+        wkey, bkey = f"{head}.weight", f"{head}.bias"
+        if wkey not in state:
+            raise CheckpointError(f"{path}: no {wkey!r} in the file; is it a {name} state dict?")
+        rows = state[wkey].shape[0]
+        if rows == num_classes:
+            continue
         if rows != IMAGENET1K_CLASSES:
-            raise ValueError(f"{path}: head {wkey} has {rows} outputs; expected {num_classes} (the shards' "
+            raise CheckpointError(f"{path}: head {wkey} has {rows} outputs; expected {num_classes} (the shards' "
                              f"classes) or {IMAGENET1K_CLASSES} (ImageNet-1k, sliced to those classes)")
+        if not is_imagenet1k(classes):
+            raise CheckpointError(f"{path}: head {wkey} has {IMAGENET1K_CLASSES} outputs (ImageNet-1k), but the "
+                                  f"shards' classes are not ImageNet wnids (e.g. {classes[0]!r}), so it cannot be "
+                                  f"sliced to them; give weights with {num_classes} outputs")
         idx = torch.tensor(imagenet1k_indices(classes))
         state[wkey] = state[wkey][idx].clone()
         if bkey in state:
             state[bkey] = state[bkey][idx].clone()
     try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not fit {name}: {e}") from e
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes differ: torch lists every one, over many lines
+        sizes = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
+        raise CheckpointError(f"{path}: weights do not fit {name}: {len(sizes)} tensors differ in shape, e.g. "
+                              f"{sizes[0] if sizes else one_line(e, 200)}") from None
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not fit {name}: {len(missing)} missing keys "
+                              f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}")
     return model

@@ -2,10 +2,10 @@
 
 Every field becomes one option: its flag (the field name with dashes, or the `flag` metadata; nested
 dataclasses are flattened: loss.alpha is --alpha), its type and choices (int, float, str, bool as
---x/--no-x, Literal as a choice, tuple[str, ...] as a comma-separated list, paths checked for existence),
-its help and displayed default from the metadata. Every generated option defaults to None ("not given"),
-so a command can layer: dataclass defaults < --mode preset < --config FILE (or a run's config.json)
-< the flags actually given.
+--x/--no-x, Literal as a choice, tuple[str, ...] as a comma-separated list, paths checked for existence;
+url=True on a path field also accepts a URL), its help and displayed default from the metadata. Every
+generated option defaults to None ("not given"), so a command can layer: dataclass defaults < --mode preset
+< --config FILE (or a run's config.json) < the flags actually given.
 """
 from __future__ import annotations
 
@@ -78,6 +78,15 @@ def _default_text(o: Option) -> str | None:
     return None if value is None else str(value)
 
 
+class PathOrURL(click.Path):
+    """An existing local path, or a URL / pipe: spec passed through as is (read remotely: pipeline/remote.py)."""
+
+    def convert(self, value, param, ctx):
+        from pipeline.remote import is_url
+
+        return value if is_url(value) else super().convert(value, param, ctx)
+
+
 def _click_type(o: Option) -> tuple[Any, bool]:
     """(click type, is_flag_pair)."""
     hint, _ = _unwrap_optional(o.hint)
@@ -92,12 +101,13 @@ def _click_type(o: Option) -> tuple[Any, bool]:
     if hint is float:
         return float, False
     kind = meta.get("path")
+    local = PathOrURL if meta.get("url") else click.Path  # url=True: a URL passes unchecked (read remotely)
     if kind == "dir":
-        return click.Path(exists=True, file_okay=False), False
+        return local(exists=True, file_okay=False), False
     if kind == "file":
         return click.Path(exists=True, dir_okay=False), False
     if kind == "any":
-        return click.Path(exists=True), False
+        return local(exists=True), False
     if kind == "out":
         return click.Path(file_okay=False), False
     return str, False
