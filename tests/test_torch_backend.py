@@ -97,9 +97,13 @@ def test_validation_matches_torchvision(shape):
     assert np.abs(ours - pil).mean() < 1.0
 
 
-def test_batched_resize_equals_interpolate_per_image():
+@pytest.mark.parametrize("budget", [256 << 20, 1])  # one padded group; or each image alone
+def test_batched_resize_equals_interpolate_per_image(monkeypatch, budget):
     """The GPU path's two mat-muls reproduce interpolate(antialias=True) image by image, for shrinking,
     enlarging and a validation-style window of a larger resize."""
+    import pipeline.backends.torch_backend as tb
+
+    monkeypatch.setattr(tb, "PAD_BUDGET", budget)
     rng = np.random.default_rng(5)
     crops = [torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8)) for h, w in [(50, 70), (20, 9), (33, 33)]]
     rows = tuple(torch.tensor(v) for v in ([50, 20, 33], [24, 24, 24], [0, 0, 0]))

@@ -108,7 +108,7 @@ class DecodeOnly(torch.utils.data.Dataset):
         return len(self.chunks)
 
     def __getitem__(self, k: int) -> torch.Tensor:
-        from pipeline.backends.cpu_views import decode
+        from pipeline.backends.torch_backend import decode
 
         for sid in self.chunks[k].tolist():
             decode(torch.frombuffer(bytearray(self.index.read(sid)), dtype=torch.uint8))

@@ -147,17 +147,30 @@ def aa_weights(in_size: torch.Tensor, out_total: torch.Tensor, first: torch.Tens
     return (w / w.sum(-1, keepdim=True)).float()
 
 
+PAD_BUDGET = 256 << 20  # bytes of one zero-padded float32 group in resize_batch (a few huge images split it)
+
+
 def resize_batch(crops: Sequence[torch.Tensor], rows: tuple, cols: tuple, size: int) -> torch.Tensor:
-    """Decoded uint8 (3, h, w) regions -> float32 (N, 3, size, size): all of them with two batched
-    mat-muls (Wh @ X @ Ww^T) instead of one interpolate call per image. rows / cols = (in_size, out_total,
-    first) per sample as int64 tensors on the device (see aa_weights); crops are zero-padded to the largest."""
-    dev = crops[0].device
-    hp, wp = max(int(c.shape[1]) for c in crops), max(int(c.shape[2]) for c in crops)
-    x = torch.zeros((len(crops), 3, hp, wp), dtype=torch.float32, device=dev)
-    for k, c in enumerate(crops):
-        x[k, :, :c.shape[1], :c.shape[2]] = c
-    wh, ww = aa_weights(*rows, size, hp), aa_weights(*cols, size, wp)
-    return torch.matmul(torch.matmul(wh.unsqueeze(1), x), ww.transpose(1, 2).unsqueeze(1))
+    """Decoded uint8 (3, h, w) regions -> float32 (N, 3, size, size): each group with two batched mat-muls
+    (Wh @ X @ Ww^T) instead of one interpolate call per image. rows / cols = (in_size, out_total, first)
+    per sample as int64 tensors on the device (see aa_weights). Crops are zero-padded to the largest of
+    their group; groups (consecutive, in order) are cut so a padded group stays under PAD_BUDGET."""
+    dev, out, k = crops[0].device, [], 0
+    while k < len(crops):
+        hp, wp, end = 0, 0, k
+        while end < len(crops):
+            h, w = max(hp, int(crops[end].shape[1])), max(wp, int(crops[end].shape[2]))
+            if end > k and (end - k + 1) * 3 * h * w * 4 > PAD_BUDGET:
+                break
+            hp, wp, end = h, w, end + 1
+        x = torch.zeros((end - k, 3, hp, wp), dtype=torch.float32, device=dev)
+        for j in range(k, end):
+            x[j - k, :, :crops[j].shape[1], :crops[j].shape[2]] = crops[j]
+        wh = aa_weights(*(t[k:end] for t in rows), size, hp)
+        ww = aa_weights(*(t[k:end] for t in cols), size, wp)
+        out.append(torch.matmul(torch.matmul(wh.unsqueeze(1), x), ww.transpose(1, 2).unsqueeze(1)))
+        k = end
+    return torch.cat(out)
 
 
 def augment_decoded(imgs: Sequence[torch.Tensor], p: AugParams | None, spec: AugSpec) -> torch.Tensor:
