@@ -43,6 +43,26 @@ def loader_rate(shards: Path, crop: int, batch: int, workers: int, epoch: int) -
     return n / (time.perf_counter() - t0)
 
 
+def view_cpu_ms(shards: Path, crop: int, count: int = 256) -> float:
+    """CPU ms (this thread) per training view of a worker's whole job: read, decode, crop, resize, colour."""
+    import torch
+
+    from pipeline.augment import AugSpec
+    from pipeline.backends.torch_backend import BatchBuilder
+    from pipeline.index import ShardIndex
+
+    torch.set_num_threads(1)
+    index = ShardIndex(shards, "train")
+    ids = np.arange(min(count, len(index)))
+    chunks = [ids[i:i + 64] for i in range(0, len(ids), 64)]
+    builder = BatchBuilder(index, AugSpec(image_size=crop), 0, 0, True, chunks, False)
+    builder[0]  # codec libraries load lazily
+    t0 = time.thread_time()
+    for k in range(len(chunks)):
+        builder[k]
+    return (time.thread_time() - t0) / len(ids) * 1e3
+
+
 def train_top1(shards: Path, out: Path, args: argparse.Namespace) -> float:
     """Best validation top-1 (%) of a short hard-label run (the CLI, as a user would run it)."""
     cmd = [sys.executable, "-m", "trainer.cli", "train", "--shards", str(shards), "--out", str(out), "--mode", "hard",
@@ -126,11 +146,13 @@ def photos(root: Path, args: argparse.Namespace) -> None:
             rates[name].append(loader_rate(d, 224, 64, args.workers, r))
         print(f"photos round {r + 1}: " + ", ".join(f"{n} {v[-1]:.0f}" for n, v in rates.items()) + " views/s")
     base = list(dirs)[0]
+    cpu = {name: min(view_cpu_ms(d, 224) for _ in range(3)) for name, d in dirs.items()}
     for name, d in dirs.items():
         mb = sum(f.stat().st_size for f in d.glob("train-*.tar")) / 1e6
         paired = statistics.median(a / b for a, b in zip(rates[name], rates[base]))
         print(f"photos, {name}: loader {statistics.median(rates[name]):.0f} views/s at 224 px ({paired:.2f}x, "
-              f"median of per-round ratios), train shards {mb:.0f} MB")
+              f"median of per-round ratios); {cpu[name]:.2f} CPU ms a view in a worker "
+              f"({cpu[base] / cpu[name]:.2f}x views per CPU second); train shards {mb:.0f} MB")
 
 
 if __name__ == "__main__":
