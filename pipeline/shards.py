@@ -337,8 +337,8 @@ def finish(out: Path, tree: ImageNetTree, plan: dict, metas: dict[str, list[dict
             rows = np.asarray(m["rows"], dtype=np.int64).reshape(-1, 5)
             part = arr[m["first_id"]: m["first_id"] + m["count"]]
             part["shard"] = k
-            for j, field in enumerate(("offset", "size", "label", "height", "width")):
-                part[field] = rows[:, j]
+            for j, column in enumerate(("offset", "size", "label", "height", "width")):
+                part[column] = rows[:, j]
         _write_if_changed(index_path(out, split), _npy_bytes(arr))
         report.rejected += [(split, src, reason) for m in shards for src, reason in m["rejected"]]
     tsv = "split\tsource\treason\n" + "".join(f"{s}\t{src}\t{r}\n" for s, src, r in report.rejected)

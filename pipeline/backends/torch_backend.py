@@ -102,7 +102,7 @@ class BatchBuilder(torch.utils.data.Dataset):
         log = SkipLog(self.skip_corrupt)
         for i, sid in enumerate(ids.tolist()):
             try:
-                self._render(sid, p, i, out, out_np[len(keep)])
+                self._render(sid, p, i, out_np[len(keep)])
             except CorruptSampleError as e:
                 log.record(e, sid)
                 continue
@@ -111,7 +111,7 @@ class BatchBuilder(torch.utils.data.Dataset):
         return {"images": out[:len(keep)], "ids": torch.from_numpy(sel),
                 "labels": torch.from_numpy(idx.labels[sel].astype(np.int64)), "skipped": log.skipped}
 
-    def _render(self, sid: int, p: AugParams | None, i: int, out: torch.Tensor, slot: np.ndarray) -> None:
+    def _render(self, sid: int, p: AugParams | None, i: int, slot: np.ndarray) -> None:
         """One sample's view into its batch slot; any failure becomes the sample's CorruptSampleError."""
         idx = self.index
         try:
