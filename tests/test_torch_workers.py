@@ -64,3 +64,30 @@ def test_workers_exit_within_a_second_or_two_of_a_kill_9(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_batches_held_by_the_caller_are_never_overwritten(tmp_path, normalize):
+    """Workers write into a ring of shared batches; every batch handed out is a copy, so holding more
+    batches than the ring has slots keeps them all intact (and equal to the in-process path)."""
+    import torch
+
+    from pipeline.augment import AugSpec
+    from pipeline.loader import ImageNet100Loader
+
+    wnids = ["n02869837", "n01749939"]
+    make_imagenet_tree(tmp_path / "tree", wnids, train_per_class=13, val_per_class=0, val_layout=None,
+                       size=(24, 40, 24, 40))
+    build_shards(tmp_path / "tree", tmp_path / "shards", classes=wnids, options=ShardOptions(shard_size=9),
+                 workers=1, progress=False)
+
+    def run(workers):
+        loader = ImageNet100Loader(tmp_path / "shards", "train", 2, backend="torch", device="cpu",
+                                   num_workers=workers, spec=AugSpec(image_size=16), normalize=normalize)
+        return list(loader)  # 13 batches held at once: more than the 2 * 4 + 2 slots of the ring
+
+    held, ref = run(2), run(0)
+    assert len(held) == 13
+    for a, b in zip(held, ref):
+        assert torch.equal(a.ids, b.ids) and torch.equal(a.images, b.images)
+        assert a.images.is_contiguous(memory_format=torch.channels_last)
