@@ -35,6 +35,7 @@ from .shard_io import HashProcess, TarShardWriter, dali_index_text, file_sha256,
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 STATE_DIR = ".kdpipe-shard"  # plan.json + one sidecar per finished shard
+PREPARE_CHUNK = 64  # files per message to a worker process (fewer wake-ups of the writer: measured a few % faster than 16)
 OUR_FILES = re.compile(r"^\.?((train|val)-\d{6}\.(tar|idx)|(train|val)\.index\.npy|manifest\.json|rejected\.tsv)(\.tmp)?$")
 
 __all__ = ["ShardOptions", "ShardReport", "OptionsMismatch", "build_shards", "read_manifest", "manifest_sha256",
@@ -255,7 +256,7 @@ def build_split(tree: ImageNetTree, out: Path, split: str, opts: ShardOptions, w
 
     bar = tqdm(total=len(todo), desc=f"shard {split}", unit="img", disable=not progress or not todo,
                dynamic_ncols=True, smoothing=0.05)
-    stream = ordered_map(work, paths, workers)
+    stream = ordered_map(work, paths, workers, chunk=PREPARE_CHUNK)
     images = _counting(stream, bar)
     finisher = ThreadPoolExecutor(1, thread_name_prefix="shard-finish")
     metas: list[dict | Future] = []
