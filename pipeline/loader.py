@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .augment import AugSpec, epoch_order
+from .backends.base import Backend
 from .batch import Batch, host_to_device
 from .errors import ConfigError
 from .index import ShardIndex
@@ -44,7 +45,7 @@ def choose_backend(name: str, device: torch.device) -> str:
     return name
 
 
-def backend_class(name: str) -> type:
+def backend_class(name: str) -> type[Backend]:
     """The class for a concrete backend name (imported lazily: DALI is optional)."""
     if name == "dali":
         from .backends.dali_backend import DaliBackend

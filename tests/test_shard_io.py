@@ -125,3 +125,57 @@ def test_hash_process_matches_file_hash(tmp_path):
         assert hasher(tmp_path / "a") == file_sha256(tmp_path / "a")
     finally:
         hasher.close()
+
+
+def test_hash_process_hashes_a_growing_file_as_fed(tmp_path):
+    """Feeds hash what is written so far; the digest adds the rest; forget drops a half-hashed file."""
+    import hashlib
+
+    from pipeline.shard_io import HashProcess
+
+    path = tmp_path / "growing"
+    data = bytes(range(256)) * 40_000  # 10 MB, fed at odd offsets
+    hasher = HashProcess()
+    try:
+        with open(path, "wb") as f:
+            for a, b in [(0, 12_345), (12_345, 5_000_001), (5_000_001, len(data) - 7)]:
+                f.write(data[a:b])
+                f.flush()
+                hasher.feed(path, b)
+            f.write(data[-7:])
+        assert hasher(path) == hashlib.sha256(data).hexdigest()
+        other = tmp_path / "other"
+        other.write_bytes(b"abc" * 1000)
+        hasher.feed(other, 1500)
+        hasher.forget(other)
+        other.write_bytes(b"xyz")  # a new file under the same name starts from scratch
+        assert hasher(other) == hashlib.sha256(b"xyz").hexdigest()
+    finally:
+        hasher.close()
+
+
+def test_tar_writer_feeds_the_hasher_and_stays_byte_identical(tmp_path, monkeypatch):
+    import hashlib
+
+    import pipeline.shard_io as sio
+
+    monkeypatch.setattr(sio, "HASH_FEED", 3000)  # feed (and start writeback) every few samples
+    members = [(f"{k:08d}.jpg", bytes([k]) * (700 + 13 * k)) for k in range(20)]
+    hasher = sio.HashProcess()
+    try:
+        fed = []
+        feed = hasher.feed
+        monkeypatch.setattr(hasher, "feed", lambda p, upto: (fed.append(upto), feed(p, upto)))
+        w = sio.TarShardWriter(tmp_path / "fed.tar", hasher)
+        for m in members:
+            w.add_sample([m])
+        nbytes, sha = w.close()
+    finally:
+        hasher.close()
+    plain = sio.TarShardWriter(tmp_path / "plain.tar")
+    for m in members:
+        plain.add_sample([m])
+    assert plain.close() == (nbytes, sha)
+    assert len(fed) >= 5 and fed == sorted(fed) and fed[-1] < nbytes
+    assert sha == hashlib.sha256((tmp_path / "fed.tar").read_bytes()).hexdigest()
+    assert (tmp_path / "fed.tar").read_bytes() == (tmp_path / "plain.tar").read_bytes()

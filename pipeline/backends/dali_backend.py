@@ -28,6 +28,7 @@ import torch
 from ..augment import AugSpec, sample_params, val_geometry
 from ..batch import IMAGENET_MEAN_255, IMAGENET_STD_255, host_to_device
 from ..errors import CorruptSampleError
+from .base import GREY, SkipLog, saturation_matrices
 
 if TYPE_CHECKING:
     from ..index import ShardIndex
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
 __all__ = ["DaliBackend", "import_dali", "saturation_matrices", "val_rois", "colour_steps"]
 
 INSTALL_HINT = "the DALI backend needs NVIDIA DALI: pip install -e '.[dali]'"
-GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, the weights of torchvision's rgb_to_grayscale
 PREFETCH = 2  # batches DALI works on ahead of the consumer
 
 
@@ -51,13 +51,6 @@ def import_dali() -> Any:
 
 
 # ---- pure helpers (numpy; testable without DALI) ----
-
-def saturation_matrices(saturation: np.ndarray) -> np.ndarray:
-    """Per sample, the 3x3 map y3 = s*y2 + (1-s)*grey(y2) (docs/loader.md, colour step 3): (n, 3, 3) float32."""
-    s = np.asarray(saturation, dtype=np.float64).reshape(-1, 1, 1)
-    w = np.asarray(GREY, dtype=np.float64).reshape(1, 1, 3)
-    return (s * np.eye(3) + (1.0 - s) * np.ones((1, 3, 1)) * w).astype(np.float32)
-
 
 def colour_steps(spec: AugSpec) -> tuple[str, ...]:
     """The colour steps a spec can change; a factor fixed at 1.0 needs no operator (and no time)."""
@@ -199,13 +192,18 @@ class DaliBackend:
         self.normalize, self.dtype = bool(normalize), (dtype if normalize else torch.uint8)
         self.num_threads = max(1, int(num_workers) if num_workers else (os.cpu_count() or 1))
         self.skip_corrupt = bool(skip_corrupt)
+        self._log = SkipLog(self.skip_corrupt)
         self.colour = colour_steps(spec) if self.train else ()
         self.blend_contrast = self.gpu  # the GPU graph's contrast step; settable on the CPU to test it
         self.exec_dynamic: bool | None = None  # DALI's executor (None: its default, dynamic in DALI 2.x)
-        self.skipped: list[tuple[int, str]] = []  # (sample id, reason) of every dropped sample
         self._idle: dict[int, tuple[Any, _Stream]] = {}  # batch size -> a built pipeline not in use
 
     # ---- public
+    @property
+    def skipped(self) -> list[tuple[int, str]]:
+        """(sample id, reason) of every sample dropped so far (skip_corrupt=True)."""
+        return self._log.skipped
+
     def iter_batches(self, ids: np.ndarray, aug_epoch: int, batch_size: int
                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Batches of exactly `ids`, in order (minus skipped corrupt samples), views of `aug_epoch`."""
@@ -262,8 +260,11 @@ class DaliBackend:
         for j, i in enumerate(ids.tolist()):
             try:
                 blobs.append(np.frombuffer(self.index.read(i), dtype=np.uint8))
-            except (OSError, ValueError, CorruptSampleError) as e:  # CorruptSampleError: a failed crc32 check
-                self._corrupt(i, e if isinstance(e, CorruptSampleError) else f"cannot read: {e}")
+            except CorruptSampleError as e:  # the index's own check named it already
+                self._log.record(e, i)
+                keep[j] = False
+            except (OSError, ValueError) as e:
+                self._corrupt(i, f"cannot read: {e}")
                 keep[j] = False
         ids = ids[keep]
         hs, ws = self.index.heights[ids], self.index.widths[ids]
@@ -281,12 +282,7 @@ class DaliBackend:
         return _Feed(ids, cols)
 
     def _corrupt(self, sample_id: int, why: str) -> None:
-        from .torch_backend import sample_error  # the CorruptSampleError every backend raises
-
-        err = sample_error(self.index, sample_id, why)
-        if not self.skip_corrupt:
-            raise err
-        self.skipped.append((int(sample_id), str(err)))
+        self._log.bad(self.index, sample_id, why)
 
     def _recover(self, stream: _Stream, err: RuntimeError) -> None:
         """After a failed iteration: decode the in-flight samples one by one to name the bad ones,

@@ -1,141 +1,36 @@
 """Torch backend: sample ids -> augmented batches with torchvision's decoder, no DALI needed.
 
-CPU (any device without CUDA): DataLoader worker processes each build whole batches — libjpeg-turbo
-decode (`torchvision.io.decode_jpeg`), crop as a view, uint8 antialiased resize to S×S
-(`interpolate(antialias=True)` on channels_last uint8, the fast path), colour with one lookup table
-(brightness, contrast) and one 3×3 matrix (saturation) in PIL's C code, flip — and send one uint8
-NHWC tensor per batch, written straight into shared memory; the main process only normalises (on the
-target device). Why not colour as batched float32 torch ops: on this 2-core machine those took ~2.7 ms
-an image (several full passes over 64x224x224x3 floats) against ~0.3-0.5 ms for the LUT + matrix.
+CPU (any device without CUDA): DataLoader worker processes each build whole batches with the CPU pixel
+path of `cpu_views` (ROI decode when nvImageCodec is installed, uint8 antialiased resize, uint8 flip,
+float32 numpy colour rounded straight into the batch's shared-memory slot) and send one uint8 NHWC
+tensor per batch; the main process only normalises (on the target device). Workers die with the main
+process (PR_SET_PDEATHSIG), so a kill -9 leaves no orphans.
 CUDA: `decode_jpeg(list, device="cuda")` decodes a batch at once on the GPU; crop, resize and colour
-run there as torch ops (`augment_decoded`, which the CPU tests also exercise).
+run there as batched torch ops (`augment_decoded`, which the CPU tests also exercise).
 The pixel definition all backends follow is in docs/loader.md.
 """
 from __future__ import annotations
 
-import warnings
+import functools
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-import torchvision.io as tio
-from PIL import Image
 
 from ..augment import AugParams, AugSpec, sample_params, val_geometry
-from ..errors import CorruptSampleError
 from ..batch import IMAGENET_MEAN_255, IMAGENET_STD_255, host_to_device, normalize_images
+from ..errors import CorruptSampleError
+from ..shard_io import die_with_parent
+from .base import GREY, SkipLog, sample_error, size_mismatch
+from .cpu_views import crop_box, decode, decode_region, resize_uint8, train_view, val_view, view_from_crop
 
 if TYPE_CHECKING:
     from ..index import ShardIndex
 
-# torchvision 0.29 deprecates its image codecs in favour of torchcodec, warning on every call; they
-# remain the fastest libjpeg-turbo / nvJPEG path installed here, so `decode` silences that warning.
-_CODEC_DEPRECATION = "The image decoding and encoding capabilities of TorchVision"
-
-
-def decode(data, device: torch.device | str = "cpu"):
-    """torchvision.io.decode_jpeg to RGB (one tensor or a list, decoded as one batch on `device`)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_CODEC_DEPRECATION, category=DeprecationWarning)
-        return tio.decode_jpeg(data, mode=tio.ImageReadMode.RGB, device=device)
-
-
-GREY = (0.299, 0.587, 0.114)  # luma weights of the colour definition (PIL's, torchvision's rounded)
-_GREY = np.asarray(GREY, dtype=np.float64)
-_LEVELS = np.arange(256, dtype=np.float64)
-
-
-def sample_error(index: ShardIndex, sample_id: int, reason: object) -> CorruptSampleError:
-    """The error for one bad sample, naming where it lives so the user can find and fix it (an error that
-    already does, like ShardIndex.read's crc32 failure, is kept as it is)."""
-    if isinstance(reason, CorruptSampleError):
-        return reason
-    try:
-        where = str(index.shard_path(sample_id))
-    except (IndexError, KeyError) as e:
-        where = f"(no shard: {e})"
-    text = " ".join(str(reason).split())[:300]
-    return CorruptSampleError(f"{index.split} sample {int(sample_id)} in shard {where}: {text} "
-                              f"(--skip-corrupt, or skip_corrupt=True, drops such samples and counts them)")
-
-
-def read_and_decode(index: ShardIndex, sample_id: int) -> torch.Tensor:
-    """Bytes from the shard, decoded to RGB uint8 (3, H, W) (channels_last strides); clear errors."""
-    try:
-        data = index.read(sample_id)
-        img = decode(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-    except CorruptSampleError:
-        raise
-    except (OSError, RuntimeError, ValueError) as e:
-        raise sample_error(index, sample_id, e) from e
-    h, w = int(index.heights[sample_id]), int(index.widths[sample_id])
-    if tuple(img.shape[1:]) != (h, w):  # crops are computed from the index's size: they must agree
-        raise sample_error(index, sample_id, f"decoded {img.shape[1]}x{img.shape[2]} but the index says {h}x{w}")
-    return img
-
-
-def resize_uint8(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(3, h, w) uint8 -> (size) antialiased bilinear, uint8, channels_last (the AVX2 uint8 path)."""
-    x = img.unsqueeze(0).contiguous(memory_format=torch.channels_last)
-    return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)[0]
-
-
-def colour_lut(hist: np.ndarray, npix: int, b: float, c: float) -> np.ndarray:
-    """Brightness then contrast as one uint8 table: y2 = clamp(c*clamp(b*x) + (1-c)*m), rounded.
-
-    m, the mean grey of the brightened image, is exact: it comes from the per-channel histograms.
-    """
-    y1 = np.clip(b * _LEVELS, 0.0, 255.0)
-    m = float(_GREY @ hist.reshape(3, 256) @ y1) / npix
-    y2 = np.clip(c * y1 + (1.0 - c) * m, 0.0, 255.0)
-    return np.floor(y2 + 0.5).astype(np.uint8)
-
-
-def saturation_matrix(s: float) -> tuple[float, ...]:
-    """PIL's RGB->RGB matrix (12 numbers, zero offsets) for y3 = s*y2 + (1-s)*grey(y2)."""
-    k = 1.0 - s
-    w = GREY
-    return (s + k * w[0], k * w[1], k * w[2], 0.0,
-            k * w[0], s + k * w[1], k * w[2], 0.0,
-            k * w[0], k * w[1], s + k * w[2], 0.0)
-
-
-def colour_hwc(hwc: np.ndarray, b: float, c: float, s: float) -> Image.Image:
-    """The colour definition on one HWC uint8 image, in PIL's C code (clamps and rounds like the spec)."""
-    im = Image.frombuffer("RGB", (hwc.shape[1], hwc.shape[0]), hwc, "raw", "RGB", 0, 1)
-    if b == 1.0 and c == 1.0 and s == 1.0:
-        return im
-    lut = colour_lut(np.asarray(im.histogram(), dtype=np.float64), hwc.shape[0] * hwc.shape[1], b, c)
-    im = _point(im, np.tile(lut, 3).tolist())
-    return im if s == 1.0 else im.convert("RGB", saturation_matrix(s))
-
-
-def _point(im: Image.Image, lut: list[int]) -> Image.Image:
-    """im.point(lut) for an integer table, without Image.point's per-entry round() (~20 % of colour)."""
-    try:
-        return im._new(im.im.point(lut, None))
-    except AttributeError:  # Pillow's internals moved: the public call
-        return im.point(lut)
-
-
-def train_view(img: torch.Tensor, p: AugParams, i: int, size: int, dst: np.ndarray | None = None) -> np.ndarray:
-    """Row i of the params applied to a decoded image: (size, size, 3) uint8 HWC, written into `dst`
-    (e.g. the batch's shared-memory slot: one copy, the flip folded into it) or a new array."""
-    t, l, h, w = int(p.top[i]), int(p.left[i]), int(p.height[i]), int(p.width[i])
-    out = np.ascontiguousarray(resize_uint8(img[:, t:t + h, l:l + w], (size, size)).permute(1, 2, 0).numpy())
-    im = colour_hwc(out, float(p.brightness[i]), float(p.contrast[i]), float(p.saturation[i]))
-    arr = np.asarray(im)  # read-only view of PIL's buffer copy
-    dst = np.empty((size, size, 3), np.uint8) if dst is None else dst
-    dst[...] = arr[:, ::-1] if p.flip[i] else arr
-    return dst
-
-
-def val_view(img: torch.Tensor, spec: AugSpec) -> torch.Tensor:
-    """Shorter side -> val_resize, centre crop image_size: (S, S, 3) uint8."""
-    rh, rw, (t, l, h, w) = val_geometry(spec, int(img.shape[1]), int(img.shape[2]))
-    return resize_uint8(img, (rh, rw))[:, t:t + h, l:l + w].permute(1, 2, 0)
+__all__ = ["TorchBackend", "BatchBuilder", "augment_decoded", "normalize_nhwc", "decode", "train_view", "val_view",
+           "resize_uint8", "sample_error", "GREY"]
 
 
 def normalize_nhwc(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -144,14 +39,17 @@ def normalize_nhwc(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     Scale and offset are pre-tiled to (H, W, 3): broadcasting a 3-vector over the innermost dimension
     runs ~3x slower on the CPU than this same-shape multiply-add."""
     scale, offset = _norm_pattern(tuple(x.shape[1:]), x.device)
-    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     if x.device.type == "cpu":
-        # numpy: one thread, as fast as torch's one-thread kernels, and no intra-op pool spinning
-        # on cores the worker processes need (measured: 2 torch threads here lowered throughput).
-        o = out.numpy()
+        # numpy: one thread, as fast as torch's one-thread kernels, and no intra-op pool spinning on
+        # cores the worker processes need (measured: 2 torch threads here lowered throughput). And
+        # numpy's allocation: it asks for transparent huge pages on big arrays, so the 38 MB of a
+        # 64x224² float32 batch fault in as 2 MB pages (0.37 -> 0.15 ms an image, docs/loader.md).
+        o = np.empty(tuple(x.shape), np.float32)
         np.multiply(x.numpy(), scale.numpy(), out=o)
         np.add(o, offset.numpy(), out=o)
+        out = torch.from_numpy(o)
     else:
+        out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
         out.copy_(x).mul_(scale).add_(offset)
     return out.to(dtype).permute(0, 3, 1, 2)
 
@@ -179,14 +77,20 @@ def shared_uint8(shape: tuple[int, ...]) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
 
 
+PREFETCH = 4  # batches each worker process works ahead
+
+
 class BatchBuilder(torch.utils.data.Dataset):
-    """Item k = batch k of `chunks`, built whole in one worker: uint8 NHWC images written straight
-    into shared memory, so the main process receives them without a copy."""
+    """Item k = batch k of `chunks`, built whole in one worker: uint8 NHWC images written straight into
+    shared memory. With `slots` (a ring of shared batches made once by the main process before the
+    workers fork) item k is written into slots[k % len(slots)] and only its slot number travels:
+    no fresh shared memory per batch (allocating and zeroing it cost ~0.1 ms an image)."""
 
     def __init__(self, index: ShardIndex, spec: AugSpec, seed: int, aug_epoch: int, train: bool,
-                 chunks: Sequence[np.ndarray], skip_corrupt: bool):
+                 chunks: Sequence[np.ndarray], skip_corrupt: bool, slots: Sequence[torch.Tensor] = ()):
         self.index, self.spec, self.seed, self.aug_epoch = index, spec, seed, aug_epoch
         self.train, self.chunks, self.skip_corrupt = train, list(chunks), skip_corrupt
+        self.slots = list(slots)
 
     def __len__(self) -> int:
         return len(self.chunks)
@@ -196,57 +100,111 @@ class BatchBuilder(torch.utils.data.Dataset):
         idx, s = self.index, self.spec.image_size
         p = sample_params(self.spec, self.seed, self.aug_epoch, ids, idx.heights[ids], idx.widths[ids]) \
             if self.train else None
-        shape = (len(ids), s, s, 3)
-        out = shared_uint8(shape) if torch.utils.data.get_worker_info() is not None else \
-            torch.empty(shape, dtype=torch.uint8)
+        slot = k % len(self.slots) if self.slots else -1
+        out = self.slots[slot][:len(ids)] if self.slots else torch.empty((len(ids), s, s, 3), dtype=torch.uint8)
         out_np = out.numpy()
         keep: list[int] = []
-        skipped: list[tuple[int, str]] = []
+        log = SkipLog(self.skip_corrupt)
         for i, sid in enumerate(ids.tolist()):
             try:
-                img = read_and_decode(idx, sid)
-                try:
-                    if self.train:
-                        train_view(img, p, i, s, out_np[len(keep)])
-                    else:
-                        out[len(keep)] = val_view(img, self.spec)
-                except (RuntimeError, ValueError) as e:
-                    raise sample_error(idx, sid, e) from e
+                self._render(sid, p, i, out_np[len(keep)])
             except CorruptSampleError as e:
-                if not self.skip_corrupt:
-                    raise
-                skipped.append((sid, str(e)))
+                log.record(e, sid)
                 continue
             keep.append(i)
         sel = ids[np.asarray(keep, dtype=np.int64)]
-        return {"images": out[:len(keep)], "ids": torch.from_numpy(sel),
-                "labels": torch.from_numpy(idx.labels[sel].astype(np.int64)), "skipped": skipped}
+        return {"images": None if self.slots else out[:len(keep)], "slot": slot, "count": len(keep),
+                "ids": torch.from_numpy(sel), "labels": torch.from_numpy(idx.labels[sel].astype(np.int64)),
+                "skipped": log.skipped}
+
+    def _render(self, sid: int, p: AugParams | None, i: int, slot: np.ndarray) -> None:
+        """One sample's view into its batch slot; any failure becomes the sample's CorruptSampleError."""
+        idx = self.index
+        try:
+            data = idx.read(sid)
+            expected = (int(idx.heights[sid]), int(idx.widths[sid]))
+            if p is not None:
+                view_from_crop(decode_region(data, expected, crop_box(p, i)), p, i, self.spec.image_size, slot)
+            else:
+                slot[...] = val_view(decode_region(data, expected), self.spec).numpy()
+        except CorruptSampleError:
+            raise
+        except (OSError, RuntimeError, ValueError) as e:
+            raise sample_error(idx, sid, e) from e
 
 
-def _worker_init(_: int) -> None:
+def _worker_init(_: int, parent_pid: int) -> None:
+    die_with_parent(parent_pid)  # a kill -9 of the main process takes the workers with it
     torch.set_num_threads(1)  # one process per core; intra-op threads would fight over the same cores
 
 
+def aa_weights(in_size: torch.Tensor, out_total: torch.Tensor, first: torch.Tensor, size: int, pad: int
+               ) -> torch.Tensor:
+    """Antialiased bilinear resampling as matrices: (N, size, pad) float32, row i of sample n = the input
+    weights of output pixel first[n] + i of a resize in_size[n] -> out_total[n] (PIL's and torch's
+    `interpolate(antialias=True)` rule: a triangle filter stretched by the scale when shrinking,
+    centred at scale * (i + 0.5), cut at the image's edge, rows normalised). Columns >= in_size are 0."""
+    dev = in_size.device
+    scale = (in_size.double() / out_total.double()).view(-1, 1, 1)
+    stretch = scale.clamp(min=1.0)  # the filter widens only when shrinking
+    centre = scale * (first.double().view(-1, 1, 1) + torch.arange(size, device=dev, dtype=torch.float64).view(1, -1, 1) + 0.5)
+    j = torch.arange(pad, device=dev, dtype=torch.float64).view(1, 1, -1)
+    w = (1.0 - ((j + 0.5 - centre) / stretch).abs()).clamp_(min=0.0) * (j < in_size.view(-1, 1, 1))
+    return (w / w.sum(-1, keepdim=True)).float()
+
+
+PAD_BUDGET = 256 << 20  # bytes of one zero-padded float32 group in resize_batch (a few huge images split it)
+
+
+def resize_batch(crops: Sequence[torch.Tensor], rows: tuple, cols: tuple, size: int) -> torch.Tensor:
+    """Decoded uint8 (3, h, w) regions -> float32 (N, 3, size, size): each group with two batched mat-muls
+    (Wh @ X @ Ww^T) instead of one interpolate call per image. rows / cols = (in_size, out_total, first)
+    per sample as int64 tensors on the device (see aa_weights). Crops are zero-padded to the largest of
+    their group; groups (consecutive, in order) are cut so a padded group stays under PAD_BUDGET."""
+    dev, out, k = crops[0].device, [], 0
+    while k < len(crops):
+        hp, wp, end = 0, 0, k
+        while end < len(crops):
+            h, w = max(hp, int(crops[end].shape[1])), max(wp, int(crops[end].shape[2]))
+            if end > k and (end - k + 1) * 3 * h * w * 4 > PAD_BUDGET:
+                break
+            hp, wp, end = h, w, end + 1
+        x = torch.zeros((end - k, 3, hp, wp), dtype=torch.float32, device=dev)
+        for j in range(k, end):
+            x[j - k, :, :crops[j].shape[1], :crops[j].shape[2]] = crops[j]
+        wh = aa_weights(*(t[k:end] for t in rows), size, hp)
+        ww = aa_weights(*(t[k:end] for t in cols), size, wp)
+        out.append(torch.matmul(torch.matmul(wh.unsqueeze(1), x), ww.transpose(1, 2).unsqueeze(1)))
+        k = end
+    return torch.cat(out)
+
+
 def augment_decoded(imgs: Sequence[torch.Tensor], p: AugParams | None, spec: AugSpec) -> torch.Tensor:
-    """Decoded (3, H, W) uint8 images (any device) -> uint8 (N, 3, S, S), all in torch ops.
+    """Decoded (3, H, W) uint8 images (any device) -> uint8 (N, 3, S, S), all in batched torch ops.
 
     The GPU path. Same definition as the CPU path; colour stays in float32 (no rounding of y2).
+    Per image only the crop's copy into a padded batch remains; resize, colour and flip are one set
+    of kernels for the whole batch (a handful of launches instead of ~4 per image).
     """
-    s = spec.image_size
-    views = []
-    for i, img in enumerate(imgs):
-        if p is None:
-            rh, rw, (t, l, h, w) = val_geometry(spec, int(img.shape[1]), int(img.shape[2]))
-            x = F.interpolate(img.unsqueeze(0).float(), size=(rh, rw), mode="bilinear", antialias=True,
-                              align_corners=False)[:, :, t:t + h, l:l + w]
-        else:
-            t, l, h, w = int(p.top[i]), int(p.left[i]), int(p.height[i]), int(p.width[i])
-            x = F.interpolate(img[:, t:t + h, l:l + w].unsqueeze(0).float(), size=(s, s), mode="bilinear",
-                              antialias=True, align_corners=False)
-        views.append(x)
-    x = torch.cat(views).clamp_(0, 255).round_()  # the resize output is uint8 in the definition
+    s, n = spec.image_size, len(imgs)
+    if n == 0:
+        return torch.empty((0, 3, s, s), dtype=torch.uint8)
+    dev = imgs[0].device
+    if p is None:  # validation: the resize to (rh, rw), restricted to the centre crop's rows and columns
+        geo = [val_geometry(spec, int(im.shape[1]), int(im.shape[2])) for im in imgs]
+        crops = list(imgs)
+        hs, ws = [int(im.shape[1]) for im in imgs], [int(im.shape[2]) for im in imgs]
+        rows = (hs, [g[0] for g in geo], [g[2][0] for g in geo])
+        cols = (ws, [g[1] for g in geo], [g[2][1] for g in geo])
+    else:
+        boxes = [crop_box(p, i) for i in range(n)]
+        crops = [im[:, t:t + h, l:l + w] for im, (t, l, h, w) in zip(imgs, boxes)]
+        rows = ([b[2] for b in boxes], [s] * n, [0] * n)
+        cols = ([b[3] for b in boxes], [s] * n, [0] * n)
+    as_t = functools.partial(torch.tensor, dtype=torch.int64, device=dev)
+    x = resize_batch(crops, tuple(map(as_t, rows)), tuple(map(as_t, cols)), s)
+    x = x.clamp_(0, 255).round_()  # the resize output is uint8 in the definition
     if p is not None:
-        dev = x.device
         b, c, sat = (torch.as_tensor(a, device=dev).view(-1, 1, 1, 1) for a in (p.brightness, p.contrast, p.saturation))
         wg = torch.tensor(GREY, device=dev).view(1, 3, 1, 1)
         y1 = (x * b).clamp_(0, 255)
@@ -268,10 +226,15 @@ class TorchBackend:
         self.index, self.spec, self.seed, self.train = index, spec, seed, train
         self.device, self.normalize, self.dtype = torch.device(device), normalize, dtype
         self.num_workers, self.skip_corrupt = num_workers, skip_corrupt
-        self.skipped: list[tuple[int, str]] = []  # (sample id, reason) of every dropped sample
+        self._log = SkipLog(skip_corrupt)
         # CUDA: batched nvJPEG decode + torch ops on the GPU, in this process. Elsewhere CPU workers.
         # (Tests set it on the CPU to run the same code with torchvision's CPU decoder.)
         self.device_decode = self.device.type == "cuda"
+
+    @property
+    def skipped(self) -> list[tuple[int, str]]:
+        """(sample id, reason) of every sample dropped so far (skip_corrupt=True)."""
+        return self._log.skipped
 
     def iter_batches(self, ids: np.ndarray, aug_epoch: int, batch_size: int
                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -281,19 +244,28 @@ class TorchBackend:
         if self.device_decode:
             yield from self._iter_device(chunks, aug_epoch)
             return
-        # uint8 crosses from the workers (4x fewer bytes than float32, and fresh float32 shared memory
-        # costs more in page faults than normalising here); the target device normalises.
-        builder = BatchBuilder(self.index, self.spec, self.seed, aug_epoch, self.train, chunks, self.skip_corrupt)
+        # uint8 crosses from the workers (4x fewer bytes than float32); the target device normalises.
         workers = min(self.num_workers, len(chunks))
+        # The ring: while the main process holds item k, the DataLoader has at most workers * PREFETCH
+        # later items in flight, so with more slots than that no worker writes a slot still being read.
+        # Batches handed out are copies (or the normalised result), never a slot a worker will refill.
+        s = self.spec.image_size
+        slots = [shared_uint8((batch_size, s, s, 3)) for _ in range(workers * PREFETCH + 2)] if workers else []
+        builder = BatchBuilder(self.index, self.spec, self.seed, aug_epoch, self.train, chunks, self.skip_corrupt,
+                               slots)
         dl = torch.utils.data.DataLoader(builder, batch_size=None, shuffle=False, num_workers=workers,
-                                         worker_init_fn=_worker_init if workers else None,
-                                         prefetch_factor=4 if workers else None)
+                                         worker_init_fn=functools.partial(_worker_init, parent_pid=os.getpid())
+                                         if workers else None,
+                                         prefetch_factor=PREFETCH if workers else None)
         for item in dl:
-            self.skipped.extend(item["skipped"])
-            x = item["images"].to(self.device, non_blocking=True)
-            # NHWC memory is NCHW channels_last: permute is a view
-            x = normalize_nhwc(x, self.dtype) if self.normalize else x.permute(0, 3, 1, 2)
-            yield x, host_to_device(item["labels"], self.device), host_to_device(item["ids"], self.device)
+            self._log.skipped.extend(item["skipped"])
+            x = item["images"] if item["images"] is not None else slots[item["slot"]][:item["count"]]
+            if self.normalize:
+                x = normalize_nhwc(x, self.dtype)  # NHWC memory is NCHW channels_last: the result is a view
+            else:
+                x = (torch.from_numpy(np.array(x.numpy())) if slots else x).permute(0, 3, 1, 2)
+            yield (x.to(self.device, non_blocking=True), host_to_device(item["labels"], self.device),
+                   host_to_device(item["ids"], self.device))
 
     def _read_chunk(self, chunk: np.ndarray) -> tuple[list[torch.Tensor], list[int]]:
         """Encoded bytes of a batch (runs on a reader thread: pread releases the GIL)."""
@@ -302,8 +274,10 @@ class TorchBackend:
             try:
                 datas.append(torch.frombuffer(bytearray(self.index.read(sid)), dtype=torch.uint8))
                 keep.append(sid)
-            except (OSError, CorruptSampleError) as e:
-                self._bad(sid, e)
+            except CorruptSampleError as e:
+                self._log.record(e, sid)
+            except OSError as e:
+                self._log.bad(self.index, sid, e)
         return datas, keep
 
     def _decode_on_device(self, datas: list[torch.Tensor], keep: list[int]) -> tuple[list[torch.Tensor], np.ndarray]:
@@ -317,22 +291,15 @@ class TorchBackend:
                     imgs.append(decode(data, self.device))
                     ok.append(sid)
                 except RuntimeError as e:
-                    self._bad(sid, e)
+                    self._log.bad(self.index, sid, e)
         good = [(img, sid) for img, sid in zip(imgs, ok) if self._size_ok(img, sid)]
         return [g[0] for g in good], np.asarray([g[1] for g in good], dtype=np.int64)
 
     def _size_ok(self, img: torch.Tensor, sid: int) -> bool:
-        h, w = int(self.index.heights[sid]), int(self.index.widths[sid])
-        if tuple(img.shape[1:]) == (h, w):
-            return True
-        self._bad(sid, f"decoded {img.shape[1]}x{img.shape[2]} but the index says {h}x{w}")
-        return False
-
-    def _bad(self, sid: int, reason: object) -> None:
-        err = sample_error(self.index, sid, reason)
-        if not self.skip_corrupt:
-            raise err
-        self.skipped.append((sid, str(err)))
+        why = size_mismatch((self.index.heights[sid], self.index.widths[sid]), img.shape[1:])
+        if why is not None:
+            self._log.bad(self.index, sid, why)
+        return why is None
 
     def _iter_device(self, chunks: list[np.ndarray], aug_epoch: int):
         """Decode and augment on the device (CUDA), batch by batch; a thread reads the next batch's bytes."""

@@ -1,0 +1,93 @@
+"""The torch backend's DataLoader workers exit with the main process, even after a kill -9."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.shards import ShardOptions, build_shards
+from pipeline.synthetic import make_imagenet_tree
+
+CHILD = textwrap.dedent("""
+    import os, sys, time
+    from pipeline.augment import AugSpec
+    from pipeline.loader import ImageNet100Loader
+
+    loader = ImageNet100Loader(sys.argv[1], "train", 2, backend="torch", device="cpu", num_workers=2,
+                               spec=AugSpec(image_size=16), normalize=False)
+    it = iter(loader)
+    next(it)  # both workers are up
+    kids = set()
+    for tid in os.listdir(f"/proc/{os.getpid()}/task"):
+        with open(f"/proc/{os.getpid()}/task/{tid}/children") as f:
+            kids.update(f.read().split())
+    print(" ".join(sorted(kids)), flush=True)
+    time.sleep(600)  # the workers idle on their queues, the iterator alive: only the kill ends this
+""")
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for a reaper counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.slow  # a fresh Python with torch, ~5-10 s
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_workers_exit_within_a_second_or_two_of_a_kill_9(tmp_path):
+    wnids = ["n02869837", "n01749939"]
+    make_imagenet_tree(tmp_path / "tree", wnids, train_per_class=8, val_per_class=0, val_layout=None,
+                       size=(24, 32, 24, 32))
+    build_shards(tmp_path / "tree", tmp_path / "shards", classes=wnids, options=ShardOptions(shard_size=8),
+                 workers=1, progress=False)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1])] + sys.path))
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path / "shards")], stdout=subprocess.PIPE,
+                            env=env, text=True)
+    try:
+        workers = [int(p) for p in proc.stdout.readline().split()]
+        assert len(workers) == 2 and all(_alive(w) for w in workers), workers
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 2.0  # torch's own watchdog would take up to 5 s
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not any(_alive(w) for w in workers), [w for w in workers if _alive(w)]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_batches_held_by_the_caller_are_never_overwritten(tmp_path, normalize):
+    """Workers write into a ring of shared batches; every batch handed out is a copy, so holding more
+    batches than the ring has slots keeps them all intact (and equal to the in-process path)."""
+    import torch
+
+    from pipeline.augment import AugSpec
+    from pipeline.loader import ImageNet100Loader
+
+    wnids = ["n02869837", "n01749939"]
+    make_imagenet_tree(tmp_path / "tree", wnids, train_per_class=13, val_per_class=0, val_layout=None,
+                       size=(24, 40, 24, 40))
+    build_shards(tmp_path / "tree", tmp_path / "shards", classes=wnids, options=ShardOptions(shard_size=9),
+                 workers=1, progress=False)
+
+    def run(workers):
+        loader = ImageNet100Loader(tmp_path / "shards", "train", 2, backend="torch", device="cpu",
+                                   num_workers=workers, spec=AugSpec(image_size=16), normalize=normalize)
+        return list(loader)  # 13 batches held at once: more than the 2 * 4 + 2 slots of the ring
+
+    held, ref = run(2), run(0)
+    assert len(held) == 13
+    for a, b in zip(held, ref):
+        assert torch.equal(a.ids, b.ids) and torch.equal(a.images, b.images)
+        assert a.images.is_contiguous(memory_format=torch.channels_last)
