@@ -17,11 +17,13 @@ sample's view is the same as on the random-access path; only the order differs.
 """
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import zlib
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Iterator
 
 import numpy as np
@@ -316,7 +318,7 @@ class StreamBackend:
     def iter_batches(self, ids: np.ndarray, aug_epoch: int, batch_size: int, segments: list[Segment] | None = None
                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(images, labels, ids) for `ids` in exactly this order, `batch_size` at a time."""
-        from .backends.torch_backend import normalize_nhwc
+        from .backends.torch_backend import normalize_nhwc, worker_init
         from .batch import host_to_device
 
         ids = np.asarray(ids, dtype=np.int64)
@@ -334,9 +336,9 @@ class StreamBackend:
         failed: list[BaseException] = []
         try:
             if workers:  # the DataLoader forks its workers first, then pulls items (starting the reader)
+                init = partial(worker_init, parent_pid=os.getpid())  # workers die with the main process
                 batches = torch.utils.data.DataLoader(decode, batch_size=None, sampler=_Started(reader, q, failed),
-                                                      num_workers=workers, worker_init_fn=_one_thread,
-                                                      prefetch_factor=2)
+                                                      num_workers=workers, worker_init_fn=init, prefetch_factor=2)
             else:
                 reader.start()
                 batches = (decode[item] for item in _drain(q, failed))
@@ -356,10 +358,6 @@ class StreamBackend:
                     break
             if reader.is_alive():
                 reader.join(timeout=1.0)
-
-
-def _one_thread(_: int) -> None:
-    torch.set_num_threads(1)  # one worker process per core; intra-op threads would fight over the cores
 
 
 class _Started:

@@ -22,7 +22,7 @@ def test_sample_error_names_split_id_shard_and_the_way_out():
     err = sample_error(_Index(), 7, "not\na   JPEG")
     assert isinstance(err, CorruptSampleError)
     assert str(err) == ("train sample 7 in shard /data/shards/train-000001.tar: not a JPEG "
-                        "(pass skip_corrupt=True to drop such samples and count them)")
+                        "(--skip-corrupt, or skip_corrupt=True, drops such samples and counts them)")
     assert "(no shard: sample id 12 out of range)" in str(sample_error(_Index(), 12, "x"))
 
 

@@ -133,7 +133,8 @@ class BatchBuilder(torch.utils.data.Dataset):
             raise sample_error(idx, sid, e) from e
 
 
-def _worker_init(_: int, parent_pid: int) -> None:
+def worker_init(_: int, parent_pid: int) -> None:
+    """DataLoader worker set-up of every kdpipe loader (also the streamed one)."""
     die_with_parent(parent_pid)  # a kill -9 of the main process takes the workers with it
     torch.set_num_threads(1)  # one process per core; intra-op threads would fight over the same cores
 
@@ -254,7 +255,7 @@ class TorchBackend:
         builder = BatchBuilder(self.index, self.spec, self.seed, aug_epoch, self.train, chunks, self.skip_corrupt,
                                slots)
         dl = torch.utils.data.DataLoader(builder, batch_size=None, shuffle=False, num_workers=workers,
-                                         worker_init_fn=functools.partial(_worker_init, parent_pid=os.getpid())
+                                         worker_init_fn=functools.partial(worker_init, parent_pid=os.getpid())
                                          if workers else None,
                                          prefetch_factor=PREFETCH if workers else None)
         for item in dl:
