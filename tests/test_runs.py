@@ -287,3 +287,14 @@ def test_a_report_into_a_run_being_trained_is_refused(tmp_path):
     with exclusive_lock(run / ".kdpipe.lock", "run directory"):  # as a training job holds it
         out = one_line_error(cli("report", tmp_path, "--out", run))
     assert f"directory {run} is in use" in out
+
+
+def test_empty_or_unsafe_teacher_weights_are_one_clear_line(shards, tmp_path):
+    args = ["train", "--shards", shards, "--out", tmp_path / "r", "--mode", "kd", "--students", "tiny_cnn",
+            "--teacher", "tiny_cnn", "--epochs", "1", *COMMON]
+    (tmp_path / "empty.pt").write_bytes(b"")
+    assert "teacher weights" in (out := one_line_error(cli(*args, "--teacher-weights", tmp_path / "empty.pt"))) \
+        and "is empty (0 bytes)" in out
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps(_Evil()))
+    out = one_line_error(cli(*args, "--teacher-weights", tmp_path / "evil.pt"))
+    assert "refused as unsafe" in out and "weights_only=False" not in out

@@ -29,7 +29,7 @@ WNIDS = ["n02869837", "n01749939", "n02488291", "n02107142"]
 def bench_jpeg(args) -> dict:
     """Per-image crc32 vs the training view (part 1)."""
     from pipeline.augment import AugSpec, sample_params
-    from pipeline.backends.torch_backend import read_and_decode, train_view
+    from pipeline.backends.cpu_views import crop_box, decode_region, view_from_crop
     from pipeline.index import ShardIndex
     from pipeline.shards import ShardOptions, build_shards
     from pipeline.synthetic import make_imagenet_tree
@@ -59,7 +59,8 @@ def bench_jpeg(args) -> dict:
             "crc32": lambda i: zlib.crc32(datas[i]),
             "read": lambda i: plain.read(i),
             "read+check": lambda i: checked.read(i),
-            "view": lambda i: train_view(read_and_decode(plain, i), p, i, args.size, out),
+            "view": lambda i: view_from_crop(decode_region(plain.read(i), (int(plain.heights[i]), int(plain.widths[i])),
+                                                           crop_box(p, i)), p, i, args.size, out),
         }
         med = _rounds(stages, args.rounds, per_image)
     mean_kb = sum(map(len, datas)) / len(datas) / 1024

@@ -15,7 +15,7 @@ import torchvision
 from torch import nn
 
 from pipeline.classes import imagenet1k_indices, is_imagenet1k
-from pipeline.errors import CheckpointError, ConfigError, one_line
+from pipeline.errors import CheckpointError, ConfigError, MissingDataError, one_line
 
 IMAGENET1K_CLASSES = 1000
 TIMM_PREFIX = "timm:"
@@ -182,12 +182,13 @@ def _state_from_file(obj: object, path: Path, name: str, classes: list[str]) -> 
 
 
 def _read_file(path: Path) -> object:
-    """A .safetensors file (how timm's weights are published), or a torch file loaded weights-only."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """A .safetensors file (how timm's weights are published), or a torch file loaded weights-only (empty,
+    truncated and unsafe files are one-line CheckpointErrors)."""
+    from .checkpoint import load_safetensors_weights, load_torch_file
 
-        return load_file(str(path), device="cpu")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    if path.suffix == ".safetensors":
+        return load_safetensors_weights(path)[0]
+    return load_torch_file(path, "teacher weights")
 
 
 def load_weights(model: nn.Module, path: str | Path, *, name: str, classes: list[str]) -> nn.Module:
@@ -199,7 +200,7 @@ def load_weights(model: nn.Module, path: str | Path, *, name: str, classes: list
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"teacher weights file not found: {path}")
+        raise MissingDataError(f"teacher weights file not found: {path}")
     state = _strip_prefixes(dict(_state_from_file(_read_file(path), path, name, classes)))
     num_classes = len(classes)
     for head in head_names(model):
