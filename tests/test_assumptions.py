@@ -39,14 +39,14 @@ def test_every_key_reads_from_a_current_config():
         assert asm.departures(cfg) == [], mode
         for row in asm.ASSUMPTIONS:
             for key in row.keys:
-                assert asm.config_value(cfg, key) is not None, key
+                assert asm.config_value(cfg, key, default=asm._ABSENT) is not asm._ABSENT, key
 
 
 def test_old_files_and_the_weight_function():
     assert asm.config_value({"loss": {"uncertainty": True}}, "loss.weight_fn") == "confidence"
     assert asm.config_value({"loss": {"uncertainty": False}}, "loss.weight_fn") == "none"
     assert asm.config_value({"loss": {"weight_fn": "entropy", "uncertainty": True}}, "loss.weight_fn") == "entropy"
-    assert asm.config_value({}, "val_resize") == "shorter" and asm.config_value({}, "dropout") == 0.2
+    assert asm.config_value({}, "val_resize") == "shorter" and asm.config_value({}, "dropout") is None
     assert asm.config_value({"optim": {"warmup_epochs": 2.5}}, "optim.warmup_epochs") == 2.5
     assert asm.default_value("kd", "loss.weight_fn") == "none"
     assert asm.default_value("uw-kd", "loss.weight_fn") == "confidence"
@@ -56,9 +56,9 @@ def test_old_files_and_the_weight_function():
 def test_departures_are_per_mode():
     uw = {"mode": "uw-kd", "loss": {"uncertainty": False, "alpha": 0.3, "beta": 0.7}, "dropout": 0.0}
     found = {(key, have, want) for _, key, have, want in asm.departures(uw)}
-    assert found == {("loss.weight_fn", "none", "confidence"), ("dropout", 0.0, 0.2)}
+    assert found == {("loss.weight_fn", "none", "confidence"), ("dropout", 0.0, None)}
     kd = {"mode": "kd", "loss": {"weight_fn": "none", "alpha": 0.3}, "optim": {"warmup_epochs": 0}}
     assert asm.departures(kd) == []  # kd's w = 1 is kd's default; 0 equals 0.0
     section = "\n".join(asm.report_section([("uw", uw), ("kd", kd)]))
     assert "| uw: `loss.weight_fn` = none (default confidence) |" in section
-    assert "| uw: `dropout` = 0.0 (default 0.2) |" in section and "kd:" not in section
+    assert "| uw: `dropout` = 0.0 (default none) |" in section and "kd:" not in section

@@ -15,7 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.errors import BusyError
+from pipeline.errors import BusyError, ConfigError
 from test_loop import FakeLoader, seeded_teacher, tiny_config
 from trainer.cli import main
 from trainer.loop import run_training
@@ -298,3 +298,52 @@ def test_empty_or_unsafe_teacher_weights_are_one_clear_line(shards, tmp_path):
     (tmp_path / "evil.pt").write_bytes(pickle.dumps(_Evil()))
     out = one_line_error(cli(*args, "--teacher-weights", tmp_path / "evil.pt"))
     assert "refused as unsafe" in out and "weights_only=False" not in out
+
+
+@pytest.mark.slow
+def test_kill_9_then_a_bare_resume_reproduces_the_uninterrupted_run(shards, tmp_path):
+    """The run directory is enough: `kdpipe train --out RUN --resume` after a kill -9 mid-run (its lock freed by
+    the OS, no pid file) writes the same metrics.jsonl as a run never interrupted (timing fields aside)."""
+    import signal
+    import time
+
+    from trainer.metrics import TIMING_FIELDS
+
+    args = ["train", "--shards", str(shards), "--mode", "hard", "--students", "tiny_cnn,tiny_mobilenet",
+            "--epochs", "3", *map(str, COMMON), "--batch-size", "8"]
+    assert cli(*args, "--out", tmp_path / "whole")[0] == 0
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "trainer.cli", *args, "--out", str(run)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "metrics.jsonl").is_file():  # killed once its first epoch is on disk, mid-epoch 2
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended or stalled"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert len(RunDir(run).read_metrics()) < 3
+    assert cli("train", "--out", run, "--resume")[0] == 0
+
+    def strip(run_dir):
+        return [{k: v for k, v in r.to_json().items() if k not in TIMING_FIELDS} for r in RunDir(run_dir).read_metrics()]
+    assert strip(run) == strip(tmp_path / "whole")
+
+
+def test_resume_before_the_first_checkpoint_starts_the_run_again(tmp_path):
+    """Killed during epoch 0 (config.json and maybe a metrics line, no checkpoint): --resume has nothing to
+    continue, so the same run starts from its beginning, replacing that attempt's records."""
+    cfg = tiny_config(tmp_path, "hard", ("tiny_cnn",), epochs=1)
+    whole = run_training(cfg, FakeLoader(), FakeLoader(num_samples=32, seed=99), classes=FakeLoader().classes,
+                         progress=False)["final"]
+    (tmp_path / "run" / "checkpoint-last.pt").unlink()  # as if killed between the metrics line and the checkpoint
+    again = run_training(cfg, FakeLoader(), FakeLoader(num_samples=32, seed=99), classes=FakeLoader().classes,
+                         progress=False, resume=True)["final"]
+    recs = RunDir(tmp_path / "run").read_metrics()
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1  # replaced, not appended
+    assert recs[0].students[0].val_top1 == whole.students[0].val_top1 == again.students[0].val_top1
+    other = tiny_config(tmp_path, "hard", ("tiny_cnn",), epochs=2)
+    (tmp_path / "run" / "checkpoint-last.pt").unlink()
+    with pytest.raises(ConfigError, match="differing fields: epochs: 1 -> 2$"):
+        run_training(other, FakeLoader(), FakeLoader(), classes=FakeLoader().classes, progress=False, resume=True)

@@ -45,7 +45,8 @@ ASSUMPTIONS: tuple[Assumption, ...] = (
                ("optim.decay_norm_and_bias",)),
     Assumption("learning-rate warm-up", "none (0 epochs)", "silent (cosine from 0.1)", "`--warmup-epochs`",
                ("optim.warmup_epochs",)),
-    Assumption("MobileNetV2 classifier dropout", "0.2 (torchvision's)", "silent", "`--dropout`", ("dropout",)),
+    Assumption("MobileNetV2 classifier dropout", "each model's own: 0.2 in MobileNetV2 (torchvision's)", "silent",
+               "`--dropout` (sets every dropout layer of the students)", ("dropout",)),
     Assumption("repeating augmented views", "refused: a teacher cache needs one augmentation epoch per "
                "training epoch", "fresh random views every epoch (online)", "`--reuse-views`", ("reuse_views",)),
     Assumption("batch size on several GPUs", "64 global, split across ranks; lr unchanged",
@@ -54,7 +55,7 @@ ASSUMPTIONS: tuple[Assumption, ...] = (
 
 # Values for config.json files written before the key existed (older kdpipe versions).
 MISSING: dict[str, Any] = {"loss.direction": "forward", "loss.entropy_tau": 1.0, "val_resize": "shorter",
-                           "optim.decay_norm_and_bias": True, "optim.warmup_epochs": 0.0, "dropout": 0.2,
+                           "optim.decay_norm_and_bias": True, "optim.warmup_epochs": 0.0, "dropout": None,
                            "reuse_views": False, "batch_size": 64}
 _ABSENT = object()
 
@@ -141,7 +142,7 @@ def report_section(runs: list[tuple[str, dict]]) -> list[str]:
 
 
 def _show(v: Any) -> str:
-    return "missing" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+    return "none" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
 
 
 if __name__ == "__main__":

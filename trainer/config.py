@@ -86,7 +86,8 @@ class TrainConfig:
     val_resize: ValResize = opt(
         "shorter", "validation view: shorter (shorter side to 256/224 of the crop, centre crop; torchvision's "
         "norm) or square (resize to 256x256, centre crop; the paper's words)")
-    dropout: float = opt(0.2, "dropout probability of every nn.Dropout in the students (MobileNetV2's classifier)")
+    dropout: float | None = opt(None, "dropout probability of every nn.Dropout in the students (default: each "
+                                "model's own: 0.2 in MobileNetV2's classifier, torchvision's; ResNets have none)")
     reuse_views: bool = opt(False, "accept a teacher cache with fewer augmentation epochs than --epochs: "
                             "training epoch e then repeats the views (and logits) of epoch e mod E")
     seed: int = opt(0, "seed of augmentation, epoch order, initialisation and dropout")
@@ -309,7 +310,7 @@ def validate(cfg: TrainConfig) -> None:
         errors.append("temperatures (--tau, --entropy-tau) must be positive")
     if cfg.optim.lr <= 0 or cfg.optim.warmup_epochs < 0:
         errors.append("--lr must be positive and --warmup-epochs not negative")
-    if not 0.0 <= cfg.dropout < 1.0:
+    if cfg.dropout is not None and not 0.0 <= cfg.dropout < 1.0:
         errors.append(f"--dropout must be in [0, 1), got {cfg.dropout}")
     if cfg.teacher_weights and cfg.teacher_cache:
         errors.append("give either --teacher-weights (online teacher) or --teacher-cache, not both")

@@ -5,6 +5,7 @@ Every file is written atomically (temp name, fsync, rename): a crash leaves the 
 """
 from __future__ import annotations
 
+import json
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -33,16 +34,26 @@ class RunDir:
         """Start a new run (config.json, with the runtime facts) or, with resume, load RUN/checkpoint-last.pt
         and check that it belongs to this config, these classes and this world size. Returns the checkpoint."""
         last = self.path / LAST
+        if resume and not last.is_file() and (self.path / CONFIG).is_file():
+            # stopped before its first checkpoint (e.g. killed during epoch 0): nothing to continue, so the
+            # same run starts again from its beginning, with the config it was given
+            diff = config_diff(json.loads((self.path / CONFIG).read_text()), cfg)
+            if diff:
+                raise ConfigError(f"{self.path / CONFIG} was written by another config; differing fields: "
+                                  f"{'; '.join(diff)}")
+            resume = False
         if not resume:
             if last.is_file():
                 raise OutputExistsError(f"{self.path} already holds a run ({last}); continue it with "
                                         f"`kdpipe train --out {self.path} --resume` or choose another --out")
-            if write:
+            if write:  # records of an attempt that never reached a checkpoint are this run's to replace
+                self.truncate_metrics(0)
+                (self.path / SKIPPED).unlink(missing_ok=True)
                 atomic_write_text(self.path / CONFIG, to_json(cfg, {"runtime": runtime}))
             return None
         if not last.is_file():
-            raise CheckpointError(f"--resume: no checkpoint at {last} yet (the run stopped before its first "
-                                  f"checkpoint); start it again without --resume")
+            raise CheckpointError(f"--resume: no checkpoint at {last} and no {CONFIG}: is {self.path} a "
+                                  f"`kdpipe train` run directory?")
         state = load_checkpoint(last)
         diff = config_diff(state.get("config", {}), cfg)
         if diff:

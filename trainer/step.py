@@ -26,8 +26,11 @@ def step_seed(seed: int, global_step: int, rank: int = 0) -> int:
     return ((seed * 1_000_003 + global_step) * 65_537 + rank) % (2**63)
 
 
-def set_dropout(model: nn.Module, p: float) -> nn.Module:
-    """Every nn.Dropout of `model` at probability p (MobileNetV2's classifier; ResNets have none)."""
+def set_dropout(model: nn.Module, p: float | None) -> nn.Module:
+    """Every nn.Dropout of `model` at probability p (MobileNetV2's classifier; ResNets have none); None keeps
+    each model's own."""
+    if p is None:
+        return model
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = p
