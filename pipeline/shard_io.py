@@ -303,9 +303,6 @@ class TarShardWriter:
             self._fed = pos
         return offsets
 
-    def add(self, name: str, data: bytes) -> int:
-        return self.add_sample([(name, data)])[0]
-
     def _writev(self, parts: list[bytes]) -> None:
         if not parts:
             return

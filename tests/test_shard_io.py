@@ -23,7 +23,7 @@ def test_tar_writer_is_byte_identical_to_tarfile(tmp_path):
     members = [("00000000.jpg", b"\xff\xd8" + bytes(range(256)) * 7), ("00000000.cls", b"3"),
                ("00000000.json", b"{}"), ("00000000.i64", struct.pack("<q", 0)), ("00000001.jpg", b"x" * 512)]
     w = TarShardWriter(tmp_path / "ours.tar")
-    offsets = [w.add(name, data) for name, data in members]
+    offsets = [w.add_sample([(name, data)])[0] for name, data in members]
     nbytes, sha = w.close()
     with tarfile.open(tmp_path / "ref.tar", "w", format=tarfile.USTAR_FORMAT) as ref:
         for name, data in members:
