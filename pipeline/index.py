@@ -123,20 +123,52 @@ def load_index(shard_dir: str | Path, split: str, count: int, shards: int) -> np
     except (ValueError, OSError, EOFError) as e:  # object arrays, a damaged header, a truncated file
         raise ShardFormatError(f"{path}: not a readable index ({' '.join(str(e).split())[:200]}); rerun "
                                "`kdpipe shard` with the same options to rewrite it") from None
+    return check_index_rows(rows, str(path), count, shards, "rerun `kdpipe shard` with the same options")
+
+
+def check_index_rows(rows: np.ndarray, source: str, count: int, shards: int, fix: str) -> np.ndarray:
+    """`rows` if they are a current index of `count` samples over `shards` shards, else a ShardFormatError
+    naming `source` and saying how to `fix` it (the one rule for local and remote indexes)."""
     if rows.dtype == INDEX_DTYPE_NO_CRC:
-        raise ShardFormatError(f"{path}: written by an older kdpipe, without the crc32 field; rerun `kdpipe shard` "
-                               "with the same options: it adds the field (only the index files are rewritten)")
+        raise ShardFormatError(f"{source}: written by an older kdpipe, without the crc32 field; {fix}: it adds the "
+                               "field (only the index files are rewritten)")
     if rows.dtype != INDEX_DTYPE or rows.ndim != 1 or len(rows) != count:
-        raise ShardFormatError(f"{path}: expected {count} rows of {INDEX_DTYPE}, found shape {rows.shape} of "
-                               f"{rows.dtype}; rerun `kdpipe shard` with the same options to rewrite it")
+        raise ShardFormatError(f"{source}: expected {count} rows of {INDEX_DTYPE}, found shape {rows.shape} of "
+                               f"{rows.dtype}; {fix} to rewrite it")
     if len(rows) and (rows["shard"].min() < 0 or rows["shard"].max() >= shards or rows["offset"].min() < 0
                       or rows["size"].min() < 0):
-        raise ShardFormatError(f"{path}: rows point outside the {shards} shards of the manifest; rerun "
-                               "`kdpipe shard` with the same options to rewrite it")
+        raise ShardFormatError(f"{source}: rows point outside the {shards} shards of the manifest; {fix} to "
+                               "rewrite it")
     return rows
 
 
-class ShardIndex:
+class IndexRows:
+    """What every index tells about its samples, by sample id (needs `rows` and `classes`)."""
+
+    rows: np.ndarray
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.rows["label"]
+
+    @property
+    def heights(self) -> np.ndarray:
+        return self.rows["height"]
+
+    @property
+    def widths(self) -> np.ndarray:
+        return self.rows["width"]
+
+
+class ShardIndex(IndexRows):
     """Random access to one split of a shard directory.
 
     idx.labels / heights / widths are numpy arrays by sample id; idx.read(id) returns the JPEG bytes, checked
@@ -161,26 +193,6 @@ class ShardIndex:
         self.classes: list[str] = [c["wnid"] for c in self.manifest["classes"]]
         self._fds: dict[int, int] = {}
         self._pid = os.getpid()
-
-    # -- metadata
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
-    def labels(self) -> np.ndarray:
-        return self.rows["label"]
-
-    @property
-    def heights(self) -> np.ndarray:
-        return self.rows["height"]
-
-    @property
-    def widths(self) -> np.ndarray:
-        return self.rows["width"]
 
     def shard_path(self, sample_id: int) -> Path:
         return self._paths[int(self.rows["shard"][self._check_id(sample_id)])]

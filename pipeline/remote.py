@@ -27,7 +27,7 @@ from typing import IO, Callable
 import numpy as np
 
 from .errors import ConfigError, MissingDataError, RemoteReadError, ShardFormatError, one_line
-from .index import INDEX_DTYPE, INDEX_DTYPE_NO_CRC, check_manifest
+from .index import IndexRows, check_index_rows, check_manifest
 
 URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 RETRIES = 3  # re-opens of one file after a failed or short read
@@ -209,7 +209,7 @@ def fetch_manifest(base: str) -> tuple[dict, str]:
     return manifest, sha
 
 
-class RemoteIndex:
+class RemoteIndex(IndexRows):
     """The metadata half of `ShardIndex` for a shard directory behind a URL (labels, heights, widths, classes,
     manifest), fetched once. There is no random access: samples come from `StreamBackend`."""
 
@@ -226,36 +226,13 @@ class RemoteIndex:
             self.rows: np.ndarray = np.load(io.BytesIO(read_whole(url)), allow_pickle=False)
         except ValueError as e:
             raise ShardFormatError(f"{url}: not a kdpipe index ({one_line(e, 200)})") from None
-        if self.rows.dtype == INDEX_DTYPE_NO_CRC:
-            raise ShardFormatError(f"{url}: written by an older kdpipe, without the crc32 field; rerun `kdpipe shard` "
-                                   f"with the same options on the source and upload the new index files")
-        if self.rows.dtype != INDEX_DTYPE or len(self.rows) != info["count"]:
-            raise ShardFormatError(f"{url}: expected {info['count']} rows of {INDEX_DTYPE}, "
-                                   f"found {len(self.rows)} of {self.rows.dtype}")
+        check_index_rows(self.rows, url, info["count"], len(self.shards),
+                         "rerun `kdpipe shard` with the same options on the source and upload the new index files")
         for k, s in enumerate(self.shards):
             if not np.all(self.rows["shard"][s["first_id"]:s["first_id"] + s["count"]] == k):
                 raise ShardFormatError(f"{url}: rows of {s['name']} do not point at it; the index and the "
                                        f"manifest disagree")
         self.classes: list[str] = [c["wnid"] for c in self.manifest["classes"]]
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
-    def labels(self) -> np.ndarray:
-        return self.rows["label"]
-
-    @property
-    def heights(self) -> np.ndarray:
-        return self.rows["height"]
-
-    @property
-    def widths(self) -> np.ndarray:
-        return self.rows["width"]
 
     def shard_url(self, k: int) -> str:
         return member_url(self.shard_dir, self.shard_names[k])
