@@ -100,3 +100,12 @@ def test_legacy_uncertainty_flag_maps_to_the_weight_function():
     old = {**to_dict(make_config("kd")), "loss": {**dataclasses.asdict(make_config("kd").loss), "uncertainty": True}}
     del old["loss"]["weight_fn"]
     assert from_dict(old).loss.weight_fn == "confidence"
+
+
+def test_the_cli_builds_its_options_without_importing_torch():
+    """`kdpipe --help` stays fast: the config dataclasses (and so every option) load without torch."""
+    import subprocess
+    import sys
+
+    code = "import sys, trainer.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -19,7 +19,6 @@ from pipeline.augment import ValResize
 from pipeline.errors import ConfigError
 from pipeline.shards import ShardOptions
 
-from .losses import Direction, WeightFn
 
 
 def opt(default: Any = dataclasses.MISSING, help: str = "", **meta: Any) -> Any:
@@ -34,6 +33,10 @@ def opt(default: Any = dataclasses.MISSING, help: str = "", **meta: Any) -> Any:
 
 
 Backend = Literal["auto", "dali", "torch"]
+Direction = Literal["forward", "reverse"]  # of the KL terms (trainer/losses.py)
+# The per-sample weight of the teacher term: the paper's confidence (w = 1 - H/log C), none (w = 1), or its
+# opposite, entropy (w = H/log C: up-weights what the teacher is unsure of, as entropy-aware KD variants do).
+WeightFn = Literal["confidence", "none", "entropy"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 
 

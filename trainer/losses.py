@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal, get_args
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 
-Direction = Literal["forward", "reverse"]
-# The per-sample weight of the teacher term: the paper's confidence (w = 1 - H/log C), none (w = 1), or its
-# opposite, entropy (w = H/log C: up-weights what the teacher is unsure of, as entropy-aware KD variants do).
-WeightFn = Literal["confidence", "none", "entropy"]
+from .config import Direction, WeightFn  # the choices live with the config (torch-free for the CLI)
+
 DIRECTIONS: tuple[str, ...] = get_args(Direction)
 WEIGHT_FNS: tuple[str, ...] = get_args(WeightFn)
 TERMS = ("loss", "hard", "teacher", "peer", "w")  # the keys of dual_student_loss, in logging order
