@@ -90,7 +90,8 @@ def check_epoch(group: Any, layout: Any, epoch: int, names: tuple[str, ...], don
             if why is None and crc32_rows(data[name][c * cn:(c + 1) * cn]) != int(recorded[c, col]):
                 why = "fails its checksum" + _missing_file(group, name, (epoch, c) + (0,) * (data[name].ndim - 1))
             if why is not None:
-                damage.append(Damage(epoch, c, name, f"{why} (ids {c * cn}..{min((c + 1) * cn, layout.num_samples) - 1})"))
+                ids = f"ids {c * cn}..{min((c + 1) * cn, layout.num_samples) - 1}"
+                damage.append(Damage(epoch, c, name, f"{why} ({ids})"))
     return data, damage
 
 

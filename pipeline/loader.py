@@ -117,7 +117,8 @@ class ImageNet100Loader:
             teacher_cache = open_cache(teacher_cache)
         self.teacher_cache = teacher_cache
         if self.teacher_cache is not None and view_epochs not in (None, self.teacher_cache.epochs):
-            raise ValueError(f"view_epochs={view_epochs} disagrees with the teacher cache's {self.teacher_cache.epochs}")
+            raise ValueError(f"view_epochs={view_epochs} disagrees with the teacher cache's "
+                             f"{self.teacher_cache.epochs}")
         if view_epochs is not None and view_epochs < 1:
             raise ValueError(f"view_epochs must be >= 1, got {view_epochs}")
         self.view_epochs = view_epochs if self.teacher_cache is None else self.teacher_cache.epochs

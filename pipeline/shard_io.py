@@ -130,7 +130,8 @@ def ordered_map(fn: Callable[[list[T]], list[R]], items: Iterable[T], workers: i
 
 # The constant parts of a ustar header for a regular file with mode 0444, uid/gid 0, mtime 0 and empty
 # owner names (fixed metadata: shards are byte-reproducible). Layout: name[100] mode[8] uid[8] gid[8]
-# size[12] mtime[12] chksum[8] typeflag[1] linkname[100] magic+version[8] uname[32] gname[32] dev[16] prefix[155] pad[12].
+# size[12] mtime[12] chksum[8] typeflag[1] linkname[100] magic+version[8] uname[32] gname[32] dev[16] prefix[155]
+# pad[12].
 _MODE_IDS = b"0000444\x000000000\x000000000\x00"
 _MTIME = b"00000000000\x00"
 _AFTER_CHKSUM = b"0" + bytes(100) + b"ustar\x0000" + bytes(TAR_BLOCK - 265)

@@ -76,8 +76,8 @@ def check_tree_args(root: str | Path, wnids: list[str], train_per_class: int, va
         raise ConfigError(f"need train_per_class (--train-per-class) >= 1 and val_per_class (--val-per-class) >= 0 "
                           f"images per class, got {train_per_class} and {val_per_class}")
     if len(size) not in (2, 4) or min(size) < min_side or (len(size) == 4 and (size[0] > size[1] or size[2] > size[3])):
-        raise ConfigError(f"size (--size) {tuple(size)} is too small or malformed: need (height, width) or (hmin, hmax, "
-                          f"wmin, wmax) with sides >= {min_side} px")
+        raise ConfigError(f"size (--size) {tuple(size)} is too small or malformed: need (height, width) or "
+                          f"(hmin, hmax, wmin, wmax) with sides >= {min_side} px")
 
 
 def _size(rng: np.random.Generator, size: tuple[int, int] | tuple[int, int, int, int]) -> tuple[int, int]:
@@ -122,7 +122,8 @@ def make_imagenet_tree(
         for n in range(train_per_class):
             jobs.append(("train", wnid, f"train/{wnid}/{wnid}_{n + 1}.JPEG"))
         for n in range(val_per_class if val_layout else 0):
-            rel = f"val/{wnid}/ILSVRC2012_val_{wnid}_{n}.JPEG" if val_layout == "folders" else f"val/{val_names[wnid][n]}"
+            rel = (f"val/{wnid}/ILSVRC2012_val_{wnid}_{n}.JPEG" if val_layout == "folders"
+                   else f"val/{val_names[wnid][n]}")
             jobs.append(("val", wnid, rel))
     if progress:
         from tqdm import tqdm

@@ -145,13 +145,15 @@ def read_layout(group, path: str | Path = "") -> CacheLayout:
     if a.get("format") != FORMAT:
         raise CacheError(f"{where} is not a kdpipe teacher cache (format={a.get('format')!r})")
     if a.get("layout_version") != LAYOUT_VERSION:
-        old = " (written before per-unit checksums: its units cannot be verified)" if a.get("layout_version") == 1 else ""
+        old = (" (written before per-unit checksums: its units cannot be verified)"
+               if a.get("layout_version") == 1 else "")
         raise CacheError(f"{where}: teacher cache layout_version {a.get('layout_version')}{old} is not the supported "
                          f"{LAYOUT_VERSION}; make a new cache with `kdpipe cache-teacher --out NEW` (same options)")
     try:
         layout = CacheLayout(**{f.name: int(a[f.name]) for f in dataclasses.fields(CacheLayout)})
     except (KeyError, TypeError, ValueError) as e:
-        raise CacheError(f"{where}: damaged layout attributes ({e}); make a new cache with `kdpipe cache-teacher`") from None
+        raise CacheError(f"{where}: damaged layout attributes ({e}); make a new cache with "
+                         f"`kdpipe cache-teacher`") from None
     have = set(group.array_keys())
     lost = [n for n in (*layout.data_arrays, CHECKSUM, "done") if n not in have]
     if lost:

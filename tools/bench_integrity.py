@@ -65,7 +65,8 @@ def bench_jpeg(args) -> dict:
         med = _rounds(stages, args.rounds, per_image)
     mean_kb = sum(map(len, datas)) / len(datas) / 1024
     share = (med["read+check"] - med["read"]) / med["view"]
-    print(f"[jpeg] {len(datas)} JPEGs, 500x375, mean {mean_kb:.0f} KiB; crop {args.size}; medians of {args.rounds} rounds")
+    print(f"[jpeg] {len(datas)} JPEGs, 500x375, mean {mean_kb:.0f} KiB; crop {args.size}; "
+          f"medians of {args.rounds} rounds")
     for name, t in med.items():
         print(f"[jpeg]   {name:<11} {t * 1e6:8.1f} us/img")
     print(f"[jpeg] the check (read+check - read) / training view = {100 * share:.2f} %  "

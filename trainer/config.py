@@ -365,7 +365,8 @@ def build(cls: type, d: dict, where: str = "") -> Any:
             kw[name] = _checked(tuple(value) if isinstance(value, list) else value, hint, where + name)
             lo, hi = fields[name].metadata.get("min"), fields[name].metadata.get("max")
             if kw[name] is not None and ((lo is not None and kw[name] < lo) or (hi is not None and kw[name] > hi)):
-                raise ConfigError(f"config key {where}{name}: {kw[name]!r} is outside [{lo}, {hi if hi is not None else ''}]")
+                top = "" if hi is None else hi
+                raise ConfigError(f"config key {where}{name}: {kw[name]!r} is outside [{lo}, {top}]")
     try:
         return cls(**kw)
     except ConfigError:

@@ -263,7 +263,7 @@ def _train(cfg: TrainConfig, run: RunDir, train_loader, val_loader, classes: lis
                     tb.epoch(record)
                 if progress:
                     print(epoch_line(record, cfg.epochs), file=sys.stderr, flush=True)
-            pos.epoch, pos.step, pos.stats, pos.data_s, pos.compute_s, pos.skipped = pos.epoch + 1, 0, None, 0.0, 0.0, []
+            pos = Position(pos.epoch + 1, 0, pos.best, pos.teacher_val)  # the next epoch starts from nothing
             save(run.path / ck.LAST)
             if improved:
                 save(run.path / ck.BEST)
@@ -327,8 +327,9 @@ def _train_epoch(cfg: TrainConfig, distiller: Distiller, loader, pos: Position, 
             elapsed = max(time.perf_counter() - t0, 1e-9)
             ips = (s["images"] - images0) * world / elapsed
             terms = " ".join(f"{x['loss']:.3f}" for x in s["students"])
+            share = 100 * timer.data_s / max(timer.data_s + timer.compute_s, 1e-9)
             bar.update(pos.step - last_log, f"loss {terms} lr {distiller.lr():.4f} {ips:.0f} img/s, "
-                                            f"data {100 * timer.data_s / max(timer.data_s + timer.compute_s, 1e-9):.0f} % of step")
+                                            f"data {share:.0f} % of step")
             last_log = pos.step
     bar.close()
     pos.data_s, pos.compute_s = timer.data_s, timer.compute_s
@@ -363,7 +364,8 @@ def _finish_epoch(cfg: TrainConfig, distiller: Distiller, val_loader, pos: Posit
     return EpochMetrics(
         epoch=pos.epoch, lr=distiller.lr(), images=s["images"], students=students,
         val_ensemble_top1=val["ensemble_top1"], val_ensemble_top5=val["ensemble_top5"], val_images=val["count"],
-        w_mean=s["w_mean"], teacher_entropy_tau1=s["teacher_entropy_tau1"], teacher_entropy_tau=s["teacher_entropy_tau"],
+        w_mean=s["w_mean"], teacher_entropy_tau1=s["teacher_entropy_tau1"],
+        teacher_entropy_tau=s["teacher_entropy_tau"],
         teacher_val=pos.teacher_val, skipped=len(pos.skipped), epoch_time_s=epoch_time,
         images_per_s=images_timed * world / max(epoch_time, 1e-9), data_time_s=pos.data_s,
         compute_time_s=pos.compute_s, data_share=pos.data_s / total if total > 0 else None,

@@ -148,7 +148,8 @@ def aa_weights(in_size: torch.Tensor, out_total: torch.Tensor, first: torch.Tens
     dev = in_size.device
     scale = (in_size.double() / out_total.double()).view(-1, 1, 1)
     stretch = scale.clamp(min=1.0)  # the filter widens only when shrinking
-    centre = scale * (first.double().view(-1, 1, 1) + torch.arange(size, device=dev, dtype=torch.float64).view(1, -1, 1) + 0.5)
+    steps = torch.arange(size, device=dev, dtype=torch.float64).view(1, -1, 1)
+    centre = scale * (first.double().view(-1, 1, 1) + steps + 0.5)
     j = torch.arange(pad, device=dev, dtype=torch.float64).view(1, 1, -1)
     w = (1.0 - ((j + 0.5 - centre) / stretch).abs()).clamp_(min=0.0) * (j < in_size.view(-1, 1, 1))
     return (w / w.sum(-1, keepdim=True)).float()
