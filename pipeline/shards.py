@@ -10,7 +10,6 @@ with byte-identical shards and manifest. Format: docs/CONTRACTS.md.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -27,7 +26,8 @@ from . import __version__
 from .classes import load_class_list, wnid_names
 from .imagenet import ImageNetTree, SourceFile, discover
 from .atomic import atomic_write_bytes, atomic_write_json
-from .errors import BusyError, ConfigError, KdpipeError
+from .errors import ConfigError, KdpipeError
+from .locks import exclusive_lock
 from .index import INDEX_DTYPE, MANIFEST, index_path, read_manifest
 from .shard_image import Prepared, prepare_many
 from .shard_io import HashProcess, TarShardWriter, dali_index_text, file_sha256, ordered_map, usable_cores
@@ -357,11 +357,7 @@ def build_shards(imagenet: str | Path | ImageNetTree, out: str | Path, *,
     out = Path(out)
     (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
     workers = workers or usable_cores()
-    with open(out / STATE_DIR / "lock", "a") as lock:  # "a": taking the lock leaves the file untouched
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise BusyError(f"{out}: another `kdpipe shard` is writing here") from None
+    with exclusive_lock(out / STATE_DIR / "lock", f"shard directory {out} (another `kdpipe shard` writes it)"):
         plan = make_plan(tree, options)
         check_plan(out, plan, overwrite)
         report = ShardReport(out=out, manifest={})

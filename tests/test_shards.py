@@ -313,14 +313,22 @@ def test_cli_flat_val_with_labels_file(tmp_path, small_wnids):
 
 
 def test_second_writer_on_same_output_is_refused(tmp_path, small_wnids):
-    import fcntl
+    import subprocess
+    import sys
 
     tree = make_imagenet_tree(tmp_path / "t", small_wnids[:1], train_per_class=1, val_layout=None, size=(16, 16))
-    (tmp_path / "out" / ".kdpipe-shard").mkdir(parents=True)
-    with open(tmp_path / "out" / ".kdpipe-shard" / "lock", "a") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)
-        with pytest.raises(RuntimeError, match="another `kdpipe shard`"):
+    holder = subprocess.Popen(  # another process holds the shard directory, as a running `kdpipe shard` does
+        [sys.executable, "-c", "import sys; from pipeline.locks import exclusive_lock\n"
+         "with exclusive_lock(sys.argv[1], 'x'):\n    print('held', flush=True); sys.stdin.readline()",
+         str(tmp_path / "out" / ".kdpipe-shard" / "lock")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RuntimeError, match="another `kdpipe shard` writes it"):
             build(tree, tmp_path / "out")
+    finally:
+        holder.kill()  # kill -9: the OS frees the lock
+        holder.wait()
+        holder.stdin.close(), holder.stdout.close()
     assert build(tree, tmp_path / "out").manifest["splits"]["train"]["count"] == 1
 
 
