@@ -254,7 +254,7 @@ def train(config_file, resume, stop_after_steps, **params):
         saved_file = Path(flags["out"]) / "config.json"
         if not saved_file.is_file():
             raise MissingDataError(f"--resume: {saved_file} not found; is {flags['out']} a `kdpipe train` run?")
-        saved = read_config_file(saved_file)
+        saved = read_config_file(saved_file, "--resume: the run's")
     cfg = resolve_train(flags, read_config_file(config_file) if config_file else None, saved,
                         saved_name=str(Path(flags.get("out", "")) / "config.json"))
     missing = missing_required(TrainConfig, dataclasses.asdict(cfg))

@@ -184,27 +184,27 @@ def flatten(d: dict[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, 
     return out
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
+def read_config_file(path: str | Path, what: str = "--config") -> dict[str, Any]:
     """A config file: the JSON a run wrote (config.json) or a TOML file with the same keys (nested tables
     [loss], [optim]). The `runtime` section of a run's config.json (facts of that run) is dropped."""
     path = Path(path)
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"--config {path}: cannot read it ({e})") from e
+        raise ConfigError(f"{what} {path}: cannot read it ({e})") from e
     try:
         if path.suffix.lower() == ".toml":
             try:
                 import tomllib
             except ImportError:  # Python 3.10
-                raise ConfigError(f"--config {path}: TOML files need Python 3.11 or newer; use JSON") from None
+                raise ConfigError(f"{what} {path}: TOML files need Python 3.11 or newer; use JSON") from None
             data = tomllib.loads(text)
         else:
             data = json.loads(text)
     except (ValueError, RecursionError) as e:
         kind = "TOML" if path.suffix.lower() == ".toml" else "JSON"
-        raise ConfigError(f"--config {path}: not valid {kind} ({e})") from e
+        raise ConfigError(f"{what} {path}: not valid {kind} ({e})") from e
     if not isinstance(data, dict):
-        raise ConfigError(f"--config {path}: expected an object/table of config keys")
+        raise ConfigError(f"{what} {path}: expected an object/table of config keys")
     data.pop("runtime", None)
     return data
