@@ -24,6 +24,7 @@ from .backends.base import Backend
 from .batch import Batch, host_to_device
 from .errors import ConfigError
 from .index import ShardIndex
+from .prefetch import prefetch
 from .remote import is_url
 from .shard_io import usable_cores
 
@@ -42,6 +43,26 @@ def choose_backend(name: str, device: torch.device) -> str:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {name!r}")
     if name == "auto":
         return "dali" if device.type == "cuda" and torch.cuda.is_available() and dali_available() else "torch"
+    return name
+
+
+DECODE_DEVICES = ("auto", "cpu", "cuda")
+# auto decodes on the CPU workers when a CUDA machine has at least this many usable cores (docs/loader.md: on
+# the H200 machine's 16 cores the workers out-ran nvJPEG sharing the GPU with the step); fewer cores: nvJPEG
+CPU_DECODE_MIN_CORES = 12
+
+
+def choose_decode_device(name: str, device: torch.device, cores: int) -> str:
+    """Where the torch backend decodes: the CPU when the output device is the CPU; on CUDA as asked, or for
+    'auto' the CPU workers when there are at least CPU_DECODE_MIN_CORES of them, else nvJPEG on the GPU."""
+    if name not in DECODE_DEVICES:
+        raise ConfigError(f"decode_device must be one of {', '.join(DECODE_DEVICES)}, got {name!r}")
+    if device.type != "cuda":
+        if name == "cuda":
+            raise ConfigError(f"decode_device 'cuda' needs a CUDA output device, got {device}")
+        return "cpu"
+    if name == "auto":
+        return "cpu" if cores >= CPU_DECODE_MIN_CORES else "cuda"
     return name
 
 
@@ -69,7 +90,8 @@ class ImageNet100Loader:
                  rank: int = 0, world_size: int = 1, num_workers: int | None = None,
                  drop_last: bool | None = None, normalize: bool = True, dtype: torch.dtype | None = None,
                  teacher_cache: Any = None, skip_corrupt: bool = False, check_crc: bool = True,
-                 view_epochs: int | None = None, shuffle_buffer: int | None = None):
+                 view_epochs: int | None = None, shuffle_buffer: int | None = None, decode_device: str = "auto",
+                 prefetch: int | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -127,13 +149,21 @@ class ImageNet100Loader:
             raise ValueError(f"teacher cache has {self.teacher_cache.num_samples} samples, "
                              f"split {split!r} of {shards} has {len(self.index)}")
         self.num_workers = usable_cores() if num_workers is None else num_workers
+        extra = {}
         if self.stream:
             from .stream import StreamBackend as backend_cls
         else:
             backend_cls = backend_class(self.backend_name)
+            if self.backend_name == "torch":
+                self.decode_device = choose_decode_device(decode_device, self.device, self.num_workers)
+                extra["decode_device"] = self.decode_device
+        if prefetch is not None and prefetch < 0:
+            raise ConfigError(f"prefetch must be >= 0 batches, got {prefetch}")
+        # CUDA: batches are made in a thread on their own stream while the step runs (pipeline/prefetch.py)
+        self.prefetch = (2 if self.device.type == "cuda" else 0) if prefetch is None else prefetch
         self.backend = backend_cls(
             self.index, spec=self.spec, seed=seed, train=self.train, device=self.device, normalize=normalize,
-            dtype=dtype, num_workers=self.num_workers, skip_corrupt=skip_corrupt)
+            dtype=dtype, num_workers=self.num_workers, skip_corrupt=skip_corrupt, **extra)
         self.epoch, self.start_step = 0, 0
         self._plan: tuple[int, Any] | None = None  # streamed shards: (epoch, StreamPlan) of the last epoch asked
 
@@ -214,11 +244,14 @@ class ImageNet100Loader:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
-        epoch, start, self.start_step = self.epoch, self.start_step, 0
+        epoch, start, self.start_step = self.epoch, self.start_step, 0  # read now, not in the prefetch thread
         ids = self.rank_ids(epoch)[start * self.batch_size:]
+        plan = {"segments": self.stream_plan(epoch).segments} if self.stream else {}
+        return prefetch(self._batches(epoch, ids, plan), self.device, self.prefetch)
+
+    def _batches(self, epoch: int, ids: np.ndarray, plan: dict) -> Iterator[Batch]:
         aug_epoch = self.aug_epoch(epoch)
         pos = 0
-        plan = {"segments": self.stream_plan(epoch).segments} if self.stream else {}
         for images, labels, batch_ids in self.backend.iter_batches(ids, aug_epoch, self.batch_size, **plan):
             batch = Batch(images, labels, batch_ids, epoch)
             n, pos = len(batch_ids), pos + len(batch_ids)
@@ -239,8 +272,9 @@ class ImageNet100Loader:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if ids.size and (ids.min() < 0 or ids.max() >= self.num_samples):
             raise IndexError(f"ids must lie in [0, {self.num_samples}) for split {self.split!r}")
-        for images, labels, batch_ids in self.backend.iter_batches(ids, aug_epoch, batch_size or self.batch_size):
-            yield Batch(images, labels, batch_ids, aug_epoch)
+        views = (Batch(images, labels, batch_ids, aug_epoch) for images, labels, batch_ids
+                 in self.backend.iter_batches(ids, aug_epoch, batch_size or self.batch_size))
+        return prefetch(views, self.device, self.prefetch)
 
     def __repr__(self) -> str:
         return (f"ImageNet100Loader({str(self.index.shard_dir)!r}, split={self.split!r}, "

@@ -19,9 +19,14 @@ def test_gpu_check_quick_runs_and_reports(tmp_path):
     r = json.loads((tmp_path / "gpu_check.json").read_text())
     assert r["quick"] is True and r["device"].startswith("CPU")
     assert r["geometry"]["ok"] and r["geometry"]["same_ids"]
-    assert r["decode"]["images_per_s"] > 0 and r["decode"]["images"] == 16
+    assert r["decode"]["cpu"]["images_per_s"] > 0 and r["decode"]["cpu"]["images"] == 16
+    assert r["equal"] == {"skipped": "CUDA graphs need a CUDA device"} and r["loss_falls"]["graphed"] is False
     for b in ("8", "4"):
-        assert r["steps"][b]["ceiling_images_per_s"] > 0 and r["loader_fed"][b]["images_per_s"] > 0
-    assert r["cache_teacher"]["images"] == 16 and r["cache_teacher"]["ratio"] > 0
-    est = r["estimate"]["loader_fed_cached"]
-    assert abs(est["hours_50_epochs"] * est["images_per_s"] * 3600 - 50 * 126_689) < 1.0
+        assert r["steps"][b]["cached_eager_images_per_s"] > 0 and r["steps"][b]["online_eager_host_ms"] > 0
+    cache = r["cache_teacher"]["cpu"]
+    assert cache["images"] == 4 * 4 * 2 and cache["cache_teacher_images_per_s"] > 0  # 4 classes x 4 x 2 epochs
+    loops = {(x["batch"], x["decode_device"]): x for x in r["train_loop"]}
+    assert set(loops) == {(8, "cpu"), (4, "cpu")} and all(x["images_per_s"] > 0 for x in loops.values())
+    est = r["estimate"]["4"]
+    assert abs(est["minutes_50_epochs"] * est["images_per_s"] * 60 - 50 * 126_689) < 1.0
+    assert "total" in proc.stdout and "ERROR" not in proc.stdout

@@ -215,13 +215,17 @@ def _mean_abs_diff(a: ImageNet100Loader, b: ImageNet100Loader) -> float:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("decode", ["cuda", "cpu"])
 @pytest.mark.parametrize("split", ["train", "val"])
-def test_cuda_decode_path_close_to_cpu_workers(shards, split):
-    """On CUDA the torch backend decodes on the GPU (batched) and augments there: same ids, close pixels."""
-    gpu = make(shards, split, batch_size=5, device="cuda")
+def test_cuda_output_close_to_cpu_workers(shards, split, decode):
+    """On CUDA the torch backend decodes on the GPU (batched, in the prefetch thread) or in CPU workers with the
+    crops copied over: same ids, close pixels, on the device in channels_last."""
+    gpu = make(shards, split, batch_size=5, device="cuda", decode_device=decode, num_workers=1)
+    assert gpu.prefetch == 2 and gpu.decode_device == decode
     cpu = make(shards, split, batch_size=5)
     assert _mean_abs_diff(gpu, cpu) < 2.0
-    f = next(iter(make(shards, split, batch_size=5, device="cuda", normalize=True, dtype=torch.bfloat16)))
+    f = next(iter(make(shards, split, batch_size=5, device="cuda", normalize=True, dtype=torch.bfloat16,
+                       decode_device=decode, num_workers=1)))
     assert f.images.is_cuda and f.images.dtype == torch.bfloat16 and f.labels.is_cuda
     assert f.images.is_contiguous(memory_format=torch.channels_last)
 

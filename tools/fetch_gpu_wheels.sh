@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Download the small wheels the GPU machine lacks (Python 3.12 there; no network there) into .whl/
 # (git-ignored), so `run` can carry them: carry=[".whl"]. zarr and its needs for the teacher cache,
-# webdataset for the readback path. DALI (199+ MB) is too large to carry: the GPU check uses the torch backend.
+# webdataset for the readback path, nvImageCodec (25 MB) for the CPU workers' ROI decode.
+# DALI (199+ MB) is too large for one call: tools/carry_dali.sh sends it in parts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .whl
 plat=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
       --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
-for pkg in zarr==3.1.6 numcodecs==0.16.6 donfig google-crc32c webdataset==1.0.2 braceexpand; do
+for pkg in zarr==3.1.6 numcodecs==0.16.6 donfig google-crc32c webdataset==1.0.2 braceexpand \
+           nvidia-nvimgcodec-cu13==0.9.0.20; do
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     "${plat[@]}" -d .whl "$pkg"
 done

@@ -40,13 +40,15 @@ def job_lock(out: str | Path):
 
 def epoch_unit_logits(model: torch.nn.Module, loader: Any, layout: CacheLayout, aug_epoch: int, chunks: list[int],
                       batch_size: int, dtype: torch.dtype | None, advance: Callable[[int], Any] = lambda n: None,
-                      skipped: list | None = None) -> Iterator[tuple[int, np.ndarray]]:
-    """(chunk, float32 logits (n, C)) for each chunk of `chunks` (ascending) at `aug_epoch`, from one view stream.
+                      skipped: list | None = None) -> Iterator[tuple[int, Callable[[], np.ndarray]]]:
+    """(chunk, a callable giving its float32 logits (n, C)) for each chunk of `chunks` (ascending) at `aug_epoch`.
 
     One `iter_views` call per epoch (worker start-up once, not per unit). chunk_n is a multiple of batch_size,
     so every batch lies inside one unit and holds the same ids whichever units are pending: a resumed run
-    computes bit-identical logits to an uninterrupted one. With `skipped` (a list: --skip-corrupt), ids the
-    loader dropped get zero logits (w = 0) and (aug_epoch, id) is appended to it; without, a missing id is a bug."""
+    computes bit-identical logits to an uninterrupted one. A unit's logits leave the device without blocking:
+    the callable (run by the store's writer thread) waits for that copy, so the teacher never waits for the host.
+    With `skipped` (a list: --skip-corrupt), ids the loader dropped get zero logits (w = 0) and (aug_epoch, id) is
+    appended to it; without, a missing id is a bug."""
     if layout.chunk_n % batch_size:
         raise ConfigError(f"the store's chunk ({layout.chunk_n}) must be a multiple of the per-rank batch "
                           f"({batch_size})")
@@ -55,17 +57,23 @@ def epoch_unit_logits(model: torch.nn.Module, loader: Any, layout: CacheLayout, 
     todo = iter(chunks)
     current, out, seen = next(todo), [], []  # logits and ids stay on the device until the unit is whole
 
-    def finish(chunk: int) -> tuple[int, np.ndarray]:
-        got = torch.cat(seen).cpu().numpy() if seen else np.empty(0, np.int64)  # one host sync per unit
-        z = torch.cat(out).cpu().numpy() if out else np.empty((0, layout.num_classes), np.float32)
-        return chunk, _unit_array(got, z, *layout.id_range(chunk), layout.num_classes, aug_epoch, skipped)
+    def finish(chunk: int) -> tuple[int, Callable[[], np.ndarray]]:
+        copy = HostCopy(torch.cat(seen) if seen else torch.empty(0, dtype=torch.int64),
+                        torch.cat(out) if out else torch.empty((0, layout.num_classes)))
+
+        def logits() -> np.ndarray:
+            got, z = copy.wait()
+            return _unit_array(got, z.astype(np.float32, copy=False), *layout.id_range(chunk), layout.num_classes,
+                               aug_epoch, skipped)
+
+        return chunk, logits
 
     for k, batch in enumerate(loader.iter_views(ids, aug_epoch, batch_size)):
         advance(min(batch_size, len(ids) - k * batch_size))
         if not len(batch):
             continue
-        chunk = int(batch.ids[0]) // layout.chunk_n  # a batch never straddles two units
-        while chunk != current:
+        chunk = (int(ids[k * batch_size]) if skipped is None else _first_id(batch)) // layout.chunk_n
+        while chunk != current:  # a batch never straddles two units
             yield finish(current)
             current, out, seen = next(todo), [], []
         out.append(teacher_forward(model, batch.images.to(device, non_blocking=True), dtype))
@@ -73,6 +81,27 @@ def epoch_unit_logits(model: torch.nn.Module, loader: Any, layout: CacheLayout, 
     for chunk in [current, *todo]:
         yield finish(chunk)
         out, seen = [], []
+
+
+def _first_id(batch: Any) -> int:
+    return int(batch.ids[0])  # a host sync: only with --skip-corrupt, where a batch may start past its first id
+
+
+class HostCopy:
+    """Device tensors copied to the host without blocking the device's queue; `wait()` gives numpy arrays once
+    the copy is done (an event sync, run off the main thread by the caller)."""
+
+    def __init__(self, *tensors: torch.Tensor):
+        self.host = [t.detach().to("cpu", non_blocking=True) for t in tensors]  # pinned destinations on CUDA
+        self.event = None
+        if any(t.device.type == "cuda" for t in tensors):
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def wait(self) -> list[np.ndarray]:
+        if self.event is not None:
+            self.event.synchronize()
+        return [h.numpy() for h in self.host]
 
 
 def _unit_array(got: np.ndarray, logits: np.ndarray, lo: int, hi: int, num_classes: int, aug_epoch: int,
@@ -111,7 +140,8 @@ def write_units(model: torch.nn.Module, loader: Any, writer: TeacherCacheWriter,
             for chunk, logits in epoch_unit_logits(model, loader, writer.layout, epoch, chunks, batch_size, dtype,
                                                    advance, skipped):
                 settle()
-                inflight = (epoch, chunk, pool.submit(writer.write_unit, epoch, chunk, logits))
+                inflight = (epoch, chunk, pool.submit(lambda e, c, z: writer.write_unit(e, c, z()), epoch, chunk,
+                                                      logits))
         settle()
 
 
@@ -131,7 +161,7 @@ def cache_teacher(cfg: CacheTeacherConfig, *, on_unit: Callable[[int, int], Any]
         spec = AugSpec(image_size=cfg.image_size)
         loader = ImageNet100Loader(cfg.shards, "train", batch, seed=cfg.seed, backend=cfg.backend, device=device,
                                    spec=spec, normalize=True, num_workers=cfg.num_workers,
-                                   skip_corrupt=cfg.skip_corrupt)
+                                   skip_corrupt=cfg.skip_corrupt, decode_device=cfg.decode_device)
         classes = loader.classes
         if cfg.topk >= len(classes):
             raise ConfigError(f"--topk {cfg.topk} must be below the shards' class count {len(classes)} (0 stores "

@@ -38,6 +38,8 @@ Direction = Literal["forward", "reverse"]  # of the KL terms (trainer/losses.py)
 # opposite, entropy (w = H/log C: up-weights what the teacher is unsure of, as entropy-aware KD variants do).
 WeightFn = Literal["confidence", "none", "entropy"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
+CudaGraphs = Literal["auto", "on", "off"]
+DecodeDevice = Literal["auto", "cpu", "cuda"]
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,12 @@ class TrainConfig:
                          "GradScaler per student")
     channels_last: bool = opt(True, "channels_last memory format for models and images")
     compile: bool = opt(False, "torch.compile each student")
+    cuda_graphs: CudaGraphs = opt(
+        "auto", "capture the whole step in a CUDA graph and replay it (auto: on CUDA with one process and bf16/fp32, "
+        "without --compile; the host then no longer limits the step: docs/train.md)")
+    decode_device: DecodeDevice = opt(
+        "auto", "where the torch backend decodes JPEGs on a CUDA machine: cpu (worker processes, uint8 crops copied "
+        "to the GPU), cuda (nvJPEG in a prefetch thread on its own stream), auto (docs/loader.md)")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     log_every: int = opt(20, "steps between progress updates (each one syncs the host with the device)", min=1)
     tensorboard: bool = opt(False, "also write per-step loss terms, lr and w, and per-epoch accuracy to RUN/tb "
@@ -133,6 +141,9 @@ class CacheTeacherConfig:
     skip_corrupt: bool = opt(False, "store no teacher signal (zero logits, w = 0) for samples that fail to read or "
                              "decode, list them in OUT.skipped.tsv, instead of stopping")
     precision: Precision = opt("auto", "teacher precision: auto (bf16 on CUDA, fp32 on the CPU)")
+    decode_device: DecodeDevice = opt(
+        "auto", "where the torch backend decodes JPEGs on a CUDA machine: cpu (worker processes), cuda (nvJPEG in a "
+        "prefetch thread), auto (docs/loader.md)")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     progress: bool = opt(True, "progress bar", cli=False)
 
@@ -213,7 +224,7 @@ PRESETS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
 
 # Fields a resumed run may change (paths move; logging, workers and compilation do not change the numbers).
 RESUME_FREE = ("out", "shards", "teacher_weights", "teacher_cache", "num_workers", "log_every", "compile",
-               "tensorboard")
+               "tensorboard", "cuda_graphs", "decode_device")
 
 
 def preset_fields(mode: str) -> dict[str, Any]:

@@ -49,11 +49,12 @@ def precision_name(dtype: torch.dtype) -> str:
     return next(k for k, v in _DTYPES.items() if v == dtype)
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """autocast on the device for a low-precision dtype; a no-op context for fp32 or None."""
+def autocast(device: torch.device, dtype: torch.dtype | None, cache: bool = True):
+    """autocast on the device for a low-precision dtype; a no-op context for fp32 or None. cache=False: no
+    cache of cast weights (required inside a CUDA graph capture)."""
     if dtype is None or dtype == torch.float32:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)
 
 
 # ---------------------------------------------------------------- torchrun

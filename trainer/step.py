@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .config import TrainConfig, lr_factor
+from .graphed import GraphedStep, graphs_wanted
 from .losses import TERMS, dual_student_loss, entropy, teacher_weight
 from .runtime import autocast, dist_info, precision_dtype, teacher_forward
 
@@ -97,6 +98,9 @@ class Distiller:
                            for opt in self.optimizers]
         fp16 = self.dtype == torch.float16
         self.scalers = [torch.amp.GradScaler(device.type) if fp16 else None for _ in self.students]
+        # the whole step as one CUDA graph where it applies (trainer/graphed.py); None: eager steps
+        self.graphed = GraphedStep(self._compute, self.optimizers, device) if graphs_wanted(
+            cfg.cuda_graphs, device=device, dtype=self.dtype, world_size=world, compiled=cfg.compile) else None
 
     def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
         return teacher_forward(self.teacher, images, self.dtype)
@@ -105,21 +109,35 @@ class Distiller:
              teacher_confidence: torch.Tensor | None = None) -> StepStats:
         """One optimisation step of every student; returns this step's StepStats (device, no sync).
 
-        teacher_confidence: a precomputed 1 - H/log C at tau = 1 per sample (a teacher cache's `weight`)."""
+        teacher_confidence: a precomputed 1 - H/log C at tau = 1 per sample (a teacher cache's `weight`).
+        With CUDA graphs (`self.graphed`) the returned tensors are the graph's static outputs: read or copy
+        them before the next step (the loop adds them into its sums at once)."""
         lc = self.cfg.loss
-        if lc.beta != 0.0 and teacher_logits is None:
-            if self.teacher is None:
-                raise ValueError("this mode needs teacher logits: an online teacher or a teacher cache")
-            teacher_logits = self.teacher_logits(images)
+        if lc.beta != 0.0 and teacher_logits is None and self.teacher is None:
+            raise ValueError("this mode needs teacher logits: an online teacher or a teacher cache")
         if lc.beta == 0.0:
             teacher_logits = None
+        if teacher_logits is None or lc.entropy_tau != 1.0:
+            teacher_confidence = None  # a cached confidence was computed at tau = 1
+        run = self.graphed if self.graphed is not None else self._compute
+        stats = run(images, labels, teacher_logits, teacher_confidence)
+        for sched in self.schedulers:
+            sched.step()
+        return stats
+
+    def _compute(self, images: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None,
+                 teacher_confidence: torch.Tensor | None) -> StepStats:
+        """Everything of a step that runs on the device, without a host sync: what a CUDA graph captures
+        (the online teacher, the student forwards, the losses, one backward, the optimizer steps)."""
+        lc = self.cfg.loss
+        if lc.beta != 0.0 and teacher_logits is None:
+            teacher_logits = self.teacher_logits(images)
         weight, h1 = None, None
         if teacher_logits is not None:  # teacher statistics once per batch, shared by every student's loss
             h1 = entropy(teacher_logits, 1.0)
-            # a cached confidence was computed at tau = 1: use it only when that is the configured temperature
-            conf = teacher_confidence if lc.entropy_tau == 1.0 else None
-            weight = teacher_weight(teacher_logits, lc.weight_fn, lc.entropy_tau, confidence=conf)
-        with autocast(self.device, self.dtype):
+            weight = teacher_weight(teacher_logits, lc.weight_fn, lc.entropy_tau, confidence=teacher_confidence)
+        # no autocast weight cache: each weight is cast once per step anyway, and a cache must not outlive a capture
+        with autocast(self.device, self.dtype, cache=False):
             logits = [m(images) for m in self.forward]
         rows, total = [], 0.0
         for i, z in enumerate(logits):
@@ -135,13 +153,12 @@ class Distiller:
         # The peer targets are detached and the teacher has no grad, so d(sum L_i)/d(theta_i) = dL_i/d(theta_i):
         # one backward serves all students (and lets DDP overlap their all-reduces).
         total.backward()
-        for opt, scaler, sched in zip(self.optimizers, self.scalers, self.schedulers):
+        for opt, scaler in zip(self.optimizers, self.scalers):
             if scaler is not None:
                 scaler.step(opt)
                 scaler.update()
             else:
                 opt.step()
-            sched.step()
         n = labels.new_full((), labels.shape[0], dtype=torch.float32)  # a fill kernel, not a host->device copy
         correct = torch.stack([(z.detach().argmax(dim=-1) == labels).sum() for z in logits]).float()
         ent = torch.stack([h1.sum(), entropy(teacher_logits, lc.tau).sum()]) if h1 is not None else n.new_zeros(2)
@@ -186,6 +203,8 @@ class Distiller:
             sc.load_state_dict(entry["scheduler"])
             if g is not None and entry["scaler"] is not None:
                 g.load_state_dict(entry["scaler"])
+        if self.graphed is not None:  # the optimizers' state tensors were replaced: capture again
+            self.graphed.reset()
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> list[dict]:

@@ -42,7 +42,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
         batch = per_rank_batch(cfg.batch_size, world)
         spec = AugSpec(image_size=cfg.image_size, val_resize_mode=cfg.val_resize)
         common = dict(seed=cfg.seed, backend=cfg.backend, device=device, spec=spec, rank=rank, world_size=world,
-                      num_workers=cfg.num_workers, skip_corrupt=cfg.skip_corrupt)
+                      num_workers=cfg.num_workers, skip_corrupt=cfg.skip_corrupt, decode_device=cfg.decode_device)
         val_loader = ImageNet100Loader(cfg.shards, "val", batch, drop_last=False, **common)
         classes = list(val_loader.classes)
         cache = open_training_cache(cfg, val_loader, spec) if cfg.teacher_cache else None

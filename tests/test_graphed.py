@@ -1,0 +1,100 @@
+"""CUDA-graph steps (trainer/graphed.py): when they apply, and on a GPU that they equal eager steps."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.errors import ConfigError
+from trainer.config import make_config
+from trainer.graphed import graphs_wanted
+from trainer.models import build_model
+from trainer.step import Distiller, step_seed
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+@pytest.mark.parametrize("kw, expected", [
+    ({}, True),
+    ({"device": CPU}, False),
+    ({"dtype": torch.float16}, False),
+    ({"world_size": 2}, False),
+    ({"compiled": True}, False),
+])
+def test_auto_takes_graphs_only_where_they_apply(kw, expected):
+    args = {"device": CUDA, "dtype": torch.bfloat16, "world_size": 1, "compiled": False, **kw}
+    assert graphs_wanted("auto", **args) is expected
+    assert graphs_wanted("off", **args) is False
+    if expected:
+        assert graphs_wanted("on", **args) is True
+    else:
+        with pytest.raises(ConfigError, match="--cuda-graphs on: "):
+            graphs_wanted("on", **args)
+
+
+def test_unknown_choice_is_a_config_error():
+    with pytest.raises(ConfigError, match="--cuda-graphs must be one of auto, on, off"):
+        graphs_wanted("yes", device=CUDA, dtype=torch.bfloat16, world_size=1, compiled=False)
+
+
+def _distiller(graphs: str, device: torch.device, students=("tiny_cnn", "tiny_mobilenet"), classes: int = 5):
+    cfg = make_config("dual", students, batch_size=8, epochs=1, device=str(device), cuda_graphs=graphs,
+                      image_size=24)
+    torch.manual_seed(0)
+    return Distiller(cfg, [build_model(n, classes) for n in cfg.students], teacher=None, device=device,
+                     steps_per_epoch=20)
+
+
+def test_cpu_steps_stay_eager_under_auto_and_on_is_refused():
+    assert _distiller("auto", CPU).graphed is None
+    with pytest.raises(ConfigError, match="CUDA graphs need a CUDA device"):
+        _distiller("on", CPU)
+
+
+def _batches(n: int, device: torch.device, classes: int = 5, size: int = 24, batch: int = 8):
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for k in range(n):
+        b = batch if k != n - 2 else batch - 3  # one short batch: runs eagerly between replays
+        out.append((torch.randn(b, 3, size, size, generator=g).to(device).contiguous(memory_format=torch.channels_last),
+                    torch.randint(0, classes, (b,), generator=g).to(device),
+                    (3 * torch.randn(b, classes, generator=g)).to(device)))
+    return out
+
+
+def _train(graphs: str, device: torch.device, students) -> tuple[list, list, Distiller]:
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    d = _distiller(graphs, device, students)
+    losses = []
+    for k, (x, y, t) in enumerate(_batches(12, device)):
+        torch.manual_seed(step_seed(0, k))
+        s = d.step(x, y, t)
+        losses.append((s.terms[:, 0] / s.count).tolist())
+    return losses, [{k: v.detach().float().cpu() for k, v in m.state_dict().items()} for m in d.students], d
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("students", [("tiny_cnn", "tiny_mobilenet"), ("resnet18", "mobilenet_v2")])
+def test_graphed_steps_equal_eager_steps(students):
+    """Losses per step, weights, BatchNorm statistics and the lr after 12 steps (one short batch among them)."""
+    le, we, de = _train("off", CUDA, students)
+    lg, wg, dg = _train("on", CUDA, students)
+    assert dg.graphed is not None and dg.graphed.replays >= 7 and dg.graphed.eager_fallbacks == 1
+    for a, b in zip(le, lg):
+        assert a == pytest.approx(b, rel=2e-2, abs=1e-3)
+    for se, sg in zip(we, wg):
+        for k, a in se.items():
+            assert torch.allclose(a, sg[k], rtol=2e-2, atol=2e-3), k
+    assert de.lr() == pytest.approx(dg.lr())
+    # the scheduler's lr reached the captured optimizers: a graph stuck at its capture-time lr would drift
+    assert [float(t) for t in dg.graphed._lrs[0]] == pytest.approx([dg.lr()] * len(dg.graphed._lrs[0]))
+
+
+@pytest.mark.gpu
+def test_load_state_dict_recaptures():
+    d = _distiller("on", CUDA)
+    batches = _batches(6, CUDA)
+    for x, y, t in batches[:5]:
+        d.step(x, y, t)
+    assert d.graphed.graph is not None
+    d.load_state_dict(d.state_dict())
+    assert d.graphed.graph is None and d.graphed.calls == 0

@@ -1,0 +1,117 @@
+"""Batches made ahead in a thread (pipeline/prefetch.py) and where the torch backend decodes (loader)."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.batch import Batch
+from pipeline.errors import ConfigError, CorruptSampleError
+from pipeline.loader import CPU_DECODE_MIN_CORES, ImageNet100Loader, choose_decode_device
+from pipeline.prefetch import prefetch
+from pipeline.shards import ShardOptions, build_shards
+from pipeline.synthetic import make_imagenet_tree
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def _threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name == "kdpipe-prefetch"]
+
+
+def test_yields_the_same_items_in_order_and_depth_zero_is_the_iterator_itself():
+    items = [Batch(torch.full((2, 3, 4, 4), k), torch.tensor([k, k]), torch.tensor([2 * k, 2 * k + 1]), 0)
+             for k in range(7)]
+    got = list(prefetch(iter(items), CPU, depth=2))
+    assert [int(b.labels[0]) for b in got] == list(range(7)) and all(a is b for a, b in zip(got, items))
+    it = iter(items)
+    assert prefetch(it, CPU, depth=0) is it
+    assert not _threads()
+
+
+def test_an_error_reaches_the_consumer_after_the_items_before_it():
+    def source():
+        yield 1
+        yield 2
+        raise CorruptSampleError("train sample 7 in shard s.tar: bad")
+
+    seen = []
+    with pytest.raises(CorruptSampleError, match="train sample 7 in shard s.tar: bad"):
+        for x in prefetch(source(), CPU, depth=3):
+            seen.append(x)
+    assert seen == [1, 2]
+    time.sleep(0.05)
+    assert not _threads()
+
+
+def test_closing_early_stops_the_thread_and_closes_the_source():
+    closed = threading.Event()
+
+    def endless():
+        try:
+            k = 0
+            while True:
+                yield k
+                k += 1
+        finally:
+            closed.set()
+
+    gen = prefetch(endless(), CPU, depth=2)
+    assert [next(gen) for _ in range(3)] == [0, 1, 2]
+    gen.close()
+    assert closed.wait(2.0) and not _threads()
+
+
+def test_decode_device_choice():
+    assert choose_decode_device("auto", CPU, 64) == "cpu"
+    assert choose_decode_device("cpu", CPU, 2) == "cpu"
+    with pytest.raises(ConfigError, match="decode_device 'cuda' needs a CUDA output device"):
+        choose_decode_device("cuda", CPU, 2)
+    with pytest.raises(ConfigError, match="decode_device must be one of auto, cpu, cuda"):
+        choose_decode_device("gpu", CUDA, 2)
+    assert choose_decode_device("auto", CUDA, CPU_DECODE_MIN_CORES) == "cpu"
+    assert choose_decode_device("auto", CUDA, CPU_DECODE_MIN_CORES - 1) == "cuda"
+    assert choose_decode_device("cuda", CUDA, 64) == "cuda"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prefetch")
+    wnids = ["n02869837", "n01749939", "n02488291"]
+    make_imagenet_tree(root / "tree", wnids, train_per_class=5, val_per_class=1, size=(40, 56))
+    build_shards(root / "tree", root / "shards", classes=wnids, options=ShardOptions(shard_size=6), workers=1,
+                 progress=False)
+    return root / "shards"
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_loader_with_prefetch_on_the_cpu_gives_exactly_the_batches_without(shards, workers):
+    """The overlapped iterator degenerates to the plain one on the CPU: same ids, labels, pixels, resume."""
+    def epoch(prefetch_depth, epoch=1, start=1):
+        lo = ImageNet100Loader(shards, "train", 4, seed=3, backend="torch", device="cpu", num_workers=workers,
+                               prefetch=prefetch_depth)
+        lo.set_epoch(epoch, start_step=start)
+        it = iter(lo)
+        lo.set_epoch(0)  # state is read when iteration starts, not later in the thread
+        return [(b.ids.tolist(), b.labels.tolist(), b.images.clone(), b.epoch) for b in it]
+
+    plain, ahead = epoch(0), epoch(2)
+    assert len(plain) == len(ahead) == 2
+    for (i0, l0, x0, e0), (i1, l1, x1, e1) in zip(plain, ahead):
+        assert i0 == i1 and l0 == l1 and e0 == e1 == 1 and torch.equal(x0, x1)
+    assert ImageNet100Loader(shards, "train", 4, backend="torch", device="cpu", num_workers=0).prefetch == 0
+    with pytest.raises(ConfigError, match="prefetch must be >= 0"):
+        ImageNet100Loader(shards, "train", 4, backend="torch", device="cpu", num_workers=0, prefetch=-1)
+
+
+def test_iter_views_with_prefetch_matches(shards):
+    lo = ImageNet100Loader(shards, "train", 4, seed=3, backend="torch", device="cpu", num_workers=0, prefetch=2)
+    ids = np.array([5, 0, 9, 3, 11], dtype=np.int64)
+    got = [b for b in lo.iter_views(ids, 2)]
+    lo.prefetch = 0
+    ref = [b for b in lo.iter_views(ids, 2)]
+    assert [b.ids.tolist() for b in got] == [[5, 0, 9, 3], [11]] == [b.ids.tolist() for b in ref]
+    assert all(torch.equal(a.images, b.images) for a, b in zip(got, ref))
