@@ -41,11 +41,14 @@ def view_fingerprint(*, manifest_sha256: str, wnids: list[str], spec: Any, seed:
 
 def cache_fingerprint(*, manifest_sha256: str, wnids: list[str], spec: Any, seed: int, teacher: str,
                       weights_sha256: str, precision: str, backend: str, topk: int = 0,
-                      kdpipe_version: str | None = None) -> dict[str, Any]:
-    """Everything the cached views and logits depend on. `spec` is the AugSpec (a dataclass with .fingerprint())."""
+                      kdpipe_version: str | None = None, decode_device: str | None = None) -> dict[str, Any]:
+    """Everything the cached views and logits depend on. `spec` is the AugSpec (a dataclass with .fingerprint()).
+    decode_device (torch backend): where JPEGs were decoded; a training loader left at 'auto' decodes there too."""
     from pipeline import __version__
 
+    extra = {} if decode_device is None else {"decode_device": decode_device}
     return _jsonable({
+        **extra,
         **view_fingerprint(manifest_sha256=manifest_sha256, wnids=wnids, spec=spec, seed=seed),
         "teacher": teacher,
         "weights_sha256": weights_sha256,

@@ -13,6 +13,7 @@ Shards behind a URL (`pipeline.remote.is_url`) are streamed: their order comes f
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -155,7 +156,7 @@ class ImageNet100Loader:
         else:
             backend_cls = backend_class(self.backend_name)
             if self.backend_name == "torch":
-                self.decode_device = choose_decode_device(decode_device, self.device, self.num_workers)
+                self.decode_device = self._decode_device(decode_device)
                 extra["decode_device"] = self.decode_device
         if prefetch is not None and prefetch < 0:
             raise ConfigError(f"prefetch must be >= 0 batches, got {prefetch}")
@@ -166,6 +167,20 @@ class ImageNet100Loader:
             dtype=dtype, num_workers=self.num_workers, skip_corrupt=skip_corrupt, **extra)
         self.epoch, self.start_step = 0, 0
         self._plan: tuple[int, Any] | None = None  # streamed shards: (epoch, StreamPlan) of the last epoch asked
+
+    def _decode_device(self, asked: str) -> str:
+        """choose_decode_device, except that with a teacher cache 'auto' decodes where the cache's views were
+        decoded (nvJPEG and the CPU decoder differ by ~2 grey levels: the cached logits belong to exact views)."""
+        chosen = choose_decode_device(asked, self.device, self.num_workers)
+        made = (getattr(self.teacher_cache, "fingerprint", None) or {}).get("decode_device")
+        if made is None or made == chosen or self.device.type != "cuda":
+            return chosen
+        if asked == "auto":
+            return made
+        warnings.warn(f"teacher cache {getattr(self.teacher_cache, 'path', '')} decoded its views on {made}, this "
+                      f"loader decodes on {chosen}: same crops and flips, pixels differ slightly (~2 grey levels)",
+                      stacklevel=3)
+        return chosen
 
     # -- what it holds
     @property

@@ -169,7 +169,8 @@ def cache_teacher(cfg: CacheTeacherConfig, *, on_unit: Callable[[int, int], Any]
         model = load_teacher(cfg.teacher, cfg.teacher_weights, classes, device)  # fails before any store exists
         fp = cache_fingerprint(manifest_sha256=loader.manifest_sha256, wnids=classes, spec=spec, seed=cfg.seed,
                                teacher=cfg.teacher, weights_sha256=file_sha256(cfg.teacher_weights),
-                               precision=precision_name(dtype), backend=loader.backend_name, topk=cfg.topk)
+                               precision=precision_name(dtype), backend=loader.backend_name, topk=cfg.topk,
+                               decode_device=getattr(loader, "decode_device", None))
         layout = CacheLayout(cfg.epochs, loader.num_samples, len(classes), cfg.chunk_n, cfg.topk)
         if rank == 0:  # one creator; the others reopen (and re-check) once it exists
             stack.enter_context(job_lock(cfg.out))
