@@ -151,8 +151,11 @@ class ImageNet100Loader:
                              f"split {split!r} of {shards} has {len(self.index)}")
         self.num_workers = usable_cores() if num_workers is None else num_workers
         extra = {}
+        self.decode_device: str | None = None  # the torch backend's (DALI decodes as its graph says)
         if self.stream:
             from .stream import StreamBackend as backend_cls
+
+            self.decode_device = "cpu"  # streamed pixels are the CPU workers' (pipeline/stream.py)
         else:
             backend_cls = backend_class(self.backend_name)
             if self.backend_name == "torch":
@@ -262,12 +265,15 @@ class ImageNet100Loader:
         epoch, start, self.start_step = self.epoch, self.start_step, 0  # read now, not in the prefetch thread
         ids = self.rank_ids(epoch)[start * self.batch_size:]
         plan = {"segments": self.stream_plan(epoch).segments} if self.stream else {}
-        return prefetch(self._batches(epoch, ids, plan), self.device, self.prefetch)
-
-    def _batches(self, epoch: int, ids: np.ndarray, plan: dict) -> Iterator[Batch]:
         aug_epoch = self.aug_epoch(epoch)
+        # started here, in the consumer's thread (worker processes die with the thread that forked them)
+        pixels = self.backend.iter_batches(ids, aug_epoch, self.batch_size, **plan)
+        return prefetch(self._batches(epoch, aug_epoch, ids, pixels), self.device, self.prefetch)
+
+    def _batches(self, epoch: int, aug_epoch: int, ids: np.ndarray, pixels: Iterator) -> Iterator[Batch]:
+        """The backend's (images, labels, ids) as Batches, with the teacher cache's rows attached."""
         pos = 0
-        for images, labels, batch_ids in self.backend.iter_batches(ids, aug_epoch, self.batch_size, **plan):
+        for images, labels, batch_ids in pixels:
             batch = Batch(images, labels, batch_ids, epoch)
             n, pos = len(batch_ids), pos + len(batch_ids)
             if self.teacher_cache is not None:

@@ -96,9 +96,12 @@ class BatchBuilder(torch.utils.data.Dataset):
         return len(self.chunks)
 
     def __getitem__(self, k: int) -> dict:
-        ids = self.chunks[k]
+        return self.build(k, self.aug_epoch, self.chunks[k])
+
+    def build(self, k: int, aug_epoch: int, ids: np.ndarray) -> dict:
+        """Batch `ids` at `aug_epoch`, the k-th of its stream (k picks the slot)."""
         idx, s = self.index, self.spec.image_size
-        p = sample_params(self.spec, self.seed, self.aug_epoch, ids, idx.heights[ids], idx.widths[ids]) \
+        p = sample_params(self.spec, self.seed, aug_epoch, ids, idx.heights[ids], idx.widths[ids]) \
             if self.train else None
         slot = k % len(self.slots) if self.slots else -1
         out = self.slots[slot][:len(ids)] if self.slots else torch.empty((len(ids), s, s, 3), dtype=torch.uint8)
@@ -131,6 +134,60 @@ class BatchBuilder(torch.utils.data.Dataset):
             raise
         except (OSError, RuntimeError, ValueError) as e:
             raise sample_error(idx, sid, e) from e
+
+
+class KeyedBuilder(BatchBuilder):
+    """BatchBuilder whose items are keys (k, aug_epoch, ids): one set of persistent workers serves every epoch."""
+
+    def __init__(self, index: ShardIndex, spec: AugSpec, seed: int, train: bool, skip_corrupt: bool,
+                 slots: Sequence[torch.Tensor]):
+        super().__init__(index, spec, seed, 0, train, [], skip_corrupt, slots)
+
+    def __getitem__(self, key: tuple[int, int, np.ndarray]) -> dict:  # type: ignore[override]
+        return self.build(*key)
+
+
+class _Keys(torch.utils.data.Sampler):
+    """The DataLoader's sampler: this call's keys, replaced before each pass (read in the main process)."""
+
+    def __init__(self) -> None:
+        self.keys: list[tuple[int, int, np.ndarray]] = []
+
+    def __iter__(self):
+        return iter(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+class WorkerPool:
+    """Worker processes that live as long as their backend: forked once, with the ring of shared batch slots
+    made once, instead of a fresh DataLoader (fork, slots, an empty pipeline) every epoch.
+
+    `run` must be called from a thread that outlives the pool (the loader calls it from the consumer's
+    thread, before handing the batches to its prefetch thread): workers die with the thread that forked them
+    (PR_SET_PDEATHSIG). A new pass drains what the previous one left in flight (DataLoader's persistent
+    reset), so a slot is never written by an old pass while the new one reads it."""
+
+    def __init__(self, index: ShardIndex, spec: AugSpec, seed: int, train: bool, skip_corrupt: bool,
+                 batch_size: int, workers: int):
+        s = spec.image_size
+        # The ring: while the consumer holds item k, at most workers * PREFETCH later items are in flight,
+        # so with more slots than that no worker writes a slot still being read.
+        self.slots = [shared_uint8((batch_size, s, s, 3)) for _ in range(workers * PREFETCH + 2)]
+        self.batch_size, self.workers, self._keys = batch_size, workers, _Keys()
+        builder = KeyedBuilder(index, spec, seed, train, skip_corrupt, self.slots)
+        self._dl = torch.utils.data.DataLoader(
+            builder, batch_size=None, sampler=self._keys, num_workers=workers, persistent_workers=True,
+            prefetch_factor=PREFETCH, worker_init_fn=functools.partial(worker_init, parent_pid=os.getpid()))
+
+    def run(self, aug_epoch: int, chunks: Sequence[np.ndarray]) -> Iterator[dict]:
+        """Items (dicts of BatchBuilder.build) for `chunks` in order; the workers start on them at once."""
+        self._keys.keys = [(k, aug_epoch, chunk) for k, chunk in enumerate(chunks)]
+        return iter(self._dl)
+
+    def image(self, item: dict) -> torch.Tensor:
+        return self.slots[item["slot"]][:item["count"]]
 
 
 def worker_init(_: int, parent_pid: int) -> None:
@@ -230,6 +287,7 @@ class TorchBackend:
         self.device, self.normalize, self.dtype = torch.device(device), normalize, dtype
         self.num_workers, self.skip_corrupt = num_workers, skip_corrupt
         self._log = SkipLog(skip_corrupt)
+        self._pool: WorkerPool | None = None  # CPU worker processes, made on first use, kept across epochs
         # "cuda": batched nvJPEG decode + torch ops on the GPU, in this process (the loader's prefetch thread);
         # "cpu": worker processes, uint8 crops copied to the device and normalised there. None: cuda on CUDA.
         # (Tests set device_decode on the CPU to run the GPU code with torchvision's CPU decoder.)
@@ -242,39 +300,43 @@ class TorchBackend:
 
     def iter_batches(self, ids: np.ndarray, aug_epoch: int, batch_size: int
                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """(images, labels, ids) for `ids` in exactly this order, `batch_size` at a time."""
+        """(images, labels, ids) for `ids` in exactly this order, `batch_size` at a time.
+
+        Not a generator: the CPU workers start (and, the first time, fork) in the calling thread, which the
+        loader keeps alive; the batches may then be consumed in another thread."""
         ids = np.asarray(ids, dtype=np.int64)
         chunks = [ids[i:i + batch_size] for i in range(0, len(ids), batch_size)]
         if self.device_decode:
-            yield from self._iter_device(chunks, aug_epoch)
-            return
-        # uint8 crosses from the workers (4x fewer bytes than float32); the target device normalises.
+            return self._iter_device(chunks, aug_epoch)
         workers = min(self.num_workers, len(chunks))
-        # The ring: while the main process holds item k, the DataLoader has at most workers * PREFETCH
-        # later items in flight, so with more slots than that no worker writes a slot still being read.
-        # Batches handed out are copies (or the normalised result), never a slot a worker will refill.
-        s = self.spec.image_size
-        slots = [shared_uint8((batch_size, s, s, 3)) for _ in range(workers * PREFETCH + 2)] if workers else []
-        builder = BatchBuilder(self.index, self.spec, self.seed, aug_epoch, self.train, chunks, self.skip_corrupt,
-                               slots)
-        dl = torch.utils.data.DataLoader(builder, batch_size=None, shuffle=False, num_workers=workers,
-                                         worker_init_fn=functools.partial(worker_init, parent_pid=os.getpid())
-                                         if workers else None,
-                                         prefetch_factor=PREFETCH if workers else None)
-        for item in dl:
+        if workers == 0:
+            builder = BatchBuilder(self.index, self.spec, self.seed, aug_epoch, self.train, chunks,
+                                   self.skip_corrupt)
+            return self._deliver((builder[k] for k in range(len(chunks))), None)
+        pool = self._pool
+        if pool is None or pool.batch_size != batch_size or pool.workers < workers:
+            self._pool = pool = None  # the old workers exit once unreferenced
+            pool = self._pool = WorkerPool(self.index, self.spec, self.seed, self.train, self.skip_corrupt,
+                                           batch_size, workers)
+        return self._deliver(pool.run(aug_epoch, chunks), pool)
+
+    def _deliver(self, items: Iterator[dict], pool: WorkerPool | None
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Worker items -> (images, labels, ids) on the device. uint8 crosses from the workers (4x fewer bytes
+        than float32); the target device normalises. Batches handed out are copies (or the normalised result),
+        never a slot a worker will refill."""
+        for item in items:
             self._log.skipped.extend(item["skipped"])
-            x = item["images"] if item["images"] is not None else slots[item["slot"]][:item["count"]]
-            if self.device.type == "cuda":  # uint8 crosses (4x fewer bytes), pinned and without blocking
-                x = host_to_device(x, self.device)  # pin_memory() copies out of the slot: the slot is free again
-                x = normalize_nhwc(x, self.dtype) if self.normalize else x.permute(0, 3, 1, 2)
-                yield (x, host_to_device(item["labels"], self.device), host_to_device(item["ids"], self.device))
-                continue
-            if self.normalize:
-                x = normalize_nhwc(x, self.dtype)  # NHWC memory is NCHW channels_last: the result is a view
+            x = item["images"] if pool is None else pool.image(item)
+            labels, ids = host_to_device(item["labels"], self.device), host_to_device(item["ids"], self.device)
+            if self.device.type == "cuda":  # pinned and without blocking; pin_memory() copies out of the slot
+                x = host_to_device(x, self.device)
+                yield (normalize_nhwc(x, self.dtype) if self.normalize else x.permute(0, 3, 1, 2)), labels, ids
+            elif self.normalize:
+                yield normalize_nhwc(x, self.dtype), labels, ids  # NHWC memory is NCHW channels_last: a view
             else:
-                x = (torch.from_numpy(np.array(x.numpy())) if slots else x).permute(0, 3, 1, 2)
-            yield (x.to(self.device, non_blocking=True), host_to_device(item["labels"], self.device),
-                   host_to_device(item["ids"], self.device))
+                yield (torch.from_numpy(np.array(x.numpy())) if pool is not None else x).permute(0, 3, 1, 2), \
+                    labels, ids
 
     def _read_chunk(self, chunk: np.ndarray) -> tuple[list[torch.Tensor], list[int]]:
         """Encoded bytes of a batch (runs on a reader thread: pread releases the GIL)."""
