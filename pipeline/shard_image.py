@@ -208,6 +208,8 @@ def _with_pil(data: bytes, quality: int, max_side: int | None) -> Prepared:
         out, h, w = encode_rgb_jpeg(ImageOps.exif_transpose(im), quality, max_side)  # pixels as a viewer shows them
     except Exception as e:
         return Prepared(None, reason=f"truncated or corrupt {fmt}: {_one_line(e)}")
+    if h * w > MAX_PIXELS:  # --max-side larger than the limit allows
+        return Prepared(None, reason=f"{too_many_pixels(h, w)}; a smaller --max-side downscales it further")
     return Prepared(out, h, w, len(out), zlib.crc32(out), reencoded=why)
 
 
