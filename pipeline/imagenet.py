@@ -57,8 +57,11 @@ class ImageNetTree:
 
 
 def printable(name: str) -> str:
-    """A file name as valid UTF-8 text: bytes that are not UTF-8 shown as \\xNN (for messages and tables)."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """A file name as one line of valid UTF-8 text for messages and tables (`pipeline.names.escape_name`:
+    bytes that are not UTF-8 shown as \\xNN, tabs and newlines as \\t and \\n)."""
+    from .names import escape_name
+
+    return escape_name(name)
 
 
 def is_dir_entry(entry: os.DirEntry) -> bool:

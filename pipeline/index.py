@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import zlib
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 
@@ -22,6 +23,9 @@ INDEX_DTYPE = np.dtype([("shard", "<i4"), ("offset", "<i8"), ("size", "<i8"), ("
 INDEX_DTYPE_NO_CRC = np.dtype(INDEX_DTYPE.descr[:-1])
 MANIFEST = "manifest.json"
 MIN_SAMPLE_BYTES = 4 * 512  # four tar members, each at least a 512-byte header: a manifest count sanity bound
+# What a name from a manifest (a shard, a split) may be: it reaches file systems, URLs and `pipe:` shell commands.
+SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,254}")
+SAFE_NAME_RULE = "letters, digits, '.', '_' and '-', not first '.' or '-', at most 255"
 
 
 def read_manifest(shard_dir: str | Path) -> dict:
@@ -65,6 +69,8 @@ def check_manifest(manifest: dict, source: str) -> None:
     if not isinstance(splits, dict):
         raise bad("splits", "expected an object of splits")
     for split, info in splits.items():
+        if not SAFE_NAME.fullmatch(split):
+            raise bad("splits", f"split name {split!r} is not a plain name ({SAFE_NAME_RULE})")
         where = f"splits.{split}"
         if not isinstance(info, dict) or not isinstance(info.get("shards"), list):
             raise bad(where, "expected {\"count\", \"shards\": [...]}")
@@ -87,13 +93,15 @@ def check_manifest(manifest: dict, source: str) -> None:
 
 
 def check_shard_name(name: object, source: str) -> str:
-    """A shard name from a manifest must be a plain file name in the shard directory: not absolute, no
-    directory part, no `..` (a manifest must not make a reader open or hash files elsewhere). Pure: the
-    streaming reader checks remote names with it too; `shard_file` adds the symlink check for local ones."""
-    if not isinstance(name, str) or not name or name in (".", "..") or "\0" in name \
-            or PurePosixPath(name).name != name or "\\" in name:
+    """A shard name from a manifest must be a plain file name in the shard directory, of letters, digits, '.',
+    '_' and '-' only, not starting with '.' or '-'. A manifest is untrusted input (a bucket someone else
+    writes): its names must neither make a reader open or hash files elsewhere (no '/', no '..') nor mean
+    anything to a shell when put into a `pipe:` command (no '$', quotes, backticks, spaces...). Pure: every
+    reader checks with it, local and remote (`check_manifest`, `remote.member_url`); `shard_file` adds the
+    symlink check for local ones."""
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name):
         raise ShardFormatError(f"{source}: shard name {name!r} is not a plain file name inside the shard "
-                               "directory (absolute paths, directories and '..' are refused)")
+                               f"directory ({SAFE_NAME_RULE} characters); refused")
     return name
 
 

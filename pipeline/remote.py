@@ -27,7 +27,7 @@ from typing import IO, Callable
 import numpy as np
 
 from .errors import ConfigError, MissingDataError, RemoteReadError, ShardFormatError, one_line
-from .index import IndexRows, check_index_rows, check_manifest
+from .index import IndexRows, check_index_rows, check_manifest, check_shard_name
 
 URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 RETRIES = 3  # re-opens of one file after a failed or short read
@@ -42,8 +42,12 @@ def is_url(shards: object) -> bool:
 
 
 def member_url(base: str, name: str) -> str:
-    """URL of file `name` of the shard directory at `base` (for `pipe:`, the command with {name} filled in,
-    shell-quoted; manifest names are plain file names already: `pipeline.index.check_shard_name`)."""
+    """URL of file `name` of the shard directory at `base` (for `pipe:`, the command with {name} filled in).
+
+    `name` must pass `pipeline.index.check_shard_name` (ShardFormatError otherwise), so it holds no character a
+    shell or a URL gives a meaning to, whatever quotes the user's command puts around {name}; it is also
+    shell-quoted, which leaves such a name unchanged."""
+    check_shard_name(name, f"{base}: a file of the shard directory")
     if base.startswith("pipe:"):
         if "{name}" not in base:
             raise ConfigError(f"{base!r}: a pipe: shard source needs {{name}} where the file name goes, e.g. "

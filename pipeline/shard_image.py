@@ -8,17 +8,25 @@ PIL's header parse; its bytes are not shipped back to the writer, which reads th
 from __future__ import annotations
 
 import io
+import os
 import re
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 PASS_THROUGH_MODES = ("RGB", "L")  # JPEG colour modes every decoder (DALI, PIL, torchvision) reads as-is
 BASELINE_SOF = (0xC0, 0xC1)  # baseline / extended sequential Huffman; others (progressive, lossless...) re-encode
 SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+# PIL's decompression-bomb bound (what `verify`'s decoder accepts without a warning); larger images are refused,
+# or downscaled with --max-side
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+ORIENTATION_TAG = 0x0112  # EXIF Orientation: DALI applies it, torchvision and nvImageCodec (as used here) do not
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+Frame = tuple[int, int, int, int, int, int]  # SOF marker, precision, height, width, components, EXIF orientation
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,30 @@ class Prepared:
     crc32: int = 0
     reencoded: str = ""  # why it was re-encoded ("" = bytes pass through)
     reason: str = ""  # rejection reason ("" = accepted)
+    source: tuple[int, int] = (-1, -1)  # the input file's (size, mtime_ns) when read: a resume compares them
+
+
+def source_stamp(path: str) -> tuple[int, int]:
+    """(size, mtime_ns) of a source file, (-1, -1) when it cannot be stat'ed: what tells a resumed `shard`
+    that a file changed since an earlier run put it into a finished shard."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (-1, -1)
+    return (st.st_size, st.st_mtime_ns)
+
+
+def changed_source(stamps: Sequence[Sequence[int]] | None, root_dir: str, rels: Sequence[str]) -> str | None:
+    """The first of a finished shard's source files (`rels`, below `root_dir`) whose size or mtime differ from
+    the `stamps` recorded when it was written, else None (also for a shard written before stamps were)."""
+    if stamps is None:
+        return None
+    if len(stamps) != len(rels):
+        return rels[0] if rels else ""
+    for rel, stamp in zip(rels, stamps):
+        if source_stamp(root_dir + rel) != tuple(stamp):
+            return rel
+    return None
 
 
 def jpeg_is_complete(data: bytes) -> bool:
@@ -43,15 +75,34 @@ def jpeg_is_complete(data: bytes) -> bool:
     return data[:2] == b"\xff\xd8" and data.rstrip(b"\x00")[-2:] == b"\xff\xd9"
 
 
-def jpeg_frame(data: bytes) -> tuple[int, int, int, int, int] | None:
-    """(SOF marker, precision, height, width, components) from a JPEG's frame header, or None.
+def exif_orientation(payload: bytes) -> int:
+    """The Orientation tag of an APP1 payload that starts with b"Exif\\0\\0": 1 when it has none, 0 when the
+    EXIF block cannot be read (the caller then lets PIL decide)."""
+    tiff = payload[6:]
+    order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
+    if order is None or len(tiff) < 8:
+        return 0
+    ifd = int.from_bytes(tiff[4:8], order)
+    if ifd + 2 > len(tiff):
+        return 0
+    for k in range(int.from_bytes(tiff[ifd:ifd + 2], order)):
+        entry = tiff[ifd + 2 + 12 * k: ifd + 14 + 12 * k]
+        if len(entry) < 12:
+            return 0
+        if int.from_bytes(entry[:2], order) == ORIENTATION_TAG:
+            return int.from_bytes(entry[8:10], order) if int.from_bytes(entry[2:4], order) == 3 else 0
+    return 1
 
-    Walks the marker segments from SOI to the first SOF; None for anything unexpected (the caller
-    then falls back to PIL).
+
+def jpeg_frame(data: bytes) -> Frame | None:
+    """(SOF marker, precision, height, width, components, EXIF orientation) from a JPEG's headers, or None.
+
+    Walks the marker segments from SOI to the first SOF (reading the first EXIF block on the way); None for
+    anything unexpected (the caller then falls back to PIL).
     """
     if data[:2] != b"\xff\xd8":
         return None
-    i, n = 2, len(data)
+    i, n, orientation, exif_seen = 2, len(data), 1, False
     while i + 4 <= n:
         if data[i] != 0xFF:
             return None
@@ -68,9 +119,39 @@ def jpeg_frame(data: bytes) -> tuple[int, int, int, int, int] | None:
             if i + 10 > n:
                 return None
             return (marker, data[i + 4], int.from_bytes(data[i + 5:i + 7], "big"),
-                    int.from_bytes(data[i + 7:i + 9], "big"), data[i + 9])
-        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+                    int.from_bytes(data[i + 7:i + 9], "big"), data[i + 9], orientation)
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if marker == 0xE1 and not exif_seen and data[i + 4:i + 10] == b"Exif\0\0":  # the first one counts (PIL)
+            orientation, exif_seen = exif_orientation(data[i + 4:i + 2 + length]), True
+        i += 2 + length
     return None
+
+
+def jpeg_problem(frame: Frame | None) -> str:
+    """Why a JPEG cannot be stored byte for byte ("" when it can): the one acceptance rule of `shard` (which
+    re-encodes such files) and `verify` (which names stored ones). A stored JPEG must read the same in every
+    backend: torchvision and nvImageCodec (libjpeg-turbo, no EXIF rotation), DALI (nvJPEG on GPUs, which
+    applies the EXIF orientation and has no progressive/12-bit/arithmetic fast path) and PIL (verify)."""
+    if frame is None:
+        return "JPEG headers the marker parser cannot read"
+    sof, precision, height, width, comps, orientation = frame
+    if sof not in BASELINE_SOF:
+        return "progressive JPEG" if sof in (0xC2, 0xC6, 0xCA, 0xCE) else f"JPEG with SOF{sof - 0xC0:X} coding"
+    if precision != 8:
+        return f"{precision}-bit JPEG"
+    if comps not in (1, 3):
+        return f"JPEG with {comps} colour components (CMYK/YCCK)"
+    if height == 0 or width == 0:
+        return "JPEG with a zero side"
+    if orientation != 1:
+        return f"JPEG with EXIF orientation {orientation}" if orientation else "JPEG with an unreadable EXIF block"
+    if height * width > MAX_PIXELS:
+        return too_many_pixels(height, width)
+    return ""
+
+
+def too_many_pixels(height: int, width: int) -> str:
+    return f"{height}x{width} pixels, over the limit of {MAX_PIXELS} (PIL's decompression-bomb bound)"
 
 
 def _one_line(msg: object) -> str:
@@ -78,8 +159,17 @@ def _one_line(msg: object) -> str:
     return " ".join(re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "<file>", str(msg)).split())
 
 
+def to_8bit(im: Image.Image) -> Image.Image:
+    """16-bit greyscale (PNG, TIFF) scaled to 8 bits; PIL's own conversion clips it (nearly all white)."""
+    a = np.asarray(im).astype(np.float64)
+    return Image.fromarray(np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8), "L")
+
+
 def encode_rgb_jpeg(im: Image.Image, quality: int, max_side: int | None) -> tuple[bytes, int, int]:
-    """Any mode -> RGB, optional downscale so max(h, w) <= max_side, baseline JPEG at `quality`."""
+    """Any mode -> RGB, optional downscale so max(h, w) <= max_side, baseline JPEG at `quality` (no EXIF block:
+    the caller has applied the orientation to the pixels)."""
+    if im.mode in SIXTEEN_BIT_MODES:
+        im = to_8bit(im)
     if im.mode in ("P", "PA", "LA", "RGBA", "La", "RGBa"):
         im = im.convert("RGBA")
     if im.mode != "RGB":
@@ -98,46 +188,57 @@ def _with_pil(data: bytes, quality: int, max_side: int | None) -> Prepared:
     try:
         im = Image.open(io.BytesIO(data))
         fmt, mode, (width, height) = im.format, im.mode, im.size
-        progressive = bool(im.info.get("progressive") or im.info.get("progression"))
     except UnidentifiedImageError:
         return Prepared(None, reason="not an image: format not recognised")
     except Exception as e:  # PIL raises many types for broken headers; the reason is recorded, not swallowed
         return Prepared(None, reason=f"not an image: {_one_line(e)}")
     too_big = max_side is not None and max(width, height) > max_side
-    if fmt == "JPEG" and mode in PASS_THROUGH_MODES and not progressive and not too_big:
+    if width * height > MAX_PIXELS and not too_big:
+        return Prepared(None, reason=f"{too_many_pixels(height, width)}; --max-side downscales such images")
+    problem = jpeg_problem(jpeg_frame(data)) if fmt == "JPEG" else f"{fmt}"
+    if fmt == "JPEG" and mode in PASS_THROUGH_MODES and not problem and not too_big:
         try:  # no EOI at the end: accept only if it fully decodes (trailing bytes after EOI are harmless)
             im.load()
         except Exception as e:
             return Prepared(None, reason=f"truncated or corrupt JPEG: {_one_line(e)}")
         return Prepared(None, height, width, len(data), zlib.crc32(data))
-    why = "downscaled" if too_big else f"{fmt} {mode}{' progressive' if progressive else ''} -> RGB JPEG"
+    why = "downscaled" if too_big else f"{problem or fmt} {mode} -> RGB JPEG"
     try:
         im.load()
-        out, h, w = encode_rgb_jpeg(im, quality, max_side)
+        out, h, w = encode_rgb_jpeg(ImageOps.exif_transpose(im), quality, max_side)  # pixels as a viewer shows them
     except Exception as e:
         return Prepared(None, reason=f"truncated or corrupt {fmt}: {_one_line(e)}")
+    if h * w > MAX_PIXELS:  # --max-side larger than the limit allows
+        return Prepared(None, reason=f"{too_many_pixels(h, w)}; a smaller --max-side downscales it further")
     return Prepared(out, h, w, len(out), zlib.crc32(out), reencoded=why)
 
 
 def prepare_image(path: str | Path, quality: int = 95, max_side: int | None = None) -> Prepared:
     """Decide how one file goes into a shard.
 
-    8-bit baseline RGB/greyscale JPEGs that end with EOI pass through byte for byte after a cheap
-    check (marker parse + SOI/EOI; a full decode costs ~20x more, see tools/bench_shard.py).
-    CMYK, progressive, PNG and other formats are decoded and re-encoded as RGB JPEG at `quality`;
-    so is anything larger than max_side. Unreadable, empty, truncated and non-image files are rejected.
+    8-bit baseline RGB/greyscale JPEGs without an EXIF rotation that end with EOI pass through byte for byte
+    after a cheap check (marker parse + SOI/EOI; a full decode costs ~20x more, see tools/bench_shard.py).
+    Whatever `jpeg_problem` names (CMYK, progressive, 12-bit, EXIF orientation other than 1), PNG and other
+    formats are decoded, turned upright by their EXIF orientation, and re-encoded as RGB JPEG at `quality`;
+    so is anything larger than max_side. Unreadable, empty, truncated and non-image files, and images over
+    MAX_PIXELS (unless --max-side downscales them), are rejected.
     """
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            data = f.read()
     except OSError as e:
-        return Prepared(None, reason=f"unreadable: {_one_line(e.strerror or e)}")
+        return Prepared(None, reason=f"unreadable: {_one_line(e.strerror or e)}", source=source_stamp(str(path)))
+    return replace(_prepare_bytes(data, quality, max_side), source=(st.st_size, st.st_mtime_ns))
+
+
+def _prepare_bytes(data: bytes, quality: int, max_side: int | None) -> Prepared:
     if not data:
         return Prepared(None, reason="zero-byte file")
     frame = jpeg_frame(data)
-    if frame is not None and jpeg_is_complete(data):
-        sof, precision, height, width, comps = frame
-        fits = max_side is None or max(height, width) <= max_side
-        if sof in BASELINE_SOF and precision == 8 and comps in (1, 3) and height > 0 and width > 0 and fits:
+    if frame is not None and jpeg_is_complete(data) and not jpeg_problem(frame):
+        height, width = frame[2], frame[3]
+        if max_side is None or max(height, width) <= max_side:
             return Prepared(None, height, width, len(data), zlib.crc32(data))
     return _with_pil(data, quality, max_side)
 

@@ -1,8 +1,10 @@
 """`kdpipe verify`: check a shard directory against its manifest and index.
 
 Per shard: present, size and sha256 as recorded; members in the contract's order with the expected
-ids; every image decodes to RGB or greyscale with the recorded size; label, id, crc32 and JSON agree with
-the index; the DALI index matches the tar. Problems name the shard and the sample id.
+ids; every image decodes to RGB or greyscale with the recorded size and passes the acceptance rule of
+`kdpipe shard` (`shard_image.jpeg_problem`: baseline 8-bit, no EXIF rotation, within the pixel limit);
+label, id, crc32 and JSON agree with the index; the DALI index matches the tar. Problems name the shard and
+the sample id.
 
 verify is the damage-diagnosis tool, so damage never stops it: a manifest it cannot use is one error
 (MissingDataError, ShardFormatError naming the file); anything wrong below the manifest, a missing or
@@ -24,6 +26,7 @@ from PIL import Image
 
 from .errors import DataError, one_line
 from .index import MANIFEST, load_index, read_manifest, shard_file
+from .shard_image import jpeg_frame, jpeg_problem
 from .shard_io import dali_index_text, file_sha256, ordered_map, usable_cores
 
 EXTS = ("jpg", "cls", "json", "i64")
@@ -58,6 +61,9 @@ def check_sample(sid: int, parts: dict[str, tuple[int, bytes]], row: np.void | N
         return [f"sample {sid}: image does not decode ({' '.join(str(e).split())})"]
     if fmt != "JPEG" or mode not in ("RGB", "L"):
         out.append(f"sample {sid}: {fmt} {mode} image, expected RGB or greyscale JPEG")
+    elif problem := jpeg_problem(jpeg_frame(jpg)):  # the rule `kdpipe shard` applies, so all backends agree
+        out.append(f"sample {sid}: stored as a {problem}, which the backends read differently; "
+                   "rewrite the shards with `kdpipe shard --overwrite` (it re-encodes such images)")
     crc = zlib.crc32(jpg)
     if row is not None:
         if (h, w) != (row["height"], row["width"]):

@@ -28,8 +28,9 @@ from .imagenet import ImageNetTree, SourceFile, discover
 from .atomic import atomic_write_bytes, atomic_write_json
 from .errors import ConfigError, KdpipeError
 from .locks import exclusive_lock
+from .names import tsv_text
 from .index import INDEX_DTYPE, MANIFEST, index_path, read_manifest
-from .shard_image import Prepared, prepare_many
+from .shard_image import Prepared, changed_source, prepare_many
 from .shard_io import HashProcess, TarShardWriter, dali_index_text, file_sha256, ordered_map, usable_cores
 
 FORMAT_VERSION = 1
@@ -66,6 +67,7 @@ class ShardReport:
     rejected: list[tuple[str, str, str]] = field(default_factory=list)  # (split, source, reason)
     written: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
+    changed: list[tuple[str, str]] = field(default_factory=list)  # (shard written again, a source that changed)
 
 
 class OptionsMismatch(KdpipeError, ValueError):
@@ -247,11 +249,12 @@ def write_shard(out: Path, root: Path, name: str, first_id: int, files: Sequence
     the caller runs in a thread, so the next shard's writing overlaps this one's fsync.
     """
     writer = TarShardWriter(out / name, hasher)
-    rows, rejected, reencoded, sid = [], [], 0, first_id
+    rows, rejected, stamps, reencoded, sid = [], [], [], 0, first_id
     root_dir = os.path.join(str(root), "")  # plain strings: pathlib cost ~60 us an image here
     try:
         for src in files:
             img = next(images)
+            stamps.append(list(img.source))
             jpg = None if img.reason else image_bytes(root_dir + src.rel, img)
             if jpg is None:
                 rejected.append([src.rel, img.reason or "file changed or vanished while sharding"])
@@ -272,7 +275,8 @@ def write_shard(out: Path, root: Path, name: str, first_id: int, files: Sequence
             raise
         atomic_write_bytes(out / name.replace(".tar", ".idx"), dali_index_text(writer.members).encode())
         meta = {"name": name, "first_id": first_id, "count": len(rows), "bytes": nbytes, "sha256": sha,
-                "positions": list(positions), "rows": rows, "rejected": rejected, "reencoded": reencoded}
+                "positions": list(positions), "rows": rows, "rejected": rejected, "reencoded": reencoded,
+                "sources": stamps}
         atomic_write_json(out / STATE_DIR / f"{name}.json", meta)  # last: marks the shard finished
         return _compact(meta)
 
@@ -286,9 +290,14 @@ def build_split(tree: ImageNetTree, out: Path, split: str, opts: ShardOptions, w
     size = opts.shard_size
     spans = [(k, (k * size, min(len(files), (k + 1) * size))) for k in range((len(files) + size - 1) // size)]
     done = {k: load_sidecar(out, shard_name(split, k), span) for k, span in spans}
+    root_dir = os.path.join(str(tree.root), "")
+    for k, (a, b) in spans:  # a source that changed since its shard was written: the shard is written again
+        if done[k] is not None and (rel := changed_source(done[k].get("sources"), root_dir,
+                                                          [f.rel for f in files[a:b]])) is not None:
+            report.changed.append((shard_name(split, k), rel))
+            done[k] = None
     todo = [f for k, (a, b) in spans if done[k] is None for f in files[a:b]]
     work = partial(prepare_many, quality=opts.quality, max_side=opts.max_side)
-    root_dir = os.path.join(str(tree.root), "")
     paths = (root_dir + f.rel for f in todo)
     from tqdm import tqdm
 
@@ -308,8 +317,9 @@ def build_split(tree: ImageNetTree, out: Path, split: str, opts: ShardOptions, w
                 next_id += meta["count"]
                 continue
             if meta is not None:
-                raise RuntimeError(f"{out / name}: first id {meta['first_id']} on disk, {next_id} expected; "
-                                   "the input changed since the earlier run: rerun with --overwrite")
+                raise OptionsMismatch(f"{out / name}: first id {meta['first_id']} on disk, {next_id} expected: a "
+                                      "source file changed since the earlier run and a shard before this one now "
+                                      "holds another count; rerun with --overwrite to shard everything anew")
             count, finish = write_shard(out, tree.root, name, next_id, files[span[0]:span[1]], images, span,
                                         hasher)
             metas.append(finisher.submit(finish))
@@ -325,7 +335,8 @@ def build_split(tree: ImageNetTree, out: Path, split: str, opts: ShardOptions, w
 
 def _compact(meta: dict) -> dict:
     """Index rows as one int64 array per shard (~48 bytes a sample, not ~200 as Python lists)."""
-    return {**meta, "rows": np.asarray(meta["rows"], dtype=np.int64).reshape(-1, len(ROW_FIELDS))}
+    return {**{k: v for k, v in meta.items() if k != "sources"},
+            "rows": np.asarray(meta["rows"], dtype=np.int64).reshape(-1, len(ROW_FIELDS))}
 
 
 def _counting(it: Iterator[Prepared], bar) -> Iterator[Prepared]:
@@ -385,8 +396,8 @@ def finish(out: Path, tree: ImageNetTree, plan: dict, metas: dict[str, list[dict
         _write_if_changed(index_path(out, split), _npy_bytes(arr))
         found = [(s, src, reason) for s, src, reason in tree.rejected if s == split]  # by discovery, if any
         report.rejected += found + [(split, src, reason) for m in shards for src, reason in m["rejected"]]
-    tsv = "split\tsource\treason\n" + "".join(f"{s}\t{src}\t{r}\n" for s, src, r in report.rejected)
-    _write_if_changed(out / "rejected.tsv", tsv.encode("utf-8", "surrogateescape"))  # names as on disk
+    tsv = tsv_text(("split", "source", "reason"), report.rejected)  # names escaped: pipeline/names.py
+    _write_if_changed(out / "rejected.tsv", tsv.encode("utf-8"))
     manifest = {
         "format": "kdpipe-shards", "format_version": FORMAT_VERSION, "kdpipe_version": __version__,
         "classes": manifest_classes(tree),

@@ -177,8 +177,8 @@ def test_cli_shard_faults_end_in_one_line_or_a_listed_file(tmp_path, small_wnids
                  "--workers", "1")
     assert res.returncode == 0 and "Traceback" not in res.stdout + res.stderr, res.stderr
     assert "caf\\xe9.jpg" in res.stderr and "loop.JPEG" in res.stderr
-    tsv = (tmp_path / "out" / "rejected.tsv").read_bytes()
-    assert b"caf\xe9.jpg\tnot an image" in tsv and b"loop.JPEG\tunreadable: Too many levels" in tsv
+    tsv = (tmp_path / "out" / "rejected.tsv").read_bytes()  # UTF-8: the byte is written \xe9 (pipeline/names.py)
+    assert b"caf\\xe9.jpg\tnot an image" in tsv and b"loop.JPEG\tunreadable: Too many levels" in tsv
 
     bad = tmp_path / "bad.txt"
     bad.write_bytes(small_wnids[0].encode() + b"\n\xffn01440764\n")

@@ -137,10 +137,12 @@ def shard(**params):
     splits = report.manifest["splits"]
     counts = ", ".join(f"{s} {v['count']} samples in {len(v['shards'])} shards" for s, v in splits.items())
     click.echo(f"{out}: {counts} (wrote {len(report.written)} shards, {len(report.reused)} found finished)")
+    for name, src in report.changed:
+        click.echo(f"{name}: written again: its source {printable(src)} changed since the earlier run", err=True)
     if report.rejected:
         click.echo(f"rejected {len(report.rejected)} files (listed in {out / 'rejected.tsv'}):", err=True)
         for split, src, reason in report.rejected[:10]:
-            click.echo(f"  {split}\t{printable(src)}\t{reason}", err=True)
+            click.echo(f"  {split}\t{printable(src)}\t{printable(reason)}", err=True)
         if cfg.strict:
             raise click.ClickException(f"--strict: {len(report.rejected)} files rejected")
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from pipeline.atomic import atomic_write_bytes, atomic_write_text
 from pipeline.errors import CheckpointError, ConfigError, OutputExistsError
 from pipeline.locks import exclusive_lock
+from pipeline.names import tsv_row
 
 from .checkpoint import LAST, load_checkpoint
 from .config import TrainConfig, config_diff, to_json
@@ -93,6 +94,6 @@ class RunDir:
             return
         rows = [line for line in (path.read_text().splitlines()[1:] if path.is_file() else [])
                 if line and int(line.split("\t", 1)[0]) != epoch]
-        rows += [f"{epoch}\t{sid}\t{' '.join(reason.split())}" for sid, reason in skipped]
+        rows += [tsv_row(epoch, sid, " ".join(reason.split())).rstrip("\n") for sid, reason in skipped]
         atomic_write_text(path, "epoch\tsample_id\treason\n" + "".join(r + "\n" for r in rows))
 
