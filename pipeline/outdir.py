@@ -23,6 +23,21 @@ MARKERS = {".kdpipe-run": "a `kdpipe train` run", ".kdpipe-synth": "a `kdpipe sy
            ".kdpipe-shard": "a `kdpipe shard` output"}
 
 
+def shown(path: str | Path) -> str:
+    """A path as messages show it: relative to the working directory when it lies below it (paths are
+    stored absolute; URLs and relative paths unchanged)."""
+    text = str(path)
+    if not os.path.isabs(text):
+        return text
+    rel = os.path.relpath(text)
+    return rel if not rel.startswith("..") else text
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + "...]"
+
+
 def read_marker(path: str | Path, marker: str) -> dict | None:
     """The record in path/marker ({} for a marker that is not a JSON object), or None without one."""
     file = Path(path) / marker
@@ -43,21 +58,21 @@ def check_claimable(path: str | Path, marker: str, what: str, *, accept: Iterabl
     the job recognises as its own output of an older kdpipe version. Writes nothing."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise OutputExistsError(f"{flag} {path} is a file, not a directory; give a new or empty directory for "
-                                f"{what}")
+        raise OutputExistsError(f"{flag} {shown(path)} is a file, not a directory; give a new or empty directory "
+                                f"for {what}")
     if not path.is_dir():
         return False
     if any((path / m).exists() for m in (marker, *accept)):
         return True
-    names = sorted(e.name for e in os.scandir(path) if e.name not in NEUTRAL)
+    names = sorted(e.name for e in os.scandir(path) if e.name not in NEUTRAL and e.name != f".{marker}.tmp")
     if not names:
         return False
     if legacy(path):
         return True
     other = next((MARKERS[n] for n in names if n in MARKERS), None)
-    shown = ", ".join(n for n in names[:4]) + (f" ... ({len(names)} entries)" if len(names) > 4 else "")
-    held = f"is {other}" if other else f"holds files kdpipe did not write ({shown})"
-    raise OutputExistsError(f"{flag} {path} {held}; kdpipe writes {what} only into a new or empty directory or "
+    listed = ", ".join(n for n in names[:4]) + (f" ... ({len(names)} entries)" if len(names) > 4 else "")
+    held = f"is {other}" if other else f"holds files kdpipe did not write ({listed})"
+    raise OutputExistsError(f"{flag} {shown(path)} {held}; kdpipe writes {what} only into a new or empty directory or "
                             f"its own earlier output, and never replaces files it did not write: choose another "
                             f"{flag}")
 
@@ -75,9 +90,10 @@ def claim_dir(path: str | Path, marker: str, what: str, *, record: dict | None =
     old = read_marker(path, marker) if mine else None
     record = dict(record or {})
     if old is not None and record:
-        diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in record.items() if old.get(k) != v]
+        diff = [f"{k}: {_short(old.get(k))} -> {_short(v)}" for k, v in record.items() if old.get(k) != v]
         if diff:
-            raise OutputExistsError(f"{flag} {path} holds {what} made with other settings ({'; '.join(diff)}); "
+            shown_diff = "; ".join(diff[:4]) + (f"; ... ({len(diff)} settings)" if len(diff) > 4 else "")
+            raise OutputExistsError(f"{flag} {shown(path)} holds {what} made with other settings ({shown_diff}); "
                                     f"choose another {flag} (or delete that directory)")
     if old is None or not (path / marker).exists():
         path.mkdir(parents=True, exist_ok=True)
@@ -94,5 +110,5 @@ def refuse_inside(out: str | Path, inputs: Iterable[tuple[str, str | Path | None
             continue
         real_src = os.path.realpath(src)
         if os.path.commonpath([real_out, real_src]) == real_src:
-            raise ConfigError(f"{flag} {out} lies inside {name} {src}: the output would become part of the "
+            raise ConfigError(f"{flag} {shown(out)} lies inside {name} {shown(src)}: the output would become part of the "
                               f"input; choose an {flag} outside it")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError
+from pipeline.outdir import shown
 from pipeline.remote import is_url
 
 # input name -> (the flag that gives it, the record's hash field, what the hash is of)
@@ -36,15 +37,6 @@ def absolute_paths(cfg: Any) -> Any:
     """cfg (TrainConfig) with shards, out, teacher weights and cache as absolute paths."""
     return dataclasses.replace(cfg, shards=absolute(cfg.shards), out=absolute(cfg.out),
                                teacher_weights=absolute(cfg.teacher_weights), teacher_cache=absolute(cfg.teacher_cache))
-
-
-def shown(path: str | Path) -> str:
-    """A path as messages show it: relative to the working directory when it lies below it."""
-    text = str(path)
-    if is_url(text) or not os.path.isabs(text):
-        return text
-    rel = os.path.relpath(text)
-    return rel if not rel.startswith("..") else text
 
 
 def fingerprint_sha256(fingerprint: dict) -> str:

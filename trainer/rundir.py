@@ -64,8 +64,9 @@ class RunDir:
     def open(self, cfg: TrainConfig, classes: list[str], runtime: dict, *, resume: bool, write: bool) -> dict | None:
         """Start a new run (config.json, with the runtime facts) or, with resume, load RUN/checkpoint-last.pt
         and check that it belongs to this config, these classes, these inputs and this world size. Returns the
-        checkpoint. The directory is claimed first (rank 0; the others only check)."""
-        self.claim() if write else self.is_run()
+        checkpoint. The directory is claimed first (by rank 0, the one that writes)."""
+        if write:
+            self.claim()
         last = self.path / LAST
         if resume:
             self.check_inputs(runtime.get("inputs") or {})
