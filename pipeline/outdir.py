@@ -110,5 +110,5 @@ def refuse_inside(out: str | Path, inputs: Iterable[tuple[str, str | Path | None
             continue
         real_src = os.path.realpath(src)
         if os.path.commonpath([real_out, real_src]) == real_src:
-            raise ConfigError(f"{flag} {shown(out)} lies inside {name} {shown(src)}: the output would become part of the "
-                              f"input; choose an {flag} outside it")
+            raise ConfigError(f"{flag} {shown(out)} lies inside {name} {shown(src)}: the output would become part "
+                              f"of the input; choose an {flag} outside it")

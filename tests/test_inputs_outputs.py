@@ -80,6 +80,8 @@ def test_resume_on_other_shards_is_refused_naming_both_and_a_bare_resume_continu
     line = refused("train", "--out", run, "--resume", "--shards", data["sh1b"], "--num-workers", "1", code=2)
     assert f"--shards {data['sh1b']}: manifest sha256" in line and "differs from the run's" in line
     assert f"{data['sh1']}, recorded in {run / 'config.json'}" in line
+    line = refused("train", "--out", run, "--resume", "--teacher-weights", data["t2"], code=2)
+    assert f"--teacher-weights {data['t2']} given, but the run used no --teacher-weights" in line
     assert snapshot(run) == before
     cli("train", "--out", run, "--resume", "--num-workers", "1")  # the recorded (absolute) shards
     config = json.loads((run / "config.json").read_text())

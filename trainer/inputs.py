@@ -36,7 +36,8 @@ def absolute(path: str | None) -> str | None:
 def absolute_paths(cfg: Any) -> Any:
     """cfg (TrainConfig) with shards, out, teacher weights and cache as absolute paths."""
     return dataclasses.replace(cfg, shards=absolute(cfg.shards), out=absolute(cfg.out),
-                               teacher_weights=absolute(cfg.teacher_weights), teacher_cache=absolute(cfg.teacher_cache))
+                               teacher_weights=absolute(cfg.teacher_weights),
+                               teacher_cache=absolute(cfg.teacher_cache))
 
 
 def fingerprint_sha256(fingerprint: dict) -> str:
