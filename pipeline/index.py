@@ -120,18 +120,35 @@ def index_path(shard_dir: str | Path, split: str) -> Path:
     return Path(shard_dir) / f"{split}.index.npy"
 
 
-def load_index(shard_dir: str | Path, split: str, count: int, shards: int) -> np.ndarray:
-    """The rows of {split}.index.npy, checked against the manifest (ShardFormatError naming the file)."""
+def check_index_sha(data: bytes, sha256: str | None, source: str, fix: str) -> None:
+    """The index file's bytes against the sha256 its manifest records (manifests of older versions record
+    none): an index edited or swapped after sharding would give samples other labels or bytes."""
+    import hashlib
+
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise ShardFormatError(f"{source}: sha256 differs from the one in the manifest (the index was changed or "
+                               f"replaced after sharding); {fix} to rewrite it")
+
+
+def load_index(shard_dir: str | Path, split: str, count: int, shards: int, sha256: str | None = None) -> np.ndarray:
+    """The rows of {split}.index.npy, checked against the manifest (its sha256 when given; ShardFormatError
+    naming the file)."""
+    import io
+
     path = index_path(shard_dir, split)
     if not path.is_file():
         raise MissingDataError(f"{path}: index file missing; rerun `kdpipe shard` with the same options to "
                                "write it (finished shards are kept)")
     try:
-        rows = np.load(path, allow_pickle=False)
+        data = path.read_bytes()
+        rows = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:  # object arrays, a damaged header, a truncated file
         raise ShardFormatError(f"{path}: not a readable index ({' '.join(str(e).split())[:200]}); rerun "
                                "`kdpipe shard` with the same options to rewrite it") from None
-    return check_index_rows(rows, str(path), count, shards, "rerun `kdpipe shard` with the same options")
+    fix = "rerun `kdpipe shard` with the same options"
+    rows = check_index_rows(rows, str(path), count, shards, fix)
+    check_index_sha(data, sha256, str(path), fix)  # last: the messages above say more about a damaged file
+    return rows
 
 
 def check_index_rows(rows: np.ndarray, source: str, count: int, shards: int, fix: str) -> np.ndarray:
@@ -197,7 +214,8 @@ class ShardIndex(IndexRows):
         self.shard_names: list[str] = [s["name"] for s in info["shards"]]
         source = str(self.shard_dir / MANIFEST)
         self._paths = [shard_file(self.shard_dir, n, f"{source}: splits.{split}") for n in self.shard_names]
-        self.rows: np.ndarray = load_index(self.shard_dir, split, info["count"], len(self.shard_names))
+        self.rows: np.ndarray = load_index(self.shard_dir, split, info["count"], len(self.shard_names),
+                                          info.get("index_sha256"))
         self.classes: list[str] = [c["wnid"] for c in self.manifest["classes"]]
         self._fds: dict[int, int] = {}
         self._pid = os.getpid()

@@ -26,7 +26,7 @@ import numpy as np
 from .atomic import atomic_write_bytes
 from .classes import imagenet100_wnids
 from .errors import ConfigError
-from .synthetic import check_tree_args, jpeg_bytes
+from .synthetic import check_tree_args, claim_tree, jpeg_bytes
 
 SHAPES = ("disk", "square", "triangle", "ring", "cross", "dumbbell", "star", "bar", "crescent", "frame")
 HUES = 10  # colour families, 36 degrees apart
@@ -254,6 +254,9 @@ def make_learnable_tree(
     # 16 px: smaller images cannot hold the shapes; 2 classes: an ambiguous "mix" blends in another class
     check_tree_args(root, wnids, train_per_class, val_per_class, hw, min_side=16, min_classes=2)
     root = Path(root)
+    claim_tree(root, {"generator": "learnable", "wnids": wnids, "train_per_class": train_per_class,
+                      "val_per_class": val_per_class, "size": list(hw), "ambiguous_share": ambiguous_share,
+                      "seed": seed, "quality": quality})
     table = class_table(len(wnids), seed)
     tree = LearnableTree(root=root, wnids=wnids, size=hw, seed=seed, ambiguous_share=ambiguous_share)
     streams = np.random.SeedSequence([seed, 2]).spawn(2)

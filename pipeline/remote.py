@@ -27,7 +27,7 @@ from typing import IO, Callable
 import numpy as np
 
 from .errors import ConfigError, MissingDataError, RemoteReadError, ShardFormatError, one_line
-from .index import IndexRows, check_index_rows, check_manifest, check_shard_name
+from .index import IndexRows, check_index_rows, check_index_sha, check_manifest, check_shard_name
 
 URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 RETRIES = 3  # re-opens of one file after a failed or short read
@@ -227,11 +227,13 @@ class RemoteIndex(IndexRows):
         self.shard_names = [s["name"] for s in self.shards]
         url = member_url(base, f"{split}.index.npy")
         try:
-            self.rows: np.ndarray = np.load(io.BytesIO(read_whole(url)), allow_pickle=False)
+            data = read_whole(url)
+            self.rows: np.ndarray = np.load(io.BytesIO(data), allow_pickle=False)
         except ValueError as e:
             raise ShardFormatError(f"{url}: not a kdpipe index ({one_line(e, 200)})") from None
         check_index_rows(self.rows, url, info["count"], len(self.shards),
                          "rerun `kdpipe shard` with the same options on the source and upload the new index files")
+        check_index_sha(data, info.get("index_sha256"), url, "upload the shard directory again, whole")
         for k, s in enumerate(self.shards):
             if not np.all(self.rows["shard"][s["first_id"]:s["first_id"] + s["count"]] == k):
                 raise ShardFormatError(f"{url}: rows of {s['name']} do not point at it; the index and the "

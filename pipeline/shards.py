@@ -10,6 +10,7 @@ with byte-identical shards and manifest. Format: docs/CONTRACTS.md.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -29,6 +30,7 @@ from .atomic import atomic_write_bytes, atomic_write_json
 from .errors import ConfigError, KdpipeError
 from .locks import exclusive_lock
 from .names import tsv_text
+from .outdir import check_claimable, refuse_inside
 from .index import INDEX_DTYPE, MANIFEST, index_path, read_manifest
 from .shard_image import Prepared, changed_source, prepare_many
 from .shard_io import HashProcess, TarShardWriter, dali_index_text, file_sha256, ordered_map, usable_cores
@@ -366,6 +368,8 @@ def build_shards(imagenet: str | Path | ImageNetTree, out: str | Path, *,
         wnids = list(classes) if isinstance(classes, (list, tuple)) else load_class_list(classes)
         tree = discover(imagenet, wnids, val_labels)
     out = Path(out)
+    refuse_inside(out, [("the source tree", tree.root)])
+    check_claimable(out, STATE_DIR, "shards", legacy=_holds_only_shards)  # never into a directory of other files
     (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
     workers = workers or usable_cores()
     with exclusive_lock(out / STATE_DIR / "lock", f"shard directory {out} (another `kdpipe shard` writes it)"):
@@ -383,8 +387,14 @@ def build_shards(imagenet: str | Path | ImageNetTree, out: str | Path, *,
     return report
 
 
+def _holds_only_shards(out: Path) -> bool:
+    """An output of an older kdpipe (no state directory): a manifest, or only files this tool writes."""
+    return (out / MANIFEST).is_file() or all(OUR_FILES.match(e.name) for e in os.scandir(out))
+
+
 def finish(out: Path, tree: ImageNetTree, plan: dict, metas: dict[str, list[dict]], report: ShardReport) -> dict:
     """Index files, rejected.tsv and manifest from the sidecars (identical bytes however the run went)."""
+    index_sha: dict[str, str] = {}  # the manifest covers the index files too (checked when an index is loaded)
     for split, shards in metas.items():
         arr = np.zeros(sum(m["count"] for m in shards), INDEX_DTYPE)
         for k, m in enumerate(shards):
@@ -393,7 +403,9 @@ def finish(out: Path, tree: ImageNetTree, plan: dict, metas: dict[str, list[dict
             part["shard"] = k
             for j, column in enumerate(ROW_FIELDS):
                 part[column] = rows[:, j]
-        _write_if_changed(index_path(out, split), _npy_bytes(arr))
+        data = _npy_bytes(arr)
+        _write_if_changed(index_path(out, split), data)
+        index_sha[split] = hashlib.sha256(data).hexdigest()
         found = [(s, src, reason) for s, src, reason in tree.rejected if s == split]  # by discovery, if any
         report.rejected += found + [(split, src, reason) for m in shards for src, reason in m["rejected"]]
     tsv = tsv_text(("split", "source", "reason"), report.rejected)  # names escaped: pipeline/names.py
@@ -404,7 +416,7 @@ def finish(out: Path, tree: ImageNetTree, plan: dict, metas: dict[str, list[dict
         "splits": {split: {"count": sum(m["count"] for m in shards),
                            "rejected": sum(len(m["rejected"]) for m in shards) +
                            sum(s == split for s, _, _ in tree.rejected),
-                           "reencoded": sum(m["reencoded"] for m in shards),
+                           "reencoded": sum(m["reencoded"] for m in shards), "index_sha256": index_sha[split],
                            "shards": [{k: m[k] for k in ("name", "first_id", "count", "bytes", "sha256")}
                                       for m in shards]}
                    for split, shards in metas.items()},

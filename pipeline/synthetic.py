@@ -80,6 +80,18 @@ def check_tree_args(root: str | Path, wnids: list[str], train_per_class: int, va
                           f"(hmin, hmax, wmin, wmax) with sides >= {min_side} px")
 
 
+SYNTH_MARKER = ".kdpipe-synth"
+
+
+def claim_tree(root: Path, record: dict) -> None:
+    """Write a tree only into a new or empty directory, or over a tree this generator made with the same
+    settings (it then writes the same bytes again: a rerun completes an interrupted tree); anything else is
+    refused naming what it holds or the settings that differ (pipeline/outdir.py)."""
+    from .outdir import claim_dir
+
+    claim_dir(root, SYNTH_MARKER, "a synthetic tree", record=record)
+
+
 def _size(rng: np.random.Generator, size: tuple[int, int] | tuple[int, int, int, int]) -> tuple[int, int]:
     """size is (h, w) fixed, or (hmin, hmax, wmin, wmax) drawn per image."""
     if len(size) == 2:
@@ -113,6 +125,9 @@ def make_imagenet_tree(
     if not 1 <= quality <= 100:
         raise ConfigError(f"quality must be in [1, 100], got {quality}")
     root = Path(root)
+    claim_tree(root, {"generator": "imagenet", "wnids": list(wnids), "train_per_class": train_per_class,
+                      "val_per_class": val_per_class, "val_layout": val_layout, "size": list(size), "quality": quality,
+                      "oddities": oddities, "broken": broken, "seed": seed})
     rng = np.random.default_rng(seed)
     tree = SyntheticTree(root=root, wnids=list(wnids))
     val_names = _flat_val_names(wnids, val_per_class) if val_layout == "flat" else {}

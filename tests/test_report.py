@@ -327,3 +327,12 @@ def test_picture_of_confident_views_is_what_training_saw(tmp_path):
         loader.set_epoch(epoch)
         seen = {int(j): img for b in loader for j, img in zip(b.ids, b.images)}
         assert np.array_equal(seen[i].permute(1, 2, 0).numpy(), pixels[(epoch, i)])
+
+
+def test_a_run_measured_on_no_validation_images_is_refused(tmp_path):
+    run = make_run(tmp_path, "hard", "hard", ["resnet18"], [0.0])
+    lines = [{**json.loads(x), "val_images": 0} for x in (run / "metrics.jsonl").read_text().splitlines()]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    res = CliRunner().invoke(main, ["report", str(run), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 1 and "epoch 1 measured its accuracy on 0 validation images" in res.output.splitlines()[-1]
+    assert not (tmp_path / "out" / "report.md").exists()

@@ -129,8 +129,11 @@ def shard(**params):
     from pipeline.imagenet import printable
     from pipeline.shards import build_shards
 
+    from pipeline.outdir import refuse_inside
+
     cfg = command_config(ShardConfig, given(ShardConfig, params))
     out = Path(cfg.out)
+    refuse_inside(out, [("--imagenet", cfg.imagenet), ("--imagefolder", cfg.imagefolder)])
     source = cfg.imagenet or discover_imagefolder(cfg.imagefolder, val_share=cfg.val_share, seed=cfg.options.seed)
     report = build_shards(source, out, classes=cfg.classes, val_labels=cfg.val_labels, options=cfg.options,
                           workers=cfg.workers, overwrite=cfg.overwrite)
@@ -253,6 +256,9 @@ def train(config_file, resume, stop_after_steps, **params):
             raise ConfigError("--resume continues from the run's own config.json: drop --config")
         if "out" not in flags:
             raise ConfigError("--resume needs --out RUN (the run directory to continue)")
+        from trainer.rundir import RunDir
+
+        RunDir(flags["out"]).is_run()  # a directory kdpipe did not write is refused before its files are read
         saved_file = Path(flags["out"]) / "config.json"
         if not saved_file.is_file():
             raise MissingDataError(f"--resume: {saved_file} not found; is {flags['out']} a `kdpipe train` run?")

@@ -188,7 +188,8 @@ class ShardConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     run: str | None = opt(None, "run directory (evaluates its --which checkpoint)", path="dir")
-    checkpoint: str | None = opt(None, "a kdpipe checkpoint or final-weights file", path="file")
+    checkpoint: str | None = opt(None, "a kdpipe checkpoint, or a run's final weights (student<i>-<name>.safetensors "
+                                       "or .pt)", path="file")
     which: Literal["last", "best"] = opt("last", "which checkpoint of --run")
     shards: str | None = opt(None, "shards to evaluate on, a directory or URL (default: the run's own)",
                              path="dir", url=True)

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline.errors import ConfigError
+from pipeline.errors import CheckpointError, ConfigError, DataError
 
 from .config import EvalConfig
 from .runtime import autocast, precision_dtype, resolve_device
@@ -75,30 +75,70 @@ def format_table(names: Sequence[str], result: dict) -> str:
     return "\n".join(rows)
 
 
+def require_val_samples(loader, shards: str | Path) -> None:
+    """Refuse a validation split without samples before anything trains or reports: its accuracy would read
+    0.00 % of 0 images, a number that looks measured."""
+    if loader.num_samples == 0:
+        raise DataError(f"{shards}: the val split has 0 samples, so no accuracy can be measured; shard the data "
+                        f"again with a val/ folder, or with more images a class or a larger --val-share so that "
+                        f"every class keeps at least one validation image")
+
+
+def load_students(path: Path) -> tuple[list[dict], list[str], dict, dict]:
+    """(entries {"name", "model"}, classes, the run's config, the inputs it recorded) of a kdpipe checkpoint or
+    final-weights file (.pt or .safetensors). Final weights inside a run directory take the run's config.json
+    for their defaults (shards, image size) and recorded inputs; elsewhere they have none."""
+    import json
+
+    from .checkpoint import WEIGHTS_FORMAT, load_checkpoint, load_safetensors_weights
+    from .inputs import recorded_inputs
+    from .rundir import RunDir
+
+    if path.suffix == ".safetensors":
+        model, meta = load_safetensors_weights(path)
+        if meta.get("format") != WEIGHTS_FORMAT or "model" not in meta or "classes" not in meta:
+            raise CheckpointError(f"{path}: not a kdpipe final-weights file (its metadata has no model name and "
+                                  f"class list); evaluate the run's checkpoint instead (--run RUN)")
+        state = {"name": meta["model"], "model": model, "classes": json.loads(meta["classes"])}
+    else:
+        state = load_checkpoint(path)
+    entries = state["students"] if "students" in state else [state]
+    if "config" in state:
+        return entries, list(state["classes"]), state.get("config") or {}, recorded_inputs(state)
+    run = RunDir(path.parent).config() if RunDir(path.parent).marked() else None
+    return entries, list(state["classes"]), run or {}, recorded_inputs(run)
+
+
 def eval_checkpoint(cfg: EvalConfig) -> tuple[Path, list[str], dict]:
-    """The `kdpipe eval` job: the students of a kdpipe checkpoint (or one final-weights file) on the shards' val
-    split. Shards, image size and validation resize default to the run's own config. Returns (the checkpoint
+    """The `kdpipe eval` job: the students of a kdpipe checkpoint (or one final-weights file, .pt or
+    .safetensors) on the shards' val split. Shards, image size and validation resize default to the run's own
+    config; the run's own shards are checked against the manifest sha256 it recorded. Returns (the checkpoint
     evaluated, student names, the result of `evaluate`)."""
     from pipeline.augment import AugSpec
     from pipeline.loader import ImageNet100Loader
 
-    from .checkpoint import LAST, BEST, load_checkpoint
+    from .checkpoint import LAST, BEST
+    from .inputs import check_inputs
     from .models import build_model
 
     path = Path(cfg.checkpoint) if cfg.checkpoint else Path(cfg.run) / (LAST if cfg.which == "last" else BEST)
-    state = load_checkpoint(path)
-    run_cfg = state.get("config") or {}
+    entries, classes, run_cfg, recorded = load_students(path)
     shards = cfg.shards or run_cfg.get("shards")
     if not shards:
         raise ConfigError(f"{path} does not record its shards; pass --shards DIR")
-    entries = state["students"] if "students" in state else [state]
     device = resolve_device(cfg.device)
     spec = AugSpec(image_size=cfg.image_size or run_cfg.get("image_size", AugSpec().image_size),
                    val_resize_mode=cfg.val_resize or run_cfg.get("val_resize", "shorter"))
     loader = ImageNet100Loader(shards, "val", cfg.batch_size, backend=cfg.backend, device=device, spec=spec,
                                drop_last=False, num_workers=cfg.num_workers, skip_corrupt=cfg.skip_corrupt)
-    if list(loader.classes) != list(state["classes"]):
-        raise ConfigError(f"{path} was trained on {len(state['classes'])} classes that differ from the "
+    if not cfg.shards and recorded.get("shards"):  # the run's own shards: still what it trained on?
+        check_inputs({"shards": recorded["shards"]}, {"shards": {"path": shards,
+                                                                "manifest_sha256": loader.manifest_sha256}},
+                     path, "the shards changed since the run read them: restore them, or pass --shards DIR to "
+                           "evaluate on other shards deliberately")
+    require_val_samples(loader, shards)
+    if list(loader.classes) != classes:
+        raise ConfigError(f"{path} was trained on {len(classes)} classes that differ from the "
                           f"{len(loader.classes)} classes of {shards}")
     models = []
     for e in entries:

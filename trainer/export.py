@@ -17,10 +17,13 @@ import numpy as np
 import torch
 
 from pipeline.errors import ConfigError, KdpipeError, MissingDataError
+from pipeline.outdir import claim_dir
 
 from .checkpoint import final_weights_path, load_safetensors_weights
 from .config import ExportConfig
 from .models import build_model
+
+EXPORT_MARKER = ".kdpipe-export"
 
 
 def _require_onnx():
@@ -50,14 +53,17 @@ def export_run(cfg: ExportConfig) -> list[Path]:
     if not config_file.is_file():
         raise MissingDataError(f"{config_file} not found; is {run} a `kdpipe train` run?")
     config = json.loads(config_file.read_text())
-    out = Path(cfg.out) if cfg.out else run
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
     for i, name in enumerate(config["students"]):
         st = final_weights_path(run, i, name, ".safetensors")
         if not st.is_file():
             raise MissingDataError(f"{st} not found: the run has not finished (final weights are written after "
                                    f"its last epoch)")
+    out = Path(cfg.out) if cfg.out else run
+    if os.path.realpath(out) != os.path.realpath(run):  # the run's own directory is export's default output
+        claim_dir(out, EXPORT_MARKER, "exported models")
+    written = []
+    for i, name in enumerate(config["students"]):
+        st = final_weights_path(run, i, name, ".safetensors")
         _, meta = load_safetensors_weights(st)
         classes = json.loads(meta.get("classes", "[]"))
         model = student_from_run(run, i, name, len(classes))

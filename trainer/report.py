@@ -18,6 +18,7 @@ from pathlib import Path
 from pipeline.atomic import atomic_write_text
 from pipeline.errors import MissingDataError, RunFormatError
 from pipeline.learnable import DESCRIPTION_FILE
+from pipeline.outdir import claim_dir
 
 from . import report_plots as plots
 from . import report_tables as tables
@@ -27,6 +28,7 @@ from .report_teacher import sample_kinds, teacher_section, teacher_stats
 from .report_views import teacher_views_section
 
 LADDER = tables.LADDER
+REPORT_MARKER = ".kdpipe-report"
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,9 @@ def load_run(path: str | Path) -> Run:
         raise RunFormatError(f"{e}; fix or remove that line") from e
     if not epochs:
         raise RunFormatError(f"{met_file}: no epochs recorded yet; report a run after its first epoch")
+    if not epochs[-1].val_images:
+        raise RunFormatError(f"{met_file}: epoch {epochs[-1].epoch} measured its accuracy on 0 validation images; "
+                             f"train on shards with a val split that has samples")
     bad = [e.epoch for e in epochs if len(e.students) != len(students)]
     if bad:
         raise RunFormatError(f"{met_file}: epoch {bad[0]} has {len(epochs[0].students)} students, config.json "
@@ -116,6 +121,34 @@ def load_run(path: str | Path) -> Run:
 
 
 # ------------------------------------------------------------------------------------- finding things
+
+def dataset_of(run: Run) -> str | None:
+    """The identity of the data a run trained on: the manifest sha256 it recorded (runs of older versions:
+    that of the manifest still at its recorded shards path, if any); None when unknown."""
+    from pipeline.shards import manifest_sha256
+
+    from .inputs import recorded_inputs
+
+    recorded = recorded_inputs(run.config).get("shards") or {}
+    if recorded.get("manifest_sha256"):
+        return str(recorded["manifest_sha256"])
+    shards = run.config.get("shards")
+    if shards and (Path(shards) / "manifest.json").is_file():
+        return manifest_sha256(shards)
+    return None
+
+
+def check_one_dataset(runs: list[Run]) -> None:
+    """Refuse runs of different datasets in one report (their accuracies would be pooled into one cell),
+    naming two runs that differ."""
+    known = [(r, d) for r in runs if (d := dataset_of(r)) is not None]
+    for r, d in known[1:]:
+        if d != known[0][1]:
+            first = known[0][0]
+            raise RunFormatError(f"runs {first.path} and {r.path} were trained on different datasets (shards "
+                                 f"{first.config.get('shards')}, manifest sha256 {known[0][1][:12]}.. vs "
+                                 f"{r.config.get('shards')}, {d[:12]}..); report the runs of one dataset together")
+
 
 
 def _cache_of(runs: list[Run]) -> tuple[str, float, str] | None:
@@ -126,6 +159,24 @@ def _cache_of(runs: list[Run]) -> tuple[str, float, str] | None:
         if c and Path(c).exists():
             return c, float(r.config.get("loss", {}).get("tau", 4.0)), str(r.config.get("shards", ""))
     return None
+
+
+def check_cache_inputs(runs: list[Run], cache: str, shards: str) -> None:
+    """The teacher cache and shards the report reads for a run must still be what the run recorded."""
+    from pipeline.shards import manifest_sha256
+    from pipeline.teacher_cache import TeacherCache
+
+    from .inputs import check_inputs, fingerprint_sha256, recorded_inputs
+
+    run = next(r for r in runs if r.config.get("teacher_cache") == cache)
+    recorded, now = recorded_inputs(run.config), {}
+    if recorded.get("teacher_cache"):
+        with TeacherCache(cache, prefetch=False) as tc:
+            now["teacher_cache"] = {"path": cache, "fingerprint_sha256": fingerprint_sha256(tc.fingerprint)}
+    if recorded.get("shards") and shards and (Path(shards) / "manifest.json").is_file():
+        now["shards"] = {"path": shards, "manifest_sha256": manifest_sha256(shards)}
+    check_inputs({k: recorded[k] for k in now}, now, run.path / "config.json",
+                 "the report would describe other data than the run's: restore the run's inputs")
 
 
 def _teacher_run(runs: list[Run], cache: str | None) -> Run | None:
@@ -219,7 +270,10 @@ def write_report(run_dirs: list[str | Path], out: str | Path, *, teacher: str | 
     if teacher is not None and Path(teacher).resolve() not in {p.resolve() for p in paths}:
         paths.insert(0, Path(teacher))
     runs = [load_run(p) for p in paths]
+    check_one_dataset(runs)
     cache = _cache_of(runs)
+    if cache is not None:
+        check_cache_inputs(runs, cache[0], cache[2])
     if teacher is not None:
         teacher_run = next(r for r in runs if r.path.resolve() == Path(teacher).resolve())
     else:
@@ -227,13 +281,14 @@ def write_report(run_dirs: list[str | Path], out: str | Path, *, teacher: str | 
     runs = _ordered(runs, teacher_run)
     students_runs = [r for r in runs if r is not teacher_run]
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     kinds = None
-    if cache and learnable is not None:
+    data = cache[2] if cache else str(runs[0].config.get("shards") or "")
+    if learnable is not None and data and (Path(data) / "manifest.json").is_file():
         desc = Path(learnable)
         desc = desc / DESCRIPTION_FILE if desc.is_dir() else desc
-        kinds = sample_kinds(cache[2], desc)
+        kinds = sample_kinds(data, desc)  # refuses a description of another dataset
     stats = teacher_stats(cache[0], cache[1], low_w, kinds) if cache else None
+    claim_dir(out, REPORT_MARKER, "a report", legacy=lambda p: (p / "report.md").is_file())
     acc_png = "val_accuracy.png" if plots.plot_accuracy(students_runs or runs, out / "val_accuracy.png") else None
     hist_png = "w_histogram.png" if stats is not None and plots.plot_w_hist(stats, out / "w_histogram.png") else None
 

@@ -55,12 +55,35 @@ def entropy(logits: np.ndarray, tau: float) -> np.ndarray:
 
 def sample_kinds(shards: str | Path, description: str | Path) -> np.ndarray:
     """Per train sample id: "" for a clean sample, else its ambiguity kind from the learnable dataset's
-    learnable.json. Sources come from each sample's .json member, read in order (no extraction by name)."""
+    learnable.json. Sources come from each sample's .json member, read in order (no extraction by name).
+
+    The description must be of the dataset the shards were made from (RunFormatError naming both otherwise):
+    the same classes, every sample's source one of its train files, and, where the tree's images lie beside
+    it and the shards kept their bytes, the same JPEG bytes (crc32) for the first samples."""
+    import zlib
+
+    from pipeline.errors import RunFormatError
     from pipeline.index import read_manifest
 
-    shards = Path(shards)
-    ambiguous = json.loads(Path(description).read_text())["ambiguous"]
-    train = read_manifest(shards)["splits"]["train"]
+    shards, description = Path(shards), Path(description)
+    try:
+        desc = json.loads(description.read_text())
+        ambiguous, wnids = desc["ambiguous"], list(desc["wnids"])
+        files = {rel for rels in desc["train"].values() for rel in rels}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise RunFormatError(f"--learnable {description}: not a learnable dataset's description "
+                             f"({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
+
+    def foreign(why: str) -> RunFormatError:
+        return RunFormatError(f"--learnable {description} does not describe the dataset of the runs' shards "
+                              f"{shards}: {why}; give the learnable dataset those shards were made from")
+
+    manifest = read_manifest(shards)
+    if sorted(wnids) != sorted(c["wnid"] for c in manifest["classes"]):
+        raise foreign(f"{len(wnids)} classes vs the shards' {len(manifest['classes'])} (or other class names)")
+    train = manifest["splits"]["train"]
+    root = description.parent
+    same_bytes = manifest.get("options", {}).get("max_side") is None
     kinds = np.full(int(train["count"]), "", dtype=object)
     seen = 0
     for shard in train["shards"]:
@@ -68,6 +91,12 @@ def sample_kinds(shards: str | Path, description: str | Path) -> np.ndarray:
             for member in tar:
                 if member.isfile() and member.name.endswith(".json"):
                     meta = json.load(tar.extractfile(member))
+                    if meta["source"] not in files:
+                        raise foreign(f"sample {meta['id']} comes from {meta['source']!r}, not one of its files")
+                    image = root / meta["source"]
+                    if same_bytes and seen < 8 and image.is_file() \
+                            and zlib.crc32(image.read_bytes()) != int(meta["jpg_crc32"]):
+                        raise foreign(f"{image} differs from sample {meta['id']} of the shards (another seed?)")
                     kinds[int(meta["id"])] = ambiguous.get(meta["source"], {}).get("kind", "")
                     seen += 1
     if seen != len(kinds):

@@ -34,7 +34,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
     """The `kdpipe train` job: loaders over cfg.shards, the teacher (online or cached), run_training."""
     from pipeline.augment import AugSpec
     from pipeline.loader import ImageNet100Loader
+    from pipeline.outdir import refuse_inside
 
+    from .evaluate import require_val_samples
+    from .inputs import absolute_paths, input_record
+    from .rundir import RunDir
+
+    cfg = absolute_paths(cfg)  # recorded so: a run read from another directory finds the same inputs
+    refuse_inside(cfg.out, [("--shards", cfg.shards), ("--teacher-cache", cfg.teacher_cache)])
+    RunDir(cfg.out).is_run()  # a directory kdpipe did not make is refused before anything is loaded
     device, created = init_distributed(cfg.device)
     try:
         cfg = dataclasses.replace(cfg, device=str(device)) if created else cfg
@@ -44,6 +52,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
         common = dict(seed=cfg.seed, backend=cfg.backend, device=device, spec=spec, rank=rank, world_size=world,
                       num_workers=cfg.num_workers, skip_corrupt=cfg.skip_corrupt, decode_device=cfg.decode_device)
         val_loader = ImageNet100Loader(cfg.shards, "val", batch, drop_last=False, **common)
+        require_val_samples(val_loader, cfg.shards)
         classes = list(val_loader.classes)
         cache = open_training_cache(cfg, val_loader, spec) if cfg.teacher_cache else None
         cache_epochs = None if cache is None else cache.epochs
@@ -56,8 +65,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
             if not cfg.teacher_weights:
                 raise ConfigError(f"mode {cfg.mode!r} needs a teacher: --teacher-weights FILE or --teacher-cache PATH")
             teacher = load_teacher(cfg.teacher, cfg.teacher_weights, classes, device, cfg.channels_last)
+        inputs = input_record(shards=cfg.shards, manifest_sha256=val_loader.manifest_sha256,
+                              teacher_cache=cfg.teacher_cache, cache_fingerprint=getattr(cache, "fingerprint", None),
+                              teacher_weights=cfg.teacher_weights)
         runtime = {"world_size": world, "global_batch": cfg.batch_size, "per_rank_batch": batch,
-                   "cache_epochs": cache_epochs, "views_per_sample": views_per_sample(cfg.epochs, cache_epochs)}
+                   "cache_epochs": cache_epochs, "views_per_sample": views_per_sample(cfg.epochs, cache_epochs),
+                   "inputs": inputs}
         return run_training(cfg, train_loader, val_loader, classes=classes, teacher=teacher, resume=resume,
                             stop_after_steps=stop_after_steps, progress=progress, runtime=runtime)
     finally:
