@@ -112,7 +112,8 @@ def index_path(shard_dir: str | Path, split: str) -> Path:
     return Path(shard_dir) / f"{split}.index.npy"
 
 
-def load_index(shard_dir: str | Path, split: str, count: int, shards: int) -> np.ndarray:
+def load_index(shard_dir: str | Path, split: str, count: int, shards: int, num_classes: int | None = None
+               ) -> np.ndarray:
     """The rows of {split}.index.npy, checked against the manifest (ShardFormatError naming the file)."""
     path = index_path(shard_dir, split)
     if not path.is_file():
@@ -123,12 +124,15 @@ def load_index(shard_dir: str | Path, split: str, count: int, shards: int) -> np
     except (ValueError, OSError, EOFError) as e:  # object arrays, a damaged header, a truncated file
         raise ShardFormatError(f"{path}: not a readable index ({' '.join(str(e).split())[:200]}); rerun "
                                "`kdpipe shard` with the same options to rewrite it") from None
-    return check_index_rows(rows, str(path), count, shards, "rerun `kdpipe shard` with the same options")
+    return check_index_rows(rows, str(path), count, shards, "rerun `kdpipe shard` with the same options",
+                            num_classes=num_classes)
 
 
-def check_index_rows(rows: np.ndarray, source: str, count: int, shards: int, fix: str) -> np.ndarray:
-    """`rows` if they are a current index of `count` samples over `shards` shards, else a ShardFormatError
-    naming `source` and saying how to `fix` it (the one rule for local and remote indexes)."""
+def check_index_rows(rows: np.ndarray, source: str, count: int, shards: int, fix: str, *,
+                     num_classes: int | None = None) -> np.ndarray:
+    """`rows` if they are a current index of `count` samples over `shards` shards (labels below `num_classes`,
+    the manifest's class count; heights and widths >= 1), else a ShardFormatError naming `source`, the first
+    sample at fault, and saying how to `fix` it (the one rule for local and remote indexes)."""
     if rows.dtype == INDEX_DTYPE_NO_CRC:
         raise ShardFormatError(f"{source}: written by an older kdpipe, without the crc32 field; {fix}: it adds the "
                                "field (only the index files are rewritten)")
@@ -139,6 +143,15 @@ def check_index_rows(rows: np.ndarray, source: str, count: int, shards: int, fix
                       or rows["size"].min() < 0):
         raise ShardFormatError(f"{source}: rows point outside the {shards} shards of the manifest; {fix} to "
                                "rewrite it")
+    top = np.iinfo(np.int32).max if num_classes is None else num_classes
+    outside = f"outside 0..{top - 1} (the manifest's {num_classes} classes)" if num_classes else "negative"
+    checks = (("label", (rows["label"] < 0) | (rows["label"] >= top), outside),
+              ("height", rows["height"] < 1, "below 1 pixel"), ("width", rows["width"] < 1, "below 1 pixel"))
+    for field, bad, why in checks:
+        if bad.any():
+            first = int(np.flatnonzero(bad)[0])
+            raise ShardFormatError(f"{source}: sample {first} has {field} {int(rows[field][first])}, {why} "
+                                   f"({int(bad.sum())} such rows); {fix} to rewrite it")
     return rows
 
 
@@ -189,7 +202,8 @@ class ShardIndex(IndexRows):
         self.shard_names: list[str] = [s["name"] for s in info["shards"]]
         source = str(self.shard_dir / MANIFEST)
         self._paths = [shard_file(self.shard_dir, n, f"{source}: splits.{split}") for n in self.shard_names]
-        self.rows: np.ndarray = load_index(self.shard_dir, split, info["count"], len(self.shard_names))
+        self.rows: np.ndarray = load_index(self.shard_dir, split, info["count"], len(self.shard_names),
+                                           num_classes=len(self.manifest["classes"]))
         self.classes: list[str] = [c["wnid"] for c in self.manifest["classes"]]
         self._fds: dict[int, int] = {}
         self._pid = os.getpid()

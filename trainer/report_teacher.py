@@ -53,13 +53,28 @@ def entropy(logits: np.ndarray, tau: float) -> np.ndarray:
     return -(np.exp(logp) * logp).sum(axis=1)
 
 
+def read_description(path: str | Path) -> dict:
+    """A learnable dataset's learnable.json (report --learnable); anything else is a ConfigError naming it."""
+    from pipeline.errors import ConfigError, one_line
+
+    try:
+        data = json.loads(Path(path).read_bytes())
+    except (OSError, ValueError, RecursionError) as e:  # unreadable, not UTF-8, not JSON
+        raise ConfigError(f"--learnable {path}: not a learnable dataset's description ({one_line(e, 200)}); give "
+                          f"the tree `kdpipe synth --learnable` wrote or its learnable.json") from e
+    if not isinstance(data, dict) or not isinstance(data.get("ambiguous"), dict):
+        raise ConfigError(f"--learnable {path}: not a learnable dataset's description (no \"ambiguous\" object); "
+                          f"give the tree `kdpipe synth --learnable` wrote or its learnable.json")
+    return data
+
+
 def sample_kinds(shards: str | Path, description: str | Path) -> np.ndarray:
     """Per train sample id: "" for a clean sample, else its ambiguity kind from the learnable dataset's
     learnable.json. Sources come from each sample's .json member, read in order (no extraction by name)."""
     from pipeline.index import read_manifest
 
     shards = Path(shards)
-    ambiguous = json.loads(Path(description).read_text())["ambiguous"]
+    ambiguous = read_description(description)["ambiguous"]
     train = read_manifest(shards)["splits"]["train"]
     kinds = np.full(int(train["count"]), "", dtype=object)
     seen = 0

@@ -15,7 +15,7 @@ from pipeline.locks import exclusive_lock
 
 from .checkpoint import LAST, load_checkpoint
 from .config import TrainConfig, config_diff, to_json
-from .metrics import EpochMetrics, read_metrics_file
+from .metrics import EpochMetrics, read_metrics_path
 
 CONFIG, METRICS, SKIPPED, LOCK = "config.json", "metrics.jsonl", "skipped.tsv", ".kdpipe.lock"
 
@@ -69,7 +69,7 @@ class RunDir:
     # -- metrics.jsonl
     def read_metrics(self) -> list[EpochMetrics]:
         path = self.path / METRICS
-        return read_metrics_file(path.read_text(), str(path)) if path.is_file() else []
+        return read_metrics_path(path) if path.is_file() else []
 
     def append_metrics(self, record: EpochMetrics) -> None:
         """Append one epoch's record (the whole small file rewritten atomically)."""

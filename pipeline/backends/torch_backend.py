@@ -23,7 +23,7 @@ from ..augment import AugParams, AugSpec, sample_params, val_geometry
 from ..batch import IMAGENET_MEAN_255, IMAGENET_STD_255, host_to_device, normalize_images
 from ..errors import CorruptSampleError
 from ..shard_io import die_with_parent
-from .base import GREY, SkipLog, sample_error, size_mismatch
+from .base import GREY, CarryErrors, SkipLog, raise_carried, sample_error, size_mismatch
 from .cpu_views import crop_box, decode, decode_region, resize_uint8, train_view, val_view, view_from_crop
 
 if TYPE_CHECKING:
@@ -255,11 +255,12 @@ class TorchBackend:
         slots = [shared_uint8((batch_size, s, s, 3)) for _ in range(workers * PREFETCH + 2)] if workers else []
         builder = BatchBuilder(self.index, self.spec, self.seed, aug_epoch, self.train, chunks, self.skip_corrupt,
                                slots)
-        dl = torch.utils.data.DataLoader(builder, batch_size=None, shuffle=False, num_workers=workers,
+        dl = torch.utils.data.DataLoader(CarryErrors(builder) if workers else builder, batch_size=None,
+                                         shuffle=False, num_workers=workers,
                                          worker_init_fn=functools.partial(worker_init, parent_pid=os.getpid())
                                          if workers else None,
                                          prefetch_factor=PREFETCH if workers else None)
-        for item in dl:
+        for item in map(raise_carried, dl):  # a worker's KdpipeError is raised here as itself (one line)
             self._log.skipped.extend(item["skipped"])
             x = item["images"] if item["images"] is not None else slots[item["slot"]][:item["count"]]
             if self.normalize:
