@@ -242,7 +242,10 @@ def report(runs, out, teacher_run, low_w, learnable):
     from pipeline.errors import KdpipeError
     from pipeline.locks import exclusive_lock
     from trainer.report import write_report
+    from trainer.report_teacher import read_description
 
+    if learnable is not None:  # a side input that cannot be read is refused before anything is written
+        read_description(learnable)
     try:  # one writer per directory: a report into a run being trained (or another report) is refused
         with exclusive_lock(Path(out) / ".kdpipe.lock", f"directory {out}"):
             path = write_report(list(runs), out, teacher=teacher_run, low_w=low_w, learnable=learnable)

@@ -54,9 +54,12 @@ def entropy(logits: np.ndarray, tau: float) -> np.ndarray:
 
 
 def read_description(path: str | Path) -> dict:
-    """A learnable dataset's learnable.json (report --learnable); anything else is a ConfigError naming it."""
+    """A learnable dataset's learnable.json, or the tree holding it (report --learnable); anything else is a
+    ConfigError naming it (checked when `report` starts, used or not)."""
     from pipeline.errors import ConfigError, one_line
+    from pipeline.learnable import DESCRIPTION_FILE
 
+    path = Path(path) / DESCRIPTION_FILE if Path(path).is_dir() else Path(path)
     try:
         data = json.loads(Path(path).read_bytes())
     except (OSError, ValueError, RecursionError) as e:  # unreadable, not UTF-8, not JSON
