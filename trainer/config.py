@@ -183,6 +183,8 @@ class CacheTeacherConfig:
     progress: bool = opt(True, "progress bar", cli=False)
 
     def __post_init__(self) -> None:
+        if isinstance(self.view, dict):  # CacheTeacherConfig(**asdict(cfg)), e.g. a config sent to a subprocess
+            object.__setattr__(self, "view", ViewConfig(**self.view))
         problems = []
         if min(self.epochs, self.batch_size, self.chunk_n, self.image_size) < 1 or self.topk < 0:
             problems.append("--epochs, --batch-size, --chunk and --image-size must be >= 1, --topk >= 0")
