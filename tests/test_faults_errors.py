@@ -142,6 +142,7 @@ def test_a_decode_error_in_a_streamed_loaders_worker_is_one_line(built, tmp_path
 
 
 @pytest.mark.dali
+@pytest.mark.slow
 def test_an_error_raised_in_a_dali_callback_is_its_one_line(built, tmp_path, monkeypatch):
     from pipeline.backends import dali_backend
 

@@ -471,7 +471,8 @@ def config_diff(saved: dict, current: Any, free: tuple[str, ...] = RESUME_FREE) 
             continue
         a, b = saved.get(key), now.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += [f"{key}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            out += [f"{key}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+                    if _norm(a.get(k)) != _norm(b.get(k))]  # JSON lists = tuples (view.crop_scale)
         elif (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
             out.append(f"{key}: {a!r} -> {b!r}")
     return out
