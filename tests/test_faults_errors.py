@@ -101,7 +101,8 @@ def flip_jpeg_byte(shard_dir: Path, sample_id: int) -> Path:
     from pipeline.index import ShardIndex
 
     idx = ShardIndex(shard_dir, "train", check_crc=False)
-    path, offset, size = idx.shard_path(sample_id), int(idx.rows["offset"][sample_id]), int(idx.rows["size"][sample_id])
+    path, row = idx.shard_path(sample_id), idx.rows[sample_id]
+    offset, size = int(row["offset"]), int(row["size"])
     with open(path, "r+b") as f:
         f.seek(offset + size // 2)
         byte = f.read(1)[0]
