@@ -130,9 +130,10 @@ def check_index_sha(data: bytes, sha256: str | None, source: str, fix: str) -> N
                                f"replaced after sharding); {fix} to rewrite it")
 
 
-def load_index(shard_dir: str | Path, split: str, count: int, shards: int, sha256: str | None = None) -> np.ndarray:
-    """The rows of {split}.index.npy, checked against the manifest (its sha256 when given; ShardFormatError
-    naming the file)."""
+def load_index(shard_dir: str | Path, split: str, count: int, shards: int, sha256: str | None = None,
+               num_classes: int | None = None) -> np.ndarray:
+    """The rows of {split}.index.npy, checked against the manifest (its sha256 when given; labels below
+    num_classes; ShardFormatError naming the file)."""
     import io
 
     path = index_path(shard_dir, split)
@@ -146,14 +147,16 @@ def load_index(shard_dir: str | Path, split: str, count: int, shards: int, sha25
         raise ShardFormatError(f"{path}: not a readable index ({' '.join(str(e).split())[:200]}); rerun "
                                "`kdpipe shard` with the same options to rewrite it") from None
     fix = "rerun `kdpipe shard` with the same options"
-    rows = check_index_rows(rows, str(path), count, shards, fix)
+    rows = check_index_rows(rows, str(path), count, shards, fix, num_classes=num_classes)
     check_index_sha(data, sha256, str(path), fix)  # last: the messages above say more about a damaged file
     return rows
 
 
-def check_index_rows(rows: np.ndarray, source: str, count: int, shards: int, fix: str) -> np.ndarray:
-    """`rows` if they are a current index of `count` samples over `shards` shards, else a ShardFormatError
-    naming `source` and saying how to `fix` it (the one rule for local and remote indexes)."""
+def check_index_rows(rows: np.ndarray, source: str, count: int, shards: int, fix: str, *,
+                     num_classes: int | None = None) -> np.ndarray:
+    """`rows` if they are a current index of `count` samples over `shards` shards (labels below `num_classes`,
+    the manifest's class count; heights and widths >= 1), else a ShardFormatError naming `source`, the first
+    sample at fault, and saying how to `fix` it (the one rule for local and remote indexes)."""
     if rows.dtype == INDEX_DTYPE_NO_CRC:
         raise ShardFormatError(f"{source}: written by an older kdpipe, without the crc32 field; {fix}: it adds the "
                                "field (only the index files are rewritten)")
@@ -164,6 +167,15 @@ def check_index_rows(rows: np.ndarray, source: str, count: int, shards: int, fix
                       or rows["size"].min() < 0):
         raise ShardFormatError(f"{source}: rows point outside the {shards} shards of the manifest; {fix} to "
                                "rewrite it")
+    top = np.iinfo(np.int32).max if num_classes is None else num_classes
+    outside = f"outside 0..{top - 1} (the manifest's {num_classes} classes)" if num_classes else "negative"
+    checks = (("label", (rows["label"] < 0) | (rows["label"] >= top), outside),
+              ("height", rows["height"] < 1, "below 1 pixel"), ("width", rows["width"] < 1, "below 1 pixel"))
+    for field, bad, why in checks:
+        if bad.any():
+            first = int(np.flatnonzero(bad)[0])
+            raise ShardFormatError(f"{source}: sample {first} has {field} {int(rows[field][first])}, {why} "
+                                   f"({int(bad.sum())} such rows); {fix} to rewrite it")
     return rows
 
 
@@ -215,7 +227,7 @@ class ShardIndex(IndexRows):
         source = str(self.shard_dir / MANIFEST)
         self._paths = [shard_file(self.shard_dir, n, f"{source}: splits.{split}") for n in self.shard_names]
         self.rows: np.ndarray = load_index(self.shard_dir, split, info["count"], len(self.shard_names),
-                                          info.get("index_sha256"))
+                                          info.get("index_sha256"), num_classes=len(self.manifest["classes"]))
         self.classes: list[str] = [c["wnid"] for c in self.manifest["classes"]]
         self._fds: dict[int, int] = {}
         self._pid = os.getpid()

@@ -232,7 +232,8 @@ class RemoteIndex(IndexRows):
         except ValueError as e:
             raise ShardFormatError(f"{url}: not a kdpipe index ({one_line(e, 200)})") from None
         check_index_rows(self.rows, url, info["count"], len(self.shards),
-                         "rerun `kdpipe shard` with the same options on the source and upload the new index files")
+                         "rerun `kdpipe shard` with the same options on the source and upload the new index files",
+                         num_classes=len(self.manifest["classes"]))
         check_index_sha(data, info.get("index_sha256"), url, "upload the shard directory again, whole")
         for k, s in enumerate(self.shards):
             if not np.all(self.rows["shard"][s["first_id"]:s["first_id"] + s["count"]] == k):

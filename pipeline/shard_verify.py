@@ -151,7 +151,8 @@ def verify_shards(shard_dir: str | Path, workers: int | None = None, progress: b
     tasks = []
     for split, info in manifest["splits"].items():
         try:
-            rows = load_index(shard_dir, split, info["count"], len(info["shards"]), info.get("index_sha256"))
+            rows = load_index(shard_dir, split, info["count"], len(info["shards"]), info.get("index_sha256"),
+                              len(manifest["classes"]))
         except DataError as e:  # the shards are still checked against themselves and the manifest
             result.problems.append(one_line(e))
             rows = None

@@ -318,6 +318,7 @@ class StreamBackend:
     def iter_batches(self, ids: np.ndarray, aug_epoch: int, batch_size: int, segments: list[Segment] | None = None
                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(images, labels, ids) for `ids` in exactly this order, `batch_size` at a time."""
+        from .backends.base import CarryErrors, raise_carried
         from .backends.torch_backend import normalize_nhwc, worker_init
         from .batch import host_to_device
 
@@ -337,8 +338,9 @@ class StreamBackend:
         try:
             if workers:  # the DataLoader forks its workers first, then pulls items (starting the reader)
                 init = partial(worker_init, parent_pid=os.getpid())  # workers die with the main process
-                batches = torch.utils.data.DataLoader(decode, batch_size=None, sampler=_Started(reader, q, failed),
-                                                      num_workers=workers, worker_init_fn=init, prefetch_factor=2)
+                batches = map(raise_carried, torch.utils.data.DataLoader(  # a worker's KdpipeError, as itself
+                    CarryErrors(decode), batch_size=None, sampler=_Started(reader, q, failed), num_workers=workers,
+                    worker_init_fn=init, prefetch_factor=2))
             else:
                 reader.start()
                 batches = (decode[item] for item in _drain(q, failed))

@@ -158,7 +158,7 @@ def cache_teacher(cfg: CacheTeacherConfig, *, on_unit: Callable[[int, int], Any]
         rank, world = dist_info()
         batch = per_rank_batch(cfg.batch_size, world)
         dtype = precision_dtype(cfg.precision, device)
-        spec = AugSpec(image_size=cfg.image_size)
+        spec = AugSpec(image_size=cfg.image_size, **cfg.view.spec_fields())
         loader = ImageNet100Loader(cfg.shards, "train", batch, seed=cfg.seed, backend=cfg.backend, device=device,
                                    spec=spec, normalize=True, num_workers=cfg.num_workers,
                                    skip_corrupt=cfg.skip_corrupt, decode_device=cfg.decode_device)

@@ -21,8 +21,9 @@ CONFIG_FILE = click.option("--config", "config_file", type=click.Path(exists=Tru
 class KdpipeGroup(click.Group):
     """Turns the user and data errors of every command into one line (see pipeline/errors.py).
 
-    KdpipeError -> "Error: <one line>", exit 1 (ConfigError exits 2, like click's usage errors); a full disk
-    -> one line naming the path. `--debug` or KDPIPE_DEBUG=1 lets the original exception through."""
+    KdpipeError -> "Error: <one line>", exit 1 (ConfigError exits 2, like click's usage errors); a full disk, a
+    read-only file system or a missing permission -> one line naming the path. `--debug` or KDPIPE_DEBUG=1 lets
+    the original exception through."""
 
     def invoke(self, ctx: click.Context):
         import errno
@@ -36,11 +37,16 @@ class KdpipeGroup(click.Group):
                 raise
             raise _OneLine(one_line(e), e.exit_code) from e
         except OSError as e:
-            if e.errno != errno.ENOSPC or _debug(ctx):
+            if _debug(ctx):
                 raise
-            where = e.filename or "the output"
-            raise _OneLine(f"no space left on the device writing {where}; what finished is kept: free space and "
-                           f"rerun the same command to continue", 1) from e
+            if e.errno == errno.ENOSPC:
+                where = e.filename or "the output"
+                raise _OneLine(f"no space left on the device writing {where}; what finished is kept: free space "
+                               f"and rerun the same command to continue", 1) from e
+            if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and e.filename:
+                raise _OneLine(f"{e.filename}: {e.strerror} (a read-only or protected location); fix its "
+                               f"permissions or choose another path", 1) from e
+            raise
 
 
 class _OneLine(click.ClickException):
@@ -49,11 +55,21 @@ class _OneLine(click.ClickException):
         self.exit_code = exit_code
 
 
-def _debug(ctx: click.Context) -> bool:
+DEBUG_ON, DEBUG_OFF = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
+def debug_env() -> bool | None:
+    """KDPIPE_DEBUG as a switch: True (1/true/yes/on), False (unset, empty, 0/false/no/off), None (anything else;
+    the group refuses it before running a command)."""
     import os
 
+    value = os.environ.get("KDPIPE_DEBUG", "").strip().lower()
+    return True if value in DEBUG_ON else False if value in DEBUG_OFF else None
+
+
+def _debug(ctx: click.Context) -> bool:
     root = ctx.find_root()
-    return bool((root.params or {}).get("debug")) or os.environ.get("KDPIPE_DEBUG", "") not in ("", "0")
+    return bool((root.params or {}).get("debug")) or bool(debug_env())
 
 
 @click.group(cls=KdpipeGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -61,6 +77,13 @@ def _debug(ctx: click.Context) -> bool:
 @click.option("--debug", is_flag=True, help="Show the full traceback of an error (also KDPIPE_DEBUG=1).")
 def main(debug: bool) -> None:
     """kdpipe: uncertainty-aware dual-student knowledge distillation on ImageNet-100."""
+    import os
+
+    from pipeline.errors import ConfigError
+
+    if debug_env() is None:
+        raise ConfigError(f"KDPIPE_DEBUG={os.environ.get('KDPIPE_DEBUG')!r}: give 1, true, yes or on to show "
+                          f"tracebacks, or 0, false, no or off (or unset it) for one-line errors")
 
 
 @main.command()
@@ -224,7 +247,10 @@ def report(runs, out, teacher_run, low_w, learnable):
     from pipeline.errors import KdpipeError
     from pipeline.locks import exclusive_lock
     from trainer.report import write_report
+    from trainer.report_teacher import read_description
 
+    if learnable is not None:  # a side input that cannot be read is refused before anything is written
+        read_description(learnable)
     try:  # one writer per directory: a report into a run being trained (or another report) is refused
         with exclusive_lock(Path(out) / ".kdpipe.lock", f"directory {out}"):
             path = write_report(list(runs), out, teacher=teacher_run, low_w=low_w, learnable=learnable)

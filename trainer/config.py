@@ -68,6 +68,50 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class ViewConfig:
+    """The training view (pipeline/augment.py AugSpec): ImageNet's RandomResizedCrop + flip + ColorJitter by
+    default. Data that must not be flipped or cut small (digits, text) says so here; the teacher cache records
+    the values, so a cache made with others is refused."""
+
+    crop_scale: tuple[float, float] = opt((0.08, 1.0), "random crop area as a fraction of the image, LO HI "
+                                          "(0 < LO <= HI <= 1)")
+    crop_ratio: tuple[float, float] = opt((3 / 4, 4 / 3), "random crop width/height, LO HI (0 < LO <= HI)")
+    flip_p: float = opt(0.5, "probability of a horizontal flip (0: never, for digits or text)")
+    brightness: float = opt(0.4, "brightness jitter: factor uniform in [max(0, 1 - b), 1 + b] (0: off)")
+    contrast: float = opt(0.4, "contrast jitter, like --brightness (0: off)")
+    saturation: float = opt(0.4, "saturation jitter, like --brightness (0: off)")
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name, flag in (("crop_scale", "--crop-scale"), ("crop_ratio", "--crop-ratio")):
+            pair = getattr(self, name)
+            if len(pair) != 2 or not all(_is_number(x) for x in pair):
+                raise ConfigError(f"{flag} takes two numbers LO HI, got {pair!r}")
+            object.__setattr__(self, name, tuple(float(x) for x in pair))
+        (s_lo, s_hi), (r_lo, r_hi) = self.crop_scale, self.crop_ratio
+        if not 0 < s_lo <= s_hi <= 1:
+            problems.append(f"--crop-scale {s_lo:g} {s_hi:g}: need 0 < LO <= HI <= 1")
+        if not 0 < r_lo <= r_hi:
+            problems.append(f"--crop-ratio {r_lo:g} {r_hi:g}: need 0 < LO <= HI")
+        if not 0 <= self.flip_p <= 1:
+            problems.append(f"--flip-p {self.flip_p:g}: need 0 <= P <= 1")
+        problems += [f"--{name} {getattr(self, name):g}: need >= 0" for name in ("brightness", "contrast",
+                                                                                 "saturation")
+                     if not getattr(self, name) >= 0]
+        if problems:
+            raise ConfigError("invalid view: " + "; ".join(problems))
+
+    def spec_fields(self) -> dict[str, Any]:
+        """These values as AugSpec keyword arguments."""
+        return {"scale": self.crop_scale, "ratio": self.crop_ratio, "flip_p": self.flip_p,
+                "brightness": self.brightness, "contrast": self.contrast, "saturation": self.saturation}
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     shards: str = opt("", "directory written by `kdpipe shard`, or its URL (http(s)://, s3://, gs://, file://, "
                       "pipe:...{name}...): streamed", path="dir", url=True, required=True)
@@ -91,6 +135,7 @@ class TrainConfig:
     val_resize: ValResize = opt(
         "shorter", "validation view: shorter (shorter side to 256/224 of the crop, centre crop; torchvision's "
         "norm) or square (resize to 256x256, centre crop; the paper's words)")
+    view: ViewConfig = opt(ViewConfig, "")
     dropout: float | None = opt(None, "dropout probability of every nn.Dropout in the students (default: each "
                                 "model's own: 0.2 in MobileNetV2's classifier, torchvision's; ResNets have none)")
     reuse_views: bool = opt(False, "accept a teacher cache with fewer augmentation epochs than --epochs: "
@@ -132,6 +177,7 @@ class CacheTeacherConfig:
                       "is refused unless it passes --reuse-views", min=1)
     seed: int = opt(0, "augmentation seed; must equal the training --seed", )
     image_size: int = opt(224, "training crop side, pixels; must equal the training --image-size", min=1)
+    view: ViewConfig = opt(ViewConfig, "")
     topk: int = opt(0, "0: store full logits; K: top-K log-probabilities (for teachers with many classes)", min=0)
     batch_size: int = opt(256, "GLOBAL teacher batch (split evenly across ranks); never crosses a unit", min=1)
     chunk_n: int = opt(4096, "samples per store chunk and per unit of resumable, parallel work", flag="--chunk",
@@ -148,6 +194,8 @@ class CacheTeacherConfig:
     progress: bool = opt(True, "progress bar", cli=False)
 
     def __post_init__(self) -> None:
+        if isinstance(self.view, dict):  # CacheTeacherConfig(**asdict(cfg)), e.g. a config sent to a subprocess
+            object.__setattr__(self, "view", ViewConfig(**self.view))
         problems = []
         if min(self.epochs, self.batch_size, self.chunk_n, self.image_size) < 1 or self.topk < 0:
             problems.append("--epochs, --batch-size, --chunk and --image-size must be >= 1, --topk >= 0")
@@ -323,8 +371,11 @@ def validate(cfg: TrainConfig) -> None:
         errors.append(f"the peer term (--gamma {cfg.loss.gamma}) needs two or more students")
     if cfg.loss.tau <= 0 or cfg.loss.entropy_tau <= 0:
         errors.append("temperatures (--tau, --entropy-tau) must be positive")
-    if cfg.optim.lr <= 0 or cfg.optim.warmup_epochs < 0:
-        errors.append("--lr must be positive and --warmup-epochs not negative")
+    if not cfg.optim.lr > 0 or not cfg.optim.warmup_epochs >= 0 or not cfg.optim.weight_decay >= 0:
+        errors.append(f"--lr must be positive (got {cfg.optim.lr:g}), --warmup-epochs (got "
+                      f"{cfg.optim.warmup_epochs:g}) and --weight-decay (got {cfg.optim.weight_decay:g}) not negative")
+    if not 0 <= cfg.optim.momentum < 1 or (cfg.optim.nesterov and cfg.optim.momentum == 0):
+        errors.append(f"--momentum must be in [0, 1) and above 0 with --nesterov, got {cfg.optim.momentum:g}")
     if cfg.dropout is not None and not 0.0 <= cfg.dropout < 1.0:
         errors.append(f"--dropout must be in [0, 1), got {cfg.dropout}")
     if cfg.teacher_weights and cfg.teacher_cache:
@@ -338,7 +389,10 @@ def to_dict(cfg: Any) -> dict:
 
 
 def _legacy(d: dict) -> dict:
-    """config.json files of earlier versions: loss.uncertainty (bool) became loss.weight_fn."""
+    """config.json files of earlier versions: loss.uncertainty (bool) became loss.weight_fn; a run from before
+    the view options trained ImageNet's view (their defaults)."""
+    if "view" not in d:
+        d = {**d, "view": to_dict(ViewConfig())}
     loss = d.get("loss")
     if isinstance(loss, dict) and "uncertainty" in loss:
         loss = dict(loss)
@@ -400,6 +454,10 @@ def _checked(value: Any, hint: Any, name: str) -> Any:
         if value not in args:
             raise ConfigError(f"config key {name}: {value!r} is not one of {', '.join(map(str, args))}")
         return value
+    if typing.get_origin(hint) is tuple and args == (float, float):  # a LO HI pair
+        if not isinstance(value, tuple) or len(value) != 2 or not all(_is_number(x) for x in value):
+            raise ConfigError(f"config key {name}: expected two numbers [LO, HI], got {value!r}")
+        return tuple(float(x) for x in value)
     if typing.get_origin(hint) is tuple:
         if not isinstance(value, tuple) or not all(isinstance(x, str) for x in value):
             raise ConfigError(f"config key {name}: expected a list of names, got {value!r}")
@@ -425,7 +483,8 @@ def config_diff(saved: dict, current: Any, free: tuple[str, ...] = RESUME_FREE) 
             continue
         a, b = saved.get(key), now.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += [f"{key}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            out += [f"{key}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+                    if _norm(a.get(k)) != _norm(b.get(k))]  # JSON lists = tuples (view.crop_scale)
         elif (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
             out.append(f"{key}: {a!r} -> {b!r}")
     return out

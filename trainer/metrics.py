@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 # Fields that measure the machine, not the run: they differ between an interrupted and an uninterrupted run.
@@ -92,7 +93,28 @@ def read_metrics_file(text: str, source: str = "metrics.jsonl") -> list[EpochMet
             continue
         try:
             rec = EpochMetrics.from_json(json.loads(line))
-        except (json.JSONDecodeError, TypeError, KeyError) as e:
+            if not isinstance(rec.epoch, int) or isinstance(rec.epoch, bool):
+                raise TypeError(f"epoch {rec.epoch!r} is not an integer")
+        except (ValueError, TypeError, KeyError, AttributeError) as e:  # a line of the wrong shape, too
             raise ValueError(f"{source}:{lineno}: not a metrics line ({e})") from e
         by_epoch[rec.epoch] = rec
     return [by_epoch[k] for k in sorted(by_epoch)]
+
+
+def read_metrics_path(path: str | Path) -> list[EpochMetrics]:
+    """RUN/metrics.jsonl's records for every reader (resume, report, demo): a damaged file is a RunFormatError,
+    one line naming the file and the line (or byte) at fault."""
+    from pipeline.errors import RunFormatError
+
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise RunFormatError(f"{path}:{line}: not a metrics line (not UTF-8 text at byte {e.start}); fix or "
+                             f"remove that line") from e
+    try:
+        return read_metrics_file(text, str(path))
+    except ValueError as e:
+        raise RunFormatError(f"{e}; fix or remove that line") from e

@@ -132,6 +132,25 @@ def build_model(name: str, num_classes: int) -> nn.Module:
     return MODELS[name](num_classes)
 
 
+def check_one_sample_batches(names: list[str] | tuple[str, ...], num_classes: int, image_size: int,
+                             flag: str = "--batch-size") -> None:
+    """Refuse, before any data is read, students that cannot train on batches of one sample: a BatchNorm
+    layer whose feature map is 1x1 at this image size sees one value per channel ("Expected more than 1
+    value per channel when training" mid-run). Probed by one forward pass on the meta device (shapes only:
+    no memory, no arithmetic). Only a batch of one can fail this way, so callers probe only that case."""
+    for name in names:
+        with torch.device("meta"):
+            model = build_model(name, num_classes).train()
+            try:
+                model(torch.empty(1, 3, image_size, image_size))
+            except ValueError as e:
+                if "more than 1 value per channel" not in str(e):
+                    raise
+                raise ConfigError(f"{flag} gives 1 sample per rank: {name} cannot train on it at --image-size "
+                                  f"{image_size} (its BatchNorm then normalises a single value per channel); "
+                                  f"use at least 2 samples per rank") from e
+
+
 def head_names(model: nn.Module) -> list[str]:
     """Qualified names of the classifier layers: what timm's pretrained_cfg says (several for distilled
     heads), else the last nn.Linear (fc for ResNets, classifier.1 for MobileNetV2)."""

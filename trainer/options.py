@@ -2,7 +2,8 @@
 
 Every field becomes one option: its flag (the field name with dashes, or the `flag` metadata; nested
 dataclasses are flattened: loss.alpha is --alpha), its type and choices (int, float, str, bool as
---x/--no-x, Literal as a choice, tuple[str, ...] as a comma-separated list, paths checked for existence;
+--x/--no-x, Literal as a choice, tuple[str, ...] as a comma-separated list, tuple[float, float] as two
+numbers (--crop-scale 0.9 1.0), paths checked for existence;
 url=True on a path field also accepts a URL), its help and displayed default from the metadata. Every
 generated option defaults to None ("not given"), so a command can layer: dataclass defaults < --mode preset
 < --config FILE (or a run's config.json) < the flags actually given.
@@ -74,7 +75,7 @@ def _default_text(o: Option) -> str | None:
     if isinstance(value, bool):
         return None  # click shows the on/off pair; the help says which is the default
     if isinstance(value, tuple):
-        return ",".join(map(str, value))
+        return (" " if _is_pair(o.hint) else ",").join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
     return None if value is None else str(value)
 
 
@@ -87,12 +88,19 @@ class PathOrURL(click.Path):
         return value if is_url(value) else super().convert(value, param, ctx)
 
 
+def _is_pair(hint: Any) -> bool:
+    """tuple[float, float]: an option that takes two numbers (LO HI)."""
+    return typing.get_origin(hint) is tuple and typing.get_args(hint) == (float, float)
+
+
 def _click_type(o: Option) -> tuple[Any, bool]:
     """(click type, is_flag_pair)."""
     hint, _ = _unwrap_optional(o.hint)
     meta = o.field.metadata
     if hint is bool:
         return None, True
+    if _is_pair(hint):
+        return click.Tuple([float, float]), False
     if typing.get_origin(hint) is Literal:
         return click.Choice([str(a) for a in typing.get_args(hint)]), False
     if hint is int:
@@ -131,7 +139,8 @@ def add_options(cls: type, exclude: tuple[str, ...] = ()) -> Callable:
                 name = o.flag.lstrip("-")
                 fn = click.option(f"--{name}/--no-{name}", o.param, default=None, help=help_)(fn)
             else:
-                fn = click.option(o.flag, o.param, type=ctype, default=None, help=help_)(fn)
+                metavar = "LO HI" if _is_pair(o.hint) else None
+                fn = click.option(o.flag, o.param, type=ctype, default=None, help=help_, metavar=metavar)(fn)
         return fn
 
     return decorate
@@ -146,7 +155,9 @@ def given(cls: type, params: dict[str, Any]) -> dict[str, Any]:
         if value is None:
             continue
         hint, _ = _unwrap_optional(o.hint)
-        if typing.get_origin(hint) is tuple:
+        if _is_pair(hint):
+            value = tuple(float(x) for x in value)
+        elif typing.get_origin(hint) is tuple:
             value = tuple(x.strip() for x in str(value).split(",") if x.strip())
         elif isinstance(value, Path):
             value = str(value)

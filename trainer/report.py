@@ -23,7 +23,7 @@ from pipeline.outdir import claim_dir
 from . import report_plots as plots
 from . import report_tables as tables
 from .assumptions import report_section
-from .metrics import EpochMetrics, StudentMetrics, read_metrics_file
+from .metrics import EpochMetrics, StudentMetrics, read_metrics_path
 from .report_teacher import sample_kinds, teacher_section, teacher_stats
 from .report_views import teacher_views_section
 
@@ -104,10 +104,7 @@ def load_run(path: str | Path) -> Run:
     students = tuple(config.get("students", ()))
     if len(set(students)) != len(students):
         students = tuple(f"{s}#{i}" for i, s in enumerate(students))
-    try:
-        epochs = read_metrics_file(met_file.read_text(), str(met_file))
-    except ValueError as e:
-        raise RunFormatError(f"{e}; fix or remove that line") from e
+    epochs = read_metrics_path(met_file)
     if not epochs:
         raise RunFormatError(f"{met_file}: no epochs recorded yet; report a run after its first epoch")
     if not epochs[-1].val_images:

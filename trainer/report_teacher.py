@@ -53,6 +53,24 @@ def entropy(logits: np.ndarray, tau: float) -> np.ndarray:
     return -(np.exp(logp) * logp).sum(axis=1)
 
 
+def read_description(path: str | Path) -> dict:
+    """A learnable dataset's learnable.json, or the tree holding it (report --learnable); anything else is a
+    ConfigError naming it (checked when `report` starts, used or not)."""
+    from pipeline.errors import ConfigError, one_line
+    from pipeline.learnable import DESCRIPTION_FILE
+
+    path = Path(path) / DESCRIPTION_FILE if Path(path).is_dir() else Path(path)
+    try:
+        data = json.loads(Path(path).read_bytes())
+    except (OSError, ValueError, RecursionError) as e:  # unreadable, not UTF-8, not JSON
+        raise ConfigError(f"--learnable {path}: not a learnable dataset's description ({one_line(e, 200)}); give "
+                          f"the tree `kdpipe synth --learnable` wrote or its learnable.json") from e
+    if not isinstance(data, dict) or not isinstance(data.get("ambiguous"), dict):
+        raise ConfigError(f"--learnable {path}: not a learnable dataset's description (no \"ambiguous\" object); "
+                          f"give the tree `kdpipe synth --learnable` wrote or its learnable.json")
+    return data
+
+
 def sample_kinds(shards: str | Path, description: str | Path) -> np.ndarray:
     """Per train sample id: "" for a clean sample, else its ambiguity kind from the learnable dataset's
     learnable.json. Sources come from each sample's .json member, read in order (no extraction by name).
@@ -65,12 +83,15 @@ def sample_kinds(shards: str | Path, description: str | Path) -> np.ndarray:
     from pipeline.errors import RunFormatError
     from pipeline.index import read_manifest
 
+    from pipeline.learnable import DESCRIPTION_FILE
+
     shards, description = Path(shards), Path(description)
+    desc = read_description(description)  # a ConfigError naming the file when it is no description at all
+    description = description / DESCRIPTION_FILE if description.is_dir() else description
     try:
-        desc = json.loads(description.read_text())
         ambiguous, wnids = desc["ambiguous"], list(desc["wnids"])
         files = {rel for rels in desc["train"].values() for rel in rels}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    except (KeyError, TypeError, AttributeError) as e:
         raise RunFormatError(f"--learnable {description}: not a learnable dataset's description "
                              f"({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
 

@@ -20,7 +20,7 @@ from pipeline.outdir import check_claimable, claim_dir
 from .checkpoint import BEST, LAST, load_checkpoint
 from .config import TrainConfig, config_diff, to_json
 from .inputs import check_inputs, recorded_inputs
-from .metrics import EpochMetrics, read_metrics_file
+from .metrics import EpochMetrics, read_metrics_file, read_metrics_path
 
 CONFIG, METRICS, SKIPPED, LOCK, MARKER = "config.json", "metrics.jsonl", "skipped.tsv", ".kdpipe.lock", ".kdpipe-run"
 WHAT = "a training run"
@@ -136,7 +136,7 @@ class RunDir:
     # -- metrics.jsonl
     def read_metrics(self) -> list[EpochMetrics]:
         path = self.path / METRICS
-        return read_metrics_file(path.read_text(), str(path)) if path.is_file() else []
+        return read_metrics_path(path) if path.is_file() else []
 
     def append_metrics(self, record: EpochMetrics) -> None:
         """Append one epoch's record (the whole small file rewritten atomically)."""

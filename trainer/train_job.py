@@ -12,6 +12,7 @@ from pipeline.errors import ConfigError
 
 from .config import TrainConfig
 from .loop import run_training
+from .models import check_one_sample_batches
 from .runtime import dist_info, init_distributed, load_teacher
 
 
@@ -48,12 +49,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
         cfg = dataclasses.replace(cfg, device=str(device)) if created else cfg
         rank, world = dist_info()
         batch = per_rank_batch(cfg.batch_size, world)
-        spec = AugSpec(image_size=cfg.image_size, val_resize_mode=cfg.val_resize)
+        spec = AugSpec(image_size=cfg.image_size, val_resize_mode=cfg.val_resize, **cfg.view.spec_fields())
         common = dict(seed=cfg.seed, backend=cfg.backend, device=device, spec=spec, rank=rank, world_size=world,
                       num_workers=cfg.num_workers, skip_corrupt=cfg.skip_corrupt, decode_device=cfg.decode_device)
         val_loader = ImageNet100Loader(cfg.shards, "val", batch, drop_last=False, **common)
         require_val_samples(val_loader, cfg.shards)
         classes = list(val_loader.classes)
+        if batch == 1:  # drop_last: every training batch has exactly `batch` samples
+            check_one_sample_batches(cfg.students, len(classes), cfg.image_size, f"--batch-size {cfg.batch_size}")
         cache = open_training_cache(cfg, val_loader, spec) if cfg.teacher_cache else None
         cache_epochs = None if cache is None else cache.epochs
         # the cache gives logits only to teacher modes; a `hard` run given one only repeats its views like them

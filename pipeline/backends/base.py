@@ -6,11 +6,13 @@ the numbers of the colour definition.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator, Protocol
+import pickle
+import traceback
+from typing import TYPE_CHECKING, Any, Iterator, Protocol
 
 import numpy as np
 
-from ..errors import CorruptSampleError
+from ..errors import CorruptSampleError, KdpipeError
 
 if TYPE_CHECKING:
     import torch
@@ -62,6 +64,52 @@ class SkipLog:
         if not self.skip_corrupt:
             raise err
         self.skipped.append((int(sample_id), str(err)))
+
+
+class WorkerTraceback(Exception):
+    """Where a carried error was raised in its worker process (the cause `--debug` shows)."""
+
+
+class CarryErrors:
+    """A DataLoader worker's dataset whose user and data errors travel back as data.
+
+    PyTorch re-raises a worker's exception as "Caught X in DataLoader worker process 0. Original Traceback
+    ...": a many-line message, and an error class whose constructor takes more than one string (e.g.
+    CacheMismatchError) comes back as a RuntimeError. Here a KdpipeError becomes the item
+    {"error": (class, message, attributes, traceback)} and `raise_carried` in the main process raises the
+    same class with the same one-line message. Anything else (a programming error) stays PyTorch's."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: Any) -> Any:
+        try:
+            return self.dataset[item]
+        except KdpipeError as e:
+            attrs = {k: v for k, v in vars(e).items() if _picklable(v)}
+            return {"error": (type(e), str(e), attrs, traceback.format_exc())}
+
+
+def raise_carried(item: Any) -> Any:
+    """`item` as it came from a CarryErrors dataset; an error it carries is raised here, as it was raised there."""
+    if not (isinstance(item, dict) and "error" in item):
+        return item
+    cls, message, attrs, where = item["error"]
+    err = cls.__new__(cls, message)  # not cls(message): some classes' constructors take other arguments
+    err.args = (message,)
+    err.__dict__.update(attrs)
+    raise err from WorkerTraceback(f"raised in a DataLoader worker process:\n{where}")
+
+
+def _picklable(value: object) -> bool:
+    try:
+        pickle.dumps(value)
+        return True
+    except Exception:  # any failure to pickle: the attribute stays behind, the message still travels
+        return False
 
 
 def size_mismatch(expected: tuple[int, int], got: tuple[int, int]) -> str | None:

@@ -23,7 +23,7 @@ from ..augment import AugParams, AugSpec, sample_params, val_geometry
 from ..batch import IMAGENET_MEAN_255, IMAGENET_STD_255, host_to_device, normalize_images
 from ..errors import CorruptSampleError
 from ..shard_io import die_with_parent
-from .base import GREY, SkipLog, sample_error, size_mismatch
+from .base import GREY, CarryErrors, SkipLog, raise_carried, sample_error, size_mismatch
 from .cpu_views import crop_box, decode, decode_region, resize_uint8, train_view, val_view, view_from_crop
 
 if TYPE_CHECKING:
@@ -178,8 +178,8 @@ class WorkerPool:
         self.batch_size, self.workers, self._keys = batch_size, workers, _Keys()
         builder = KeyedBuilder(index, spec, seed, train, skip_corrupt, self.slots)
         self._dl = torch.utils.data.DataLoader(
-            builder, batch_size=None, sampler=self._keys, num_workers=workers, persistent_workers=True,
-            prefetch_factor=PREFETCH, worker_init_fn=functools.partial(worker_init, parent_pid=os.getpid()))
+            CarryErrors(builder), batch_size=None, sampler=self._keys, num_workers=workers,
+            persistent_workers=True, prefetch_factor=PREFETCH, worker_init_fn=functools.partial(worker_init, parent_pid=os.getpid()))
 
     def run(self, aug_epoch: int, chunks: Sequence[np.ndarray]) -> Iterator[dict]:
         """Items (dicts of BatchBuilder.build) for `chunks` in order; the workers start on them at once."""
@@ -325,7 +325,7 @@ class TorchBackend:
         """Worker items -> (images, labels, ids) on the device. uint8 crosses from the workers (4x fewer bytes
         than float32); the target device normalises. Batches handed out are copies (or the normalised result),
         never a slot a worker will refill."""
-        for item in items:
+        for item in map(raise_carried, items):  # a worker's KdpipeError is raised here as itself (one line)
             self._log.skipped.extend(item["skipped"])
             x = item["images"] if pool is None else pool.image(item)
             labels, ids = host_to_device(item["labels"], self.device), host_to_device(item["ids"], self.device)
