@@ -112,6 +112,13 @@ def test_cli_presets(monkeypatch, tmp_path):
     assert result.exit_code == 2 and "--tiny is --preset tiny" in result.output
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_preset_without_a_gpu_is_refused_before_any_data(tmp_path):
+    result = CliRunner().invoke(main, ["demo", "--preset", "gpu", "--out", str(tmp_path / "d")])
+    assert result.exit_code == 1 and "--device cuda asked for, but CUDA is not available here" in result.output
+    assert not (tmp_path / "d").exists()
+
+
 @pytest.fixture(scope="module")
 def scaled(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo_gpu") / "demo"

@@ -73,7 +73,7 @@ TINY = DemoConfig(num_classes=5, train_per_class=16, val_per_class=4, image_px=3
 # ladder waits for a GPU session). 16,000 training images of 64 px crops, 5 student epochs per rung, 3 seeds.
 # The teacher recipe is what makes ResNet-50 a teacher worth distilling: 4x the students' epochs, batch 128
 # at lr 0.1 (0.05 at batch 64 by linear scaling) after a 2-epoch warm-up, zero-init residual BatchNorm and
-# label smoothing 0.1. Sized on the measured 1,350 img/s of today's dual step it would take about 20 minutes;
+# label smoothing 0.1. Sized on the measured 1,350 img/s of today's dual step it would take about 18 minutes;
 # it fits 10 only with the CUDA-graph step and overlapped data (~3,500 img/s).
 GPU = DemoConfig(num_classes=100, train_per_class=160, val_per_class=40, image_px=80, crop_px=64,
                  teacher="resnet50", teacher_epochs=20, teacher_lr=0.1, teacher_batch_size=128,
@@ -190,7 +190,10 @@ def run_demo(out: str | Path = "demo", cfg: DemoConfig = DemoConfig()) -> Path:
     """Run (or finish) every stage under `out`; returns the path of report.md. Prints progress and timings."""
     import torch
 
+    from .runtime import resolve_device
+
     out = Path(out)
+    resolve_device(cfg.device)  # `--preset gpu` without a GPU: one line, before any data is drawn
     _check_or_record(out, cfg)
     threads_before = torch.get_num_threads()
     if cfg.threads is not None:
