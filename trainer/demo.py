@@ -250,7 +250,7 @@ def _run_stages(out: Path, cfg: DemoConfig) -> Path:
 
     stage("generate the learnable dataset", generate)
     stage("shard", shard)
-    recipe = ", label smoothing and zero-init residual recipe" if uses_recipe_loop(cfg) else ""
+    recipe = ", the teacher recipe" if uses_recipe_loop(cfg) else ""
     stage(f"train the teacher ({cfg.teacher}, hard labels{recipe})", teach)
     for seed in seed_list(cfg):
         stage(f"seed {seed}: cache the teacher's logits", lambda seed=seed: cache_stage(seed))
