@@ -85,6 +85,11 @@ class IncompleteCacheError(CacheError, RuntimeError):
                          f"rerun `kdpipe cache-teacher` with the same options to finish it")
 
 
+class TeacherLogitsError(CacheError, ValueError):
+    """Teacher logits a cache cannot store (non-finite, or beyond float16's range for full logits): the teacher
+    diverged or its weights are damaged. Names the store and the unit; nothing of that unit is written."""
+
+
 class CacheDamageError(CacheError, RuntimeError):
     """Written units whose data no longer match the checksums written with them (a lost chunk file, a flipped
     byte); `.units` lists their (epoch, chunk). A rerun of the same cache-teacher command recomputes them."""

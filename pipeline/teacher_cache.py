@@ -31,7 +31,7 @@ from .cache_fingerprint import (FORMAT, LAYOUT_VERSION, _jsonable, cache_fingerp
                                 view_fingerprint)
 from .cache_check import CHECKSUM, CacheVerifyReport, Damage, check_epoch, crc32_rows, read_done
 from .errors import (CacheDamageError, CacheError, CacheMismatchError, ConfigError, IncompleteCacheError,
-                     MissingDataError, OutputExistsError)
+                     MissingDataError, OutputExistsError, TeacherLogitsError)
 
 __all__ = ["CacheDamageError", "CacheMismatchError", "IncompleteCacheError", "TeacherCache", "TeacherCacheWriter",
            "CacheLayout", "cache_fingerprint", "view_fingerprint", "fingerprint_diff"]
@@ -252,15 +252,20 @@ class TeacherCacheWriter:
             raise ValueError(f"unit (epoch {epoch}, chunk {chunk}) of {self.path} needs logits of shape "
                              f"{(hi - lo, self.layout.num_classes)}, got {z.shape}")
         if not np.isfinite(z).all():
-            raise ValueError(f"non-finite teacher logits for epoch {epoch}, ids [{lo}, {hi}) of {self.path}")
+            raise TeacherLogitsError(f"non-finite teacher logits for epoch {epoch}, ids [{lo}, {hi}) (unit: epoch "
+                                     f"{epoch}, chunk {chunk}) of teacher cache {self.path}: the teacher diverged or "
+                                     f"its weights are damaged; check --teacher-weights (this unit was not stored)")
         ent, w = entropy_and_weight(z)
         if self.layout.topk:
             values, indices = topk_logprobs(z, self.layout.topk)
             data = {"topk_values": values, "topk_indices": indices}
         else:
             if np.abs(z).max() > np.finfo(np.float16).max:
-                raise ValueError(f"teacher logits for epoch {epoch}, ids [{lo}, {hi}) exceed float16's range "
-                                 f"(max |z| = {np.abs(z).max():.4g} > 65504); use --topk (log-probabilities)")
+                raise TeacherLogitsError(f"teacher logits for epoch {epoch}, ids [{lo}, {hi}) (unit: epoch {epoch}, "
+                                         f"chunk {chunk}) of teacher cache {self.path} exceed float16's range (max "
+                                         f"|z| = {np.abs(z).max():.4g} > 65504): a diverged teacher? check "
+                                         f"--teacher-weights, or use --topk (log-probabilities; this unit was not "
+                                         f"stored)")
             data = {"logits": z.astype(np.float16)}
         data.update(weight=w, entropy=ent)
         for name, rows in data.items():

@@ -385,3 +385,66 @@ def test_a_second_job_on_the_same_store_is_refused(data, tmp_path):
     with pytest.raises(CacheMismatchError):
         cache_teacher(dataclasses.replace(cfg, seed=6))
     assert not lock_file.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["c.zarr"]
+
+
+@pytest.mark.parametrize("spoil,said", [
+    ("scale", "beyond the 65504 of the float16 the cache stores"),
+    ("nan", "logits are not finite (nan or inf)"),
+    ("zero_head", "the same logit for every class"),
+])
+def test_cli_refuses_a_diverged_teacher_before_any_store(data, tmp_path, spoil, said):
+    """A teacher whose logits overflow float16, are NaN or ignore the image is named in one line (the weights
+    file, what to do) before anything is cached: no store, no lock file left behind."""
+    from click.testing import CliRunner
+
+    from trainer.cli import main
+
+    state = torch.load(data["weights"], weights_only=True)
+    if spoil == "scale":  # what a few steps at too high a learning rate gave: logits of 1e6 and more
+        state["fc.weight"] = state["fc.weight"] * 1e6
+    elif spoil == "nan":
+        state = {k: v.float().fill_(float("nan")) if v.is_floating_point() else v for k, v in state.items()}
+    else:
+        state["fc.weight"], state["fc.bias"] = state["fc.weight"] * 0, state["fc.bias"] * 0
+    weights = tmp_path / f"{spoil}.pt"
+    torch.save(state, weights)
+    out = tmp_path / "c.zarr"
+    result = CliRunner().invoke(main, ["cache-teacher", "--shards", str(data["shards"]), "--teacher", "tiny_resnet",
+                                       "--teacher-weights", str(weights), "--out", str(out), "--epochs", "1",
+                                       "--image-size", "32", "--batch-size", "8", "--chunk", "16",
+                                       "--num-workers", "1", "--device", "cpu"])
+    assert result.exit_code in (1, 2), result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    assert f"--teacher-weights {weights}: " in lines[0] and said in lines[0]
+    assert "Retrain it" in lines[0] and "nothing was cached" in lines[0]
+    assert not out.exists() and list(tmp_path.iterdir()) == [weights]
+
+
+def test_teacher_logits_problem_names_each_kind():
+    from trainer.cache_teacher import teacher_logits_problem
+
+    z = np.random.default_rng(0).normal(size=(4, 5)).astype(np.float32)
+    assert teacher_logits_problem(z, full_logits=True) is None
+    assert teacher_logits_problem(z * 1e5, full_logits=False) is None  # top-k stores log-probabilities
+    assert "beyond the 65504" in teacher_logits_problem(z * 1e5, full_logits=True)
+    assert "1 of 20 logits are not finite" in teacher_logits_problem(np.where(z == z[1, 2], np.inf, z), True)
+    assert "does not depend on the image" in teacher_logits_problem(np.tile(z[:1], (4, 1)), True)
+    assert teacher_logits_problem(z[:1], True) is None  # one image: nothing to compare with
+
+
+def test_writer_error_reaches_the_caller_as_one_kdpipe_line(data, tmp_path, monkeypatch):
+    """The writer thread's refusal (past the first-batch check, e.g. a later unit overflowing float16) is a
+    KdpipeError naming the store and the unit, re-raised in the main thread."""
+    from pipeline.errors import KdpipeError, TeacherLogitsError
+    from trainer import cache_teacher as job
+
+    monkeypatch.setattr(job, "check_teacher_logits", lambda *a, **k: None)
+    state = torch.load(data["weights"], weights_only=True)
+    state["fc.weight"] = state["fc.weight"] * 1e6
+    torch.save(state, tmp_path / "big.pt")
+    cfg = variant(data, tmp_path, "c.zarr", teacher_weights=str(tmp_path / "big.pt"), epochs=1)
+    with pytest.raises(TeacherLogitsError) as err:
+        cache_teacher(cfg)
+    assert isinstance(err.value, KdpipeError) and "\n" not in str(err.value)
+    assert f"(unit: epoch 0, chunk 0) of teacher cache {cfg.out} exceed float16's range" in str(err.value)

@@ -51,12 +51,28 @@ ASSUMPTIONS: tuple[Assumption, ...] = (
                "training epoch", "fresh random views every epoch (online)", "`--reuse-views`", ("reuse_views",)),
     Assumption("batch size on several GPUs", "64 global, split across ranks; lr unchanged",
                "64 on one GPU", "`--batch-size` (global)", ("batch_size",)),
+    Assumption("the demo teacher's schedule", "CPU demo: 10 epochs against the students' 8, their lr and batch, "
+               "no warm-up; `--preset gpu`: 20 epochs against 5, batch 128 at lr 0.1 (0.05 at batch 64 by linear "
+               "scaling), 2 warm-up epochs", "silent: its teacher is a trained ResNet-50",
+               "`DemoConfig.teacher_epochs`, `teacher_lr`, `teacher_batch_size`, `teacher_warmup_epochs` "
+               "(trainer/demo.py)"),
+    Assumption("the demo teacher's label smoothing", "none in the CPU demo; 0.1 in `--preset gpu`, in the "
+               "teacher's cross-entropy only (the students' losses never smooth)", "silent",
+               "`DemoConfig.teacher_label_smoothing` (trainer/teacher_recipe.py)",
+               ("runtime.teacher_recipe.label_smoothing",)),
+    Assumption("the demo teacher's residual BatchNorm init", "torchvision's (gamma 1) in the CPU demo; in `--preset "
+               "gpu` the last BatchNorm gamma of each residual block is 0 (resnet50(zero_init_residual=True))",
+               "silent", "`DemoConfig.teacher_zero_init_residual` (trainer/teacher_recipe.py)",
+               ("runtime.teacher_recipe.zero_init_residual",)),
 )
 
 # Values for config.json files written before the key existed (older kdpipe versions).
 MISSING: dict[str, Any] = {"loss.direction": "forward", "loss.entropy_tau": 1.0, "val_resize": "shorter",
                            "optim.decay_norm_and_bias": True, "optim.warmup_epochs": 0.0, "dropout": None,
-                           "reuse_views": False, "batch_size": 64}
+                           "reuse_views": False, "batch_size": 64,
+                           # the teacher recipe's extras, recorded only by the recipe's own loop
+                           "runtime.teacher_recipe.label_smoothing": 0.0,
+                           "runtime.teacher_recipe.zero_init_residual": False}
 _ABSENT = object()
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from pipeline.atomic import atomic_write_text
-from pipeline.errors import ConfigError
+from pipeline.errors import CheckpointError, ConfigError
 from pipeline.locks import exclusive_lock
 from pipeline.teacher_cache import CacheLayout, TeacherCache, TeacherCacheWriter, cache_fingerprint
 
@@ -167,6 +167,7 @@ def cache_teacher(cfg: CacheTeacherConfig, *, on_unit: Callable[[int, int], Any]
             raise ConfigError(f"--topk {cfg.topk} must be below the shards' class count {len(classes)} (0 stores "
                               f"the full logits)")
         model = load_teacher(cfg.teacher, cfg.teacher_weights, classes, device)  # fails before any store exists
+        check_teacher_logits(model, loader, cfg, batch, dtype)  # so does a diverged or degenerate teacher
         fp = cache_fingerprint(manifest_sha256=loader.manifest_sha256, wnids=classes, spec=spec, seed=cfg.seed,
                                teacher=cfg.teacher, weights_sha256=file_sha256(cfg.teacher_weights),
                                precision=precision_name(dtype), backend=loader.backend_name, topk=cfg.topk,
@@ -196,6 +197,42 @@ def cache_teacher(cfg: CacheTeacherConfig, *, on_unit: Callable[[int, int], Any]
         stack.close()
         if created:
             torch.distributed.destroy_process_group()
+
+
+def teacher_logits_problem(logits: np.ndarray, full_logits: bool) -> str | None:
+    """What makes these teacher logits unusable for a cache, in words, or None. Non-finite values and (when
+    the store keeps full logits as float16) values beyond float16's range mean a diverged teacher; the same
+    logit for every class, or the same logits for every image, mean a zeroed or input-blind one."""
+    z = np.asarray(logits, dtype=np.float64)
+    bad = int((~np.isfinite(z)).sum())
+    if bad:
+        return f"{bad} of {z.size} logits are not finite (nan or inf)"
+    peak = float(np.abs(z).max()) if z.size else 0.0
+    if full_logits and peak > float(np.finfo(np.float16).max):
+        return f"logits reach |z| = {peak:.3g}, beyond the 65504 of the float16 the cache stores"
+    if z.size and np.all(z.max(axis=1) == z.min(axis=1)):
+        return "every image gets the same logit for every class (a zeroed or constant classifier)"
+    if len(z) > 1 and np.all(z == z[0]):
+        return "every image gets the same logits (the output does not depend on the image)"
+    return None
+
+
+def check_teacher_logits(model: torch.nn.Module, loader: Any, cfg: CacheTeacherConfig, batch_size: int,
+                         dtype: torch.dtype | None) -> None:
+    """Refuse a diverged or degenerate teacher before any store is created: the first batch the cache would
+    compute (augmentation epoch 0, the first ids) goes through the teacher, and a problem is one line naming
+    the weights file. Without it such a teacher surfaced as a writer-thread error after the store existed."""
+    n = min(batch_size, loader.num_samples)
+    device = next(model.parameters()).device
+    rows = [teacher_forward(model, b.images.to(device), dtype).cpu().numpy()
+            for b in loader.iter_views(np.arange(n), 0, n) if len(b)]
+    if not rows:
+        return
+    problem = teacher_logits_problem(np.concatenate(rows), full_logits=cfg.topk == 0)
+    if problem:
+        raise CheckpointError(f"--teacher-weights {cfg.teacher_weights}: {problem} on the first {n} training "
+                              f"views; the {cfg.teacher} teacher diverged or was never trained. Retrain it (lower "
+                              f"lr, warm-up) or give other weights; nothing was cached")
 
 
 def _record_skipped(out: str, skipped: list[tuple[int, int]], world: int, rank: int) -> None:

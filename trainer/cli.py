@@ -351,19 +351,28 @@ def bench_train(args):
 @main.command()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo"), show_default=True,
               help="Directory for the data, shards, runs, teacher cache and report (rerun to resume).")
-@click.option("--tiny", is_flag=True, help="A seconds-long version (5 classes, 1 epoch) that checks the chain.")
-@click.option("--backend", type=click.Choice(["auto", "dali", "torch"]), default="auto", show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
-@click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--preset", type=click.Choice(["cpu", "gpu", "tiny"]), default=None,
+              help="cpu (default): tiny stand-in models, 32 px, about 2.5 min on 2 cores; gpu: ResNet-50 -> "
+                   "ResNet-18 + MobileNetV2 at 64 px with a tuned teacher, 3 seeds, sized for <= 10 min on one H200 "
+                   "(docs/demo.md); tiny: the seconds-long chain check.")
+@click.option("--tiny", is_flag=True, help="Same as --preset tiny (5 classes, 1 epoch): checks the chain.")
+@click.option("--backend", type=click.Choice(["auto", "dali", "torch"]), default=None,
+              help="Loader backend  [default: the preset's: auto]")
+@click.option("--device", default=None, help="auto | cpu | cuda  [default: the preset's: auto; cuda for gpu]")
+@click.option("--seeds", type=click.IntRange(min=1), default=None,
               help="Run the ladder with N seeds (data, shards and teacher shared; one teacher cache per seed); "
-                   "the report gives mean ± sd and a verdict per rung.")
-def demo(out, tiny, backend, device, seeds):
+                   "the report gives mean ± sd and a verdict per rung.  [default: the preset's: 1; 3 for gpu]")
+def demo(out, preset, tiny, backend, device, seeds):
     """Generate a learnable dataset, shard it, train a teacher, cache it, run hard -> kd -> uw-kd -> dual, report."""
     import dataclasses
 
-    from trainer.demo import TINY, DemoConfig, run_demo
+    from trainer.demo import PRESETS, run_demo
 
-    cfg = dataclasses.replace(TINY if tiny else DemoConfig(), backend=backend, device=device, seeds=seeds)
+    if tiny and preset not in (None, "tiny"):
+        raise click.UsageError(f"--tiny is --preset tiny; it cannot go with --preset {preset}")
+    cfg = PRESETS["tiny" if tiny else preset or "cpu"]
+    given = {k: v for k, v in {"backend": backend, "device": device, "seeds": seeds}.items() if v is not None}
+    cfg = dataclasses.replace(cfg, **given)
     try:
         path = run_demo(out, cfg)
     except ValueError as e:
