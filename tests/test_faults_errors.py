@@ -20,26 +20,11 @@ from click.testing import CliRunner
 from pipeline.errors import CacheMismatchError, CorruptSampleError
 from trainer.cli import main
 
+from clitools import cli, error_line
+
 WNIDS = ["n02869837", "n01749939", "n02488291", "n02107142"]
 TRAIN = ["--mode", "hard", "--students", "tiny_cnn", "--epochs", "1", "--image-size", "24", "--batch-size", "8",
          "--backend", "torch", "--num-workers", "2", "--device", "cpu", "--seed", "0"]
-
-
-def cli(*args, code: int, env: dict | None = None) -> str:
-    """Run `kdpipe ARGS`; assert the exit code, that the CLI (not an escaped exception) ended it, no traceback."""
-    res = CliRunner(env=env).invoke(main, [str(a) for a in args])
-    assert res.exit_code == code, res.output
-    if code:
-        assert type(res.exception) is SystemExit, f"escaped: {res.exception!r}\n{res.output}"
-    assert "Traceback" not in res.output and "DataLoader worker" not in res.output, res.output
-    return res.output
-
-
-def error_line(output: str) -> str:
-    """The one `Error: ...` line of a failed command."""
-    lines = [ln for ln in output.replace("\r", "\n").splitlines() if ln.startswith("Error: ")]
-    assert len(lines) == 1, output
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

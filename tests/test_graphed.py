@@ -100,3 +100,40 @@ def test_load_state_dict_recaptures():
     assert d.graphed.graph is not None
     d.load_state_dict(d.state_dict())
     assert d.graphed.graph is None and d.graphed.calls == 0
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory):
+    from pipeline.shards import ShardOptions, build_shards
+    from pipeline.synthetic import make_imagenet_tree
+
+    root = tmp_path_factory.mktemp("graphed")
+    wnids = ["n02869837", "n01749939"]
+    make_imagenet_tree(root / "tree", wnids, train_per_class=8, val_per_class=2, size=(32, 40))
+    build_shards(root / "tree", root / "shards", classes=wnids, options=ShardOptions(shard_size=8), workers=1,
+                 progress=False)
+    return root / "shards"
+
+
+def _train_cli(shards, out, *extra):
+    from click.testing import CliRunner
+
+    from trainer.cli import main
+
+    return CliRunner().invoke(main, ["train", "--shards", str(shards), "--out", str(out), "--mode", "hard",
+                                     "--students", "tiny_cnn", "--epochs", "1", "--image-size", "24",
+                                     "--batch-size", "8", "--num-workers", "1", *extra])
+
+
+def test_cli_records_what_ran_and_refuses_graphs_on_the_cpu(tiny_shards, tmp_path):
+    import json
+
+    res = _train_cli(tiny_shards, tmp_path / "run")
+    assert res.exit_code == 0, res.output
+    runtime = json.loads((tmp_path / "run" / "config.json").read_text())["runtime"]
+    assert (runtime["cuda_graphs"], runtime["decode_device"], runtime["prefetch"]) == (False, "cpu", 0)
+    res = _train_cli(tiny_shards, tmp_path / "run2", "--cuda-graphs", "on")
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "--cuda-graphs on: the device is cpu" in lines[0]
+    assert not (tmp_path / "run2" / "config.json").exists()  # refused before anything was written

@@ -16,23 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from trainer.cli import main
+from clitools import cli
 
 WNIDS = ["n02869837", "n01749939", "n02488291", "n02107142"]
 TR = ["--mode", "hard", "--students", "tiny_cnn", "--epochs", "1", "--image-size", "24", "--batch-size", "8",
       "--backend", "torch", "--device", "cpu"]
-
-
-def cli(*args, code: int = 0) -> str:
-    """Run `kdpipe ARGS`; assert the exit code and that the CLI, not an escaped exception, ended it."""
-    res = CliRunner().invoke(main, [str(a) for a in args])
-    assert res.exit_code == code, res.output
-    if code:
-        assert type(res.exception) is SystemExit, f"escaped: {res.exception!r}\n{res.output}"
-    assert "Traceback" not in res.output
-    return res.output
 
 
 def refused(*args, code: int) -> str:

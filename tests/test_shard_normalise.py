@@ -22,18 +22,11 @@ from pipeline.names import read_tsv
 from pipeline.synthetic import synth_image
 from trainer.cli import main
 
+from clitools import cli
+
 CLASSES = ["cat", "dog"]
 SPEC = AugSpec(image_size=24, val_resize=28, flip_p=0.0, brightness=0.0, contrast=0.0, saturation=0.0)
 ROTATED = {"train": "train/cat/r.jpg", "val": "val/dog/r.jpg"}
-
-
-def cli(*args, code: int = 0) -> str:
-    res = CliRunner().invoke(main, [str(a) for a in args])
-    assert res.exit_code == code, res.output
-    if code:
-        assert type(res.exception) is SystemExit, f"escaped: {res.exception!r}\n{res.output}"
-    assert "Traceback" not in res.output
-    return res.output
 
 
 def save(path: Path, img: Image.Image, **kw) -> None:

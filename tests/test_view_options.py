@@ -9,30 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 from pipeline.augment import AugSpec, sample_params
-from trainer.cli import main
 from trainer.config import ViewConfig
+
+from clitools import cli, error_line
 
 WNIDS = ["n02869837", "n01749939", "n02488291", "n02107142"]
 TRAIN = ["--mode", "hard", "--students", "tiny_cnn", "--epochs", "1", "--image-size", "24", "--batch-size", "8",
          "--backend", "torch", "--num-workers", "1", "--device", "cpu", "--seed", "0"]
 CACHE = ["--teacher", "tiny_cnn", "--epochs", "1", "--image-size", "24", "--batch-size", "8", "--chunk", "16",
          "--backend", "torch", "--num-workers", "1", "--device", "cpu", "--seed", "0"]
-
-
-def cli(*args, code: int) -> str:
-    res = CliRunner().invoke(main, [str(a) for a in args])
-    assert res.exit_code == code, res.output
-    assert "Traceback" not in res.output
-    return res.output
-
-
-def error_line(output: str) -> str:
-    lines = [ln for ln in output.replace("\r", "\n").splitlines() if ln.startswith("Error: ")]
-    assert len(lines) == 1, output
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -220,18 +220,23 @@ def bench_decode(shards: Path, device: torch.device, sizes: Sizes, decode_device
     loader = ImageNet100Loader(shards, "train", sizes.batches[0], backend="torch", device=device,
                                spec=AugSpec(image_size=sizes.image_size), dtype=dtype_of(device),
                                decode_device=decode_device)
+    n, rate = epochs_rate(loader, device, sizes.loader_epochs)
+    return {"images": n, "images_per_s": rate, "batch": sizes.batches[0], "workers": loader.num_workers}
+
+
+def epochs_rate(loader: ImageNet100Loader, device: torch.device, epochs: int) -> tuple[int, float]:
+    """(images, images/s) of `epochs` epochs after a warm-up epoch (worker start, nvJPEG handles, allocator)."""
     loader.set_epoch(0)
-    for _ in loader:  # warm-up epoch: worker start, nvJPEG handles, allocator
+    for _ in loader:
         pass
     sync(device)
     n, t0 = 0, time.perf_counter()
-    for epoch in range(1, 1 + sizes.loader_epochs):
+    for epoch in range(1, 1 + epochs):
         loader.set_epoch(epoch)
         for b in loader:
             n += len(b)
     sync(device)
-    return {"images": n, "images_per_s": n / (time.perf_counter() - t0), "batch": sizes.batches[0],
-            "workers": loader.num_workers}
+    return n, n / (time.perf_counter() - t0)
 
 
 def bench_dali(shards: Path, device: torch.device, sizes: Sizes) -> dict:
@@ -242,17 +247,7 @@ def bench_dali(shards: Path, device: torch.device, sizes: Sizes) -> dict:
         return {"skipped": "nvidia-dali is not installed here"}
     loader = ImageNet100Loader(shards, "train", sizes.batches[0], backend="dali", device=device,
                                spec=AugSpec(image_size=sizes.image_size), dtype=dtype_of(device))
-    loader.set_epoch(0)
-    for _ in loader:
-        pass
-    sync(device)
-    n, t0 = 0, time.perf_counter()
-    for epoch in range(1, 1 + sizes.loader_epochs):
-        loader.set_epoch(epoch)
-        for b in loader:
-            n += len(b)
-    sync(device)
-    rate = n / (time.perf_counter() - t0)
+    n, rate = epochs_rate(loader, device, sizes.loader_epochs)
     views = {}
     for backend in ("dali", "torch"):
         lo = ImageNet100Loader(shards, "train", 16, backend=backend, device=device, normalize=False,

@@ -11,9 +11,10 @@ import torch.distributed as dist
 from pipeline.errors import ConfigError
 
 from .config import TrainConfig
+from .graphed import graphs_wanted
 from .loop import run_training
 from .models import check_one_sample_batches
-from .runtime import dist_info, init_distributed, load_teacher
+from .runtime import dist_info, init_distributed, load_teacher, precision_dtype
 
 
 def per_rank_batch(global_batch: int, world: int, flag: str = "--batch-size") -> int:
@@ -49,6 +50,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
         cfg = dataclasses.replace(cfg, device=str(device)) if created else cfg
         rank, world = dist_info()
         batch = per_rank_batch(cfg.batch_size, world)
+        # resolved now: `--cuda-graphs on` where graphs cannot apply is refused before any data is read
+        graphs = graphs_wanted(cfg.cuda_graphs, device=device, dtype=precision_dtype(cfg.amp, device),
+                               world_size=world, compiled=cfg.compile)
         spec = AugSpec(image_size=cfg.image_size, val_resize_mode=cfg.val_resize, **cfg.view.spec_fields())
         common = dict(seed=cfg.seed, backend=cfg.backend, device=device, spec=spec, rank=rank, world_size=world,
                       num_workers=cfg.num_workers, skip_corrupt=cfg.skip_corrupt, decode_device=cfg.decode_device)
@@ -73,7 +77,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
                               teacher_weights=cfg.teacher_weights)
         runtime = {"world_size": world, "global_batch": cfg.batch_size, "per_rank_batch": batch,
                    "cache_epochs": cache_epochs, "views_per_sample": views_per_sample(cfg.epochs, cache_epochs),
-                   "inputs": inputs}
+                   "inputs": inputs, "cuda_graphs": graphs, "decode_device": train_loader.decode_device,
+                   "prefetch": train_loader.prefetch}
         return run_training(cfg, train_loader, val_loader, classes=classes, teacher=teacher, resume=resume,
                             stop_after_steps=stop_after_steps, progress=progress, runtime=runtime)
     finally:

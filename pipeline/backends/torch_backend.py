@@ -179,7 +179,8 @@ class WorkerPool:
         builder = KeyedBuilder(index, spec, seed, train, skip_corrupt, self.slots)
         self._dl = torch.utils.data.DataLoader(
             CarryErrors(builder), batch_size=None, sampler=self._keys, num_workers=workers,
-            persistent_workers=True, prefetch_factor=PREFETCH, worker_init_fn=functools.partial(worker_init, parent_pid=os.getpid()))
+            persistent_workers=True, prefetch_factor=PREFETCH,
+            worker_init_fn=functools.partial(worker_init, parent_pid=os.getpid()))
 
     def run(self, aug_epoch: int, chunks: Sequence[np.ndarray]) -> Iterator[dict]:
         """Items (dicts of BatchBuilder.build) for `chunks` in order; the workers start on them at once."""
