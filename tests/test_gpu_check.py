@@ -19,12 +19,13 @@ def test_gpu_check_quick_runs_and_reports(tmp_path):
     r = json.loads((tmp_path / "gpu_check.json").read_text())
     assert r["quick"] is True and r["device"].startswith("CPU")
     assert r["geometry"]["ok"] and r["geometry"]["same_ids"]
-    assert r["decode"]["cpu"]["images_per_s"] > 0 and r["decode"]["cpu"]["images"] == 16
+    assert r["decode"]["cpu"]["images_per_s"] > 0 and r["decode"]["cpu"]["images"] == 16  # the large set, 1 epoch
     assert r["equal"] == {"skipped": "CUDA graphs need a CUDA device"} and r["loss_falls"]["graphed"] is False
     for b in ("8", "4"):
         assert r["steps"][b]["cached_eager_images_per_s"] > 0 and r["steps"][b]["online_eager_host_ms"] > 0
     cache = r["cache_teacher"]["cpu"]
     assert cache["images"] == 4 * 4 * 2 and cache["cache_teacher_images_per_s"] > 0  # 4 classes x 4 x 2 epochs
+    assert "steady_images_per_s" in cache and "fixed_seconds" in cache
     loops = {(x["batch"], x["decode_device"]): x for x in r["train_loop"]}
     assert set(loops) == {(8, "cpu"), (4, "cpu")} and all(x["images_per_s"] > 0 for x in loops.values())
     est = r["estimate"]["4"]

@@ -49,7 +49,8 @@ def run_stages(args, sizes: gm.Sizes, device: torch.device, results: dict, out: 
         results["data_seconds"] = time.perf_counter() - t0
         print(f"  data: {results['data_seconds']:.1f} s", flush=True)
         stages = [
-            ("decode", lambda: {d: gm.bench_decode(data["small"], device, sizes, d) for d in decoders}),
+            ("decode", lambda: {d: gm.bench_decode(data["big"], device, sizes, d, sizes.decode_epochs)
+                                for d in decoders}),
             ("dali", lambda: gm.bench_dali(data["small"], device, sizes)),
             ("geometry", lambda: gm.check_geometry(data["small"], device, sizes)),
             ("equal", lambda: gm.check_graph_equal(sizes.classes, device, sizes)),
@@ -145,7 +146,8 @@ def print_table(r: dict) -> None:
             limit = min(dec or float("inf"), c["inference_images_per_s"])
             print(f"cache-teacher ({c['images']} views, decode {d}) {c['cache_teacher_images_per_s']:.0f} img/s vs "
                   f"decode {_f(dec, '.0f')}, inference {c['inference_images_per_s']:.0f}: "
-                  f"{c['cache_teacher_images_per_s'] / limit:.2f} of the lower (target >= 0.8)")
+                  f"{c['cache_teacher_images_per_s'] / limit:.2f} of the lower (target >= 0.8); steady "
+                  f"{_f(c.get('steady_images_per_s'), '.0f')} img/s after {_f(c.get('fixed_seconds'), '.1f')} s fixed")
     for row in r.get("train_loop") or []:
         if isinstance(row, dict) and "images_per_s" in row:
             ceiling = (r.get("steps") or {}).get(str(row["batch"]), {}).get("cached_graphs_images_per_s")
