@@ -115,3 +115,17 @@ def test_iter_views_with_prefetch_matches(shards):
     ref = [b for b in lo.iter_views(ids, 2)]
     assert [b.ids.tolist() for b in got] == [[5, 0, 9, 3], [11]] == [b.ids.tolist() for b in ref]
     assert all(torch.equal(a.images, b.images) for a, b in zip(got, ref))
+
+
+def test_a_second_pass_ends_the_first_one_loudly(shards):
+    """The kept worker pool serves one pass at a time: reading on from an abandoned pass is an error, never
+    batches of the newer pass."""
+    lo = ImageNet100Loader(shards, "train", 4, seed=3, backend="torch", device="cpu", num_workers=1)
+    lo.set_epoch(0)
+    first = iter(lo)
+    next(first)
+    lo.set_epoch(1)
+    second = [b.ids.tolist() for b in lo]
+    assert len(second) == len(lo)
+    with pytest.raises(RuntimeError, match="one pass at a time"):
+        next(first)

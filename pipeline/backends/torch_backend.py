@@ -175,7 +175,7 @@ class WorkerPool:
         # The ring: while the consumer holds item k, at most workers * PREFETCH later items are in flight,
         # so with more slots than that no worker writes a slot still being read.
         self.slots = [shared_uint8((batch_size, s, s, 3)) for _ in range(workers * PREFETCH + 2)]
-        self.batch_size, self.workers, self._keys = batch_size, workers, _Keys()
+        self.batch_size, self.workers, self._keys, self.passes = batch_size, workers, _Keys(), 0
         builder = KeyedBuilder(index, spec, seed, train, skip_corrupt, self.slots)
         self._dl = torch.utils.data.DataLoader(
             CarryErrors(builder), batch_size=None, sampler=self._keys, num_workers=workers,
@@ -183,9 +183,21 @@ class WorkerPool:
             worker_init_fn=functools.partial(worker_init, parent_pid=os.getpid()))
 
     def run(self, aug_epoch: int, chunks: Sequence[np.ndarray]) -> Iterator[dict]:
-        """Items (dicts of BatchBuilder.build) for `chunks` in order; the workers start on them at once."""
+        """Items (dicts of BatchBuilder.build) for `chunks` in order; the workers start on them at once. One pass
+        at a time: starting another ends the previous one (reading on from it is a RuntimeError)."""
         self._keys.keys = [(k, aug_epoch, chunk) for k, chunk in enumerate(chunks)]
-        return iter(self._dl)
+        self.passes += 1
+        return self._items(iter(self._dl), self.passes)
+
+    def _items(self, items: Iterator[dict], this_pass: int) -> Iterator[dict]:
+        while True:
+            if self.passes != this_pass:
+                raise RuntimeError("a loader's torch backend iterates one pass at a time: another pass (a new "
+                                   "iter(loader) or iter_views) started before this one ended")
+            item = next(items, None)
+            if item is None:
+                return
+            yield item
 
     def image(self, item: dict) -> torch.Tensor:
         return self.slots[item["slot"]][:item["count"]]
