@@ -137,3 +137,26 @@ def test_cli_records_what_ran_and_refuses_graphs_on_the_cpu(tiny_shards, tmp_pat
     lines = [ln for ln in res.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and "--cuda-graphs on: the device is cpu" in lines[0]
     assert not (tmp_path / "run2" / "config.json").exists()  # refused before anything was written
+
+
+@pytest.mark.gpu
+def test_the_demo_teachers_graphed_step_equals_its_eager_step():
+    """trainer/teacher_recipe.py's step (label smoothing, its own optimizer) under a CUDA graph: same sums, weights."""
+    from trainer.teacher_recipe import _step
+
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    out = []
+    for graphs in (False, True):
+        torch.manual_seed(0)
+        model = build_model("tiny_resnet", 5).to(CUDA, memory_format=torch.channels_last)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, fused=True)
+        step = _step(model, opt, None, CUDA, torch.bfloat16, 0.1)
+        if graphs:
+            from trainer.graphed import GraphedStep
+
+            step = GraphedStep(step, [opt], CUDA)
+        sums = [step(x, y).tolist() for x, y, _ in _batches(8, CUDA)[:6]]
+        out.append((sums, {k: v.float().cpu() for k, v in model.state_dict().items()}))
+    (se, we), (sg, wg) = out
+    assert se == pytest.approx(sg, rel=2e-2, abs=1e-3)
+    assert all(torch.allclose(a, wg[k], rtol=2e-2, atol=2e-3) for k, a in we.items())

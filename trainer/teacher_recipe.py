@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,7 @@ from pipeline.errors import ConfigError, KdpipeError
 from . import checkpoint as ck
 from .config import TrainConfig, lr_factor, to_dict
 from .evaluate import evaluate, format_table
+from .graphed import GraphedStep, graphs_wanted
 from .metrics import EpochMetrics, StudentMetrics
 from .models import _Residual, build_model
 from .rundir import RunDir
@@ -133,10 +135,12 @@ def _epochs(cfg: TrainConfig, run: RunDir, train_loader, val_loader, classes: li
             scaler.load_state_dict(entry["scaler"])
         start = int(state["epoch"])
         run.truncate_metrics(start)
+    step = _step(model, opt, scaler, device, dtype, label_smoothing)
+    if graphs_wanted(cfg.cuda_graphs, device=device, dtype=dtype, world_size=1, compiled=False):
+        step = GraphedStep(step, [opt], device)  # the trainer's whole-step CUDA graph (trainer/graphed.py)
     record = None
     for epoch in range(start, cfg.epochs):
-        record = _one_epoch(cfg, model, opt, sched, scaler, train_loader, val_loader, epoch, steps, device, dtype,
-                            label_smoothing)
+        record = _one_epoch(cfg, model, step, sched, train_loader, val_loader, epoch, steps, device, dtype)
         run.append_metrics(record)
         if progress:
             print(f"[teacher] epoch {epoch + 1}/{cfg.epochs}: loss {record.students[0].loss:.3f}, val top-1 "
@@ -158,8 +162,33 @@ def _epochs(cfg: TrainConfig, run: RunDir, train_loader, val_loader, classes: li
     return {"stopped": False, "epochs": cfg.epochs, "final": record}
 
 
-def _one_epoch(cfg: TrainConfig, model: nn.Module, opt, sched, scaler, loader, val_loader, epoch: int, steps: int,
-               device: torch.device, dtype: torch.dtype | None, label_smoothing: float) -> EpochMetrics:
+def _step(model: nn.Module, opt, scaler, device: torch.device, dtype: torch.dtype | None,
+          label_smoothing: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """One optimisation step of the teacher on (images, labels), without a host sync: returns (objective, plain CE,
+    correct, count) x batch as a float64 device tensor. What a CUDA graph captures."""
+
+    def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with autocast(device, dtype, cache=False):
+            logits = model(images)
+        loss = teacher_loss(logits, labels, label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            z, n = logits.detach().float(), labels.new_full((), labels.shape[0], dtype=torch.float32)
+            return torch.stack([loss.detach() * n, F.cross_entropy(z, labels) * n,
+                                (z.argmax(-1) == labels).sum().float(), n]).double()
+
+    return step
+
+
+def _one_epoch(cfg: TrainConfig, model: nn.Module, step, sched, loader, val_loader, epoch: int, steps: int,
+               device: torch.device, dtype: torch.dtype | None) -> EpochMetrics:
     """One epoch of the teacher and its validation. Sums stay on the device until the epoch ends."""
     loader.set_epoch(epoch)
     model.train()
@@ -172,23 +201,8 @@ def _one_epoch(cfg: TrainConfig, model: nn.Module, opt, sched, scaler, loader, v
         torch.manual_seed(step_seed(cfg.seed, epoch * steps + k))  # dropout masks independent of resumes
         batch = batch.to(device)
         images = batch.images.contiguous(memory_format=torch.channels_last) if cfg.channels_last else batch.images
-        with autocast(device, dtype):
-            logits = model(images)
-        loss = teacher_loss(logits, batch.labels, label_smoothing)
-        opt.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            opt.step()
+        sums += step(images, batch.labels)  # a graph's static output: added before the next step
         sched.step()
-        n = batch.labels.shape[0]
-        with torch.no_grad():
-            z = logits.detach().float()
-            sums += torch.stack([loss.detach() * n, F.cross_entropy(z, batch.labels) * n,
-                                 (z.argmax(-1) == batch.labels).sum().float(), z.new_full((), n)]).double()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
@@ -202,7 +216,8 @@ def _one_epoch(cfg: TrainConfig, model: nn.Module, opt, sched, scaler, loader, v
                              w=None, train_acc=100.0 * correct / count, val_top1=val["top1"][0],
                              val_top5=val["top5"][0])
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return EpochMetrics(epoch=epoch, lr=opt.param_groups[0]["lr"], images=int(count), students=[student],
+    lr = sched.optimizer.param_groups[0]["lr"]
+    return EpochMetrics(epoch=epoch, lr=lr, images=int(count), students=[student],
                         val_ensemble_top1=val["top1"][0], val_ensemble_top5=val["top5"][0], val_images=val["count"],
                         epoch_time_s=seconds, images_per_s=count / max(seconds, 1e-9),
                         peak_mem_mb=peak, peak_mem_kind="cuda_max_allocated" if peak is not None else None)
