@@ -39,6 +39,18 @@ def _tensors(batch: Any) -> list[torch.Tensor]:
     return []
 
 
+def put_until_stopped(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
+    """A producer thread's put: waits while `q` is full, gives up (False) once `stop` is set, so a consumer
+    that went away never leaves the producer blocked forever."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
 def prefetch(batches: Iterable[Any], device: torch.device | str, depth: int = 2) -> Iterator[Any]:
     """`batches`, produced up to `depth` ahead in a background thread (on its own CUDA stream on a GPU).
 
@@ -56,13 +68,7 @@ def _prefetched(it: Iterator[Any], device: torch.device, depth: int) -> Iterator
     stream = torch.cuda.Stream(device) if cuda else None
 
     def put(item: Any) -> bool:
-        while not stop.is_set():
-            try:
-                slots.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+        return put_until_stopped(slots, item, stop)
 
     def produce() -> None:
         try:

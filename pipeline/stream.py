@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .errors import CorruptSampleError, RemoteReadError, ShardFormatError, one_line
+from .prefetch import put_until_stopped
 from .remote import RETRIES, RemoteIndex, RetryingStream
 
 DEFAULT_BUFFER = 1000  # samples held for the shuffle (about 110 MB of ImageNet JPEGs)
@@ -267,13 +268,7 @@ def _produce(q: queue.Queue, stop: threading.Event, items: Iterator[tuple]) -> N
     """Reader thread: put items (then _END, or the exception that ended it) on q until told to stop."""
 
     def put(x: object) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(x, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+        return put_until_stopped(q, x, stop)
 
     try:
         for item in items:
