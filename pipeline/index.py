@@ -5,15 +5,19 @@ and opens each shard lazily, once per process, then reads an image with one `os.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
-import re
 import zlib
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from .errors import CorruptSampleError, MissingDataError, ShardFormatError
+from .errors import ConfigError, CorruptSampleError, MissingDataError, ShardFormatError, one_line
+from .names import SAFE_NAME, SAFE_NAME_RULE, check_shard_name
+from .remote import is_url, member_url, read_whole
 
 # Row i describes sample id i of a split; `offset` is where the `.jpg` member's data starts in its tar;
 # `crc32` is zlib.crc32 of the JPEG bytes (the `jpg_crc32` of the sample's .json), checked on reads.
@@ -23,17 +27,12 @@ INDEX_DTYPE = np.dtype([("shard", "<i4"), ("offset", "<i8"), ("size", "<i8"), ("
 INDEX_DTYPE_NO_CRC = np.dtype(INDEX_DTYPE.descr[:-1])
 MANIFEST = "manifest.json"
 MIN_SAMPLE_BYTES = 4 * 512  # four tar members, each at least a 512-byte header: a manifest count sanity bound
-# What a name from a manifest (a shard, a split) may be: it reaches file systems, URLs and `pipe:` shell commands.
-SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,254}")
-SAFE_NAME_RULE = "letters, digits, '.', '_' and '-', not first '.' or '-', at most 255"
 
 
 def read_manifest(shard_dir: str | Path) -> dict:
     """The manifest of a shard directory (see docs/CONTRACTS.md), checked for the structure readers rely on
     (ShardFormatError naming the file and entry; MissingDataError when absent). A URL's manifest is fetched
     once per process and checked the same way (pipeline/remote.py)."""
-    from .remote import fetch_manifest, is_url
-
     if is_url(shard_dir):
         return fetch_manifest(shard_dir)[0]
     path = Path(shard_dir) / MANIFEST
@@ -90,19 +89,6 @@ def check_manifest(manifest: dict, source: str) -> None:
             next_id += count
         if integer(info.get("count"), f"{where}.count") != next_id:
             raise bad(f"{where}.count", f"{info['count']}, but its shards hold {next_id} samples")
-
-
-def check_shard_name(name: object, source: str) -> str:
-    """A shard name from a manifest must be a plain file name in the shard directory, of letters, digits, '.',
-    '_' and '-' only, not starting with '.' or '-'. A manifest is untrusted input (a bucket someone else
-    writes): its names must neither make a reader open or hash files elsewhere (no '/', no '..') nor mean
-    anything to a shell when put into a `pipe:` command (no '$', quotes, backticks, spaces...). Pure: every
-    reader checks with it, local and remote (`check_manifest`, `remote.member_url`); `shard_file` adds the
-    symlink check for local ones."""
-    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name):
-        raise ShardFormatError(f"{source}: shard name {name!r} is not a plain file name inside the shard "
-                               f"directory ({SAFE_NAME_RULE} characters); refused")
-    return name
 
 
 def shard_file(shard_dir: str | Path, name: str, source: str) -> Path:
@@ -290,3 +276,80 @@ class ShardIndex(IndexRows):
     def __del__(self) -> None:
         if getattr(self, "_pid", None) == os.getpid():
             self.close()
+
+
+def manifest_sha256(shard_dir: str | Path) -> str:
+    """sha256 of manifest.json: identifies a shard set (teacher-cache fingerprints use it). A URL's manifest
+    has the same sha256 as the directory it was copied from, so caches work across both."""
+    if is_url(shard_dir):
+        return fetch_manifest(shard_dir)[1]
+    path = Path(shard_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no manifest")
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ----------------------------------------------------------------------- behind a URL
+
+
+@lru_cache(maxsize=8)
+def _manifest_bytes(base: str) -> tuple[bytes, str]:
+    url = member_url(base, "manifest.json")
+    raw = read_whole(url)
+    return raw, hashlib.sha256(raw).hexdigest()
+
+
+def fetch_manifest(base: str) -> tuple[dict, str]:
+    """(manifest, sha256 of its bytes) of the shard directory at `base`, fetched once per process (each call
+    parses its own copy), checked like a local one (`pipeline.index.check_manifest`: structure, dense ids, and
+    shard names that are plain file names, so none can climb out of the URL)."""
+    url = member_url(base, "manifest.json")
+    raw, sha = _manifest_bytes(base)
+    try:
+        manifest = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise ShardFormatError(f"{url}: not valid JSON ({type(e).__name__}: {one_line(e, 200)}); is {base} a "
+                               f"kdpipe shard directory?") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != "kdpipe-shards":
+        raise ShardFormatError(f"{url}: not a kdpipe shard manifest")
+    check_manifest(manifest, url)
+    return manifest, sha
+
+
+class RemoteIndex(IndexRows):
+    """The metadata half of `ShardIndex` for a shard directory behind a URL (labels, heights, widths, classes,
+    manifest), fetched once. There is no random access: samples come from `StreamBackend`."""
+
+    def __init__(self, base: str, split: str = "train"):
+        self.shard_dir, self.split = base, split
+        self.manifest, self.manifest_sha256 = fetch_manifest(base)
+        if split not in self.manifest.get("splits", {}):
+            raise MissingDataError(f"{base}: no split {split!r} (has {', '.join(self.manifest.get('splits', {}))})")
+        info = self.manifest["splits"][split]
+        self.shards: list[dict] = info["shards"]
+        self.shard_names = [s["name"] for s in self.shards]
+        url = member_url(base, f"{split}.index.npy")
+        try:
+            data = read_whole(url)
+            self.rows: np.ndarray = np.load(io.BytesIO(data), allow_pickle=False)
+        except ValueError as e:
+            raise ShardFormatError(f"{url}: not a kdpipe index ({one_line(e, 200)})") from None
+        check_index_rows(self.rows, url, info["count"], len(self.shards),
+                         "rerun `kdpipe shard` with the same options on the source and upload the new index files",
+                         num_classes=len(self.manifest["classes"]))
+        check_index_sha(data, info.get("index_sha256"), url, "upload the shard directory again, whole")
+        for k, s in enumerate(self.shards):
+            if not np.all(self.rows["shard"][s["first_id"]:s["first_id"] + s["count"]] == k):
+                raise ShardFormatError(f"{url}: rows of {s['name']} do not point at it; the index and the "
+                                       f"manifest disagree")
+        self.classes: list[str] = [c["wnid"] for c in self.manifest["classes"]]
+
+    def shard_url(self, k: int) -> str:
+        return member_url(self.shard_dir, self.shard_names[k])
+
+    def shard_path(self, sample_id: int) -> str:
+        return self.shard_url(int(self.rows["shard"][int(sample_id)]))
+
+    def read(self, sample_id: int) -> bytes:
+        raise ConfigError(f"{self.shard_dir}: streamed shards are read in order, not by id; "
+                          f"use ImageNet100Loader over the URL")

@@ -27,7 +27,7 @@ from .errors import ConfigError
 from .index import ShardIndex
 from .prefetch import prefetch
 from .remote import is_url
-from .shard_io import usable_cores
+from .procs import usable_cores
 
 BACKENDS = ("auto", "torch", "dali")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -117,7 +117,7 @@ class ImageNet100Loader:
         # streamed pixels are the torch CPU path's, whatever the device (teacher-cache fingerprints record this)
         self.backend_name = "torch" if self.stream else choose_backend(backend, self.device)
         if self.stream:
-            from .remote import RemoteIndex
+            from .index import RemoteIndex
             from .stream import DEFAULT_BUFFER
 
             self.shuffle_buffer = DEFAULT_BUFFER if shuffle_buffer is None else shuffle_buffer
@@ -219,7 +219,7 @@ class ImageNet100Loader:
     @property
     def manifest_sha256(self) -> str:
         """sha256 of the shard set's manifest.json (what a teacher cache's fingerprint names)."""
-        from .shards import manifest_sha256
+        from .index import manifest_sha256
 
         return manifest_sha256(self.index.shard_dir)
 

@@ -15,6 +15,12 @@ from __future__ import annotations
 import re
 from typing import Iterable
 
+from .errors import ShardFormatError
+
+# What a name from a manifest (a shard, a split) may be: it reaches file systems, URLs and `pipe:` shell commands.
+SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,254}")
+SAFE_NAME_RULE = "letters, digits, '.', '_' and '-', not first '.' or '-', at most 255"
+
 _SHORT = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
 _UNSHORT = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}
 _ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|.)", re.DOTALL)
@@ -73,3 +79,16 @@ def tsv_text(header: Iterable[str], rows: Iterable[Iterable[object]]) -> str:
 def read_tsv(text: str) -> list[list[str]]:
     """The rows of a TSV `tsv_text` wrote (header included), fields unescaped."""
     return [[unescape_name(f) for f in line.split("\t")] for line in text.split("\n") if line]
+
+
+def check_shard_name(name: object, source: str) -> str:
+    """A shard name from a manifest must be a plain file name in the shard directory, of letters, digits, '.',
+    '_' and '-' only, not starting with '.' or '-'. A manifest is untrusted input (a bucket someone else
+    writes): its names must neither make a reader open or hash files elsewhere (no '/', no '..') nor mean
+    anything to a shell when put into a `pipe:` command (no '$', quotes, backticks, spaces...). Pure: every
+    reader checks with it, local and remote (`check_manifest`, `remote.member_url`); `shard_file` adds the
+    symlink check for local ones."""
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name):
+        raise ShardFormatError(f"{source}: shard name {name!r} is not a plain file name inside the shard "
+                               f"directory ({SAFE_NAME_RULE} characters); refused")
+    return name

@@ -12,22 +12,16 @@ but delivers more bytes each time goes on; `retries` failures in a row without a
 """
 from __future__ import annotations
 
-import hashlib
 import http.client
-import io
-import json
 import re
 import shlex
 import time
 import urllib.error
 import urllib.request
-from functools import lru_cache
 from typing import IO, Callable
 
-import numpy as np
-
-from .errors import ConfigError, MissingDataError, RemoteReadError, ShardFormatError, one_line
-from .index import IndexRows, check_index_rows, check_index_sha, check_manifest, check_shard_name
+from .errors import ConfigError, MissingDataError, RemoteReadError
+from .names import check_shard_name
 
 URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 RETRIES = 3  # re-opens of one file after a failed or short read
@@ -44,7 +38,7 @@ def is_url(shards: object) -> bool:
 def member_url(base: str, name: str) -> str:
     """URL of file `name` of the shard directory at `base` (for `pipe:`, the command with {name} filled in).
 
-    `name` must pass `pipeline.index.check_shard_name` (ShardFormatError otherwise), so it holds no character a
+    `name` must pass `pipeline.names.check_shard_name` (ShardFormatError otherwise), so it holds no character a
     shell or a URL gives a meaning to, whatever quotes the user's command puts around {name}; it is also
     shell-quoted, which leaves such a name unchanged."""
     check_shard_name(name, f"{base}: a file of the shard directory")
@@ -187,66 +181,3 @@ def read_whole(url: str, retries: int = RETRIES) -> bytes:
                 raise RemoteReadError(f"{url}: could not be read after {retries} retries "
                                       f"({type(e).__name__}: {e})") from None
             time.sleep(min(2.0, 0.1 * 2 ** failures))
-
-
-@lru_cache(maxsize=8)
-def _manifest_bytes(base: str) -> tuple[bytes, str]:
-    url = member_url(base, "manifest.json")
-    raw = read_whole(url)
-    return raw, hashlib.sha256(raw).hexdigest()
-
-
-def fetch_manifest(base: str) -> tuple[dict, str]:
-    """(manifest, sha256 of its bytes) of the shard directory at `base`, fetched once per process (each call
-    parses its own copy), checked like a local one (`pipeline.index.check_manifest`: structure, dense ids, and
-    shard names that are plain file names, so none can climb out of the URL)."""
-    url = member_url(base, "manifest.json")
-    raw, sha = _manifest_bytes(base)
-    try:
-        manifest = json.loads(raw)
-    except (ValueError, RecursionError) as e:
-        raise ShardFormatError(f"{url}: not valid JSON ({type(e).__name__}: {one_line(e, 200)}); is {base} a "
-                               f"kdpipe shard directory?") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != "kdpipe-shards":
-        raise ShardFormatError(f"{url}: not a kdpipe shard manifest")
-    check_manifest(manifest, url)
-    return manifest, sha
-
-
-class RemoteIndex(IndexRows):
-    """The metadata half of `ShardIndex` for a shard directory behind a URL (labels, heights, widths, classes,
-    manifest), fetched once. There is no random access: samples come from `StreamBackend`."""
-
-    def __init__(self, base: str, split: str = "train"):
-        self.shard_dir, self.split = base, split
-        self.manifest, self.manifest_sha256 = fetch_manifest(base)
-        if split not in self.manifest.get("splits", {}):
-            raise MissingDataError(f"{base}: no split {split!r} (has {', '.join(self.manifest.get('splits', {}))})")
-        info = self.manifest["splits"][split]
-        self.shards: list[dict] = info["shards"]
-        self.shard_names = [s["name"] for s in self.shards]
-        url = member_url(base, f"{split}.index.npy")
-        try:
-            data = read_whole(url)
-            self.rows: np.ndarray = np.load(io.BytesIO(data), allow_pickle=False)
-        except ValueError as e:
-            raise ShardFormatError(f"{url}: not a kdpipe index ({one_line(e, 200)})") from None
-        check_index_rows(self.rows, url, info["count"], len(self.shards),
-                         "rerun `kdpipe shard` with the same options on the source and upload the new index files",
-                         num_classes=len(self.manifest["classes"]))
-        check_index_sha(data, info.get("index_sha256"), url, "upload the shard directory again, whole")
-        for k, s in enumerate(self.shards):
-            if not np.all(self.rows["shard"][s["first_id"]:s["first_id"] + s["count"]] == k):
-                raise ShardFormatError(f"{url}: rows of {s['name']} do not point at it; the index and the "
-                                       f"manifest disagree")
-        self.classes: list[str] = [c["wnid"] for c in self.manifest["classes"]]
-
-    def shard_url(self, k: int) -> str:
-        return member_url(self.shard_dir, self.shard_names[k])
-
-    def shard_path(self, sample_id: int) -> str:
-        return self.shard_url(int(self.rows["shard"][int(sample_id)]))
-
-    def read(self, sample_id: int) -> bytes:
-        raise ConfigError(f"{self.shard_dir}: streamed shards are read in order, not by id; "
-                          f"use ImageNet100Loader over the URL")

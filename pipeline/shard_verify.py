@@ -27,7 +27,9 @@ from PIL import Image
 from .errors import DataError, one_line
 from .index import MANIFEST, load_index, read_manifest, shard_file
 from .shard_image import jpeg_frame, jpeg_problem
-from .shard_io import dali_index_text, file_sha256, ordered_map, usable_cores
+from .digest import file_sha256
+from .procs import ordered_map, usable_cores
+from .shard_io import dali_index_text
 
 EXTS = ("jpg", "cls", "json", "i64")
 

@@ -31,9 +31,12 @@ from .errors import ConfigError, KdpipeError
 from .locks import exclusive_lock
 from .names import tsv_text
 from .outdir import check_claimable, refuse_inside
-from .index import INDEX_DTYPE, MANIFEST, index_path, read_manifest
+from .shard_options import ShardOptions
+from .index import INDEX_DTYPE, MANIFEST, index_path, manifest_sha256, read_manifest
 from .shard_image import Prepared, changed_source, prepare_many
-from .shard_io import HashProcess, TarShardWriter, dali_index_text, file_sha256, ordered_map, usable_cores
+from .digest import file_sha256
+from .procs import ordered_map, usable_cores
+from .shard_io import HashProcess, TarShardWriter, dali_index_text
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
@@ -45,19 +48,6 @@ OUR_FILES = re.compile(r"^\.?((train|val)-\d{6}\.(tar|idx)|(train|val)\.index\.n
 
 __all__ = ["ShardOptions", "ShardReport", "OptionsMismatch", "build_shards", "read_manifest", "manifest_sha256",
            "verify_shards", "shard_name"]
-
-
-@dataclass(frozen=True)
-class ShardOptions:
-    """Every option that changes the bytes of the output (recorded in the manifest)."""
-
-    shard_size: int = field(default=1000, metadata={"help": "samples per shard (~110 MB of ImageNet JPEGs)", "min": 1})
-    seed: int = field(default=0, metadata={"help": "seed of the train shuffle"})
-    quality: int = field(default=95, metadata={"help": "JPEG quality of re-encoded images (CMYK, PNG, --max-side)",
-                                               "min": 1, "max": 100})
-    max_side: int | None = field(default=None, metadata={
-        "help": "re-encode images whose longer side exceeds this many pixels (default: off, bytes pass through)",
-        "min": 1})
 
 
 @dataclass
@@ -78,21 +68,6 @@ class OptionsMismatch(KdpipeError, ValueError):
 
 def shard_name(split: str, k: int) -> str:
     return f"{split}-{k:06d}.tar"
-
-
-def manifest_sha256(shard_dir: str | Path) -> str:
-    """sha256 of manifest.json: identifies a shard set (teacher-cache fingerprints use it). A URL's manifest
-    has the same sha256 as the directory it was copied from, so caches work across both."""
-    import hashlib
-
-    from .remote import fetch_manifest, is_url
-
-    if is_url(shard_dir):
-        return fetch_manifest(shard_dir)[1]
-    path = Path(shard_dir) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no manifest")
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def ordered_files(files: Sequence[SourceFile], split: str, seed: int) -> list[SourceFile]:

@@ -31,7 +31,8 @@ import torch
 
 from .errors import CorruptSampleError, RemoteReadError, ShardFormatError, one_line
 from .prefetch import put_until_stopped
-from .remote import RETRIES, RemoteIndex, RetryingStream
+from .index import RemoteIndex
+from .remote import RETRIES, RetryingStream
 
 DEFAULT_BUFFER = 1000  # samples held for the shuffle (about 110 MB of ImageNet JPEGs)
 TAR_BLOCK = 512

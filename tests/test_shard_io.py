@@ -34,7 +34,7 @@ def test_tar_writer_is_byte_identical_to_tarfile(tmp_path):
     assert ours == (tmp_path / "ref.tar").read_bytes() and nbytes == len(ours)
     import hashlib
 
-    from pipeline.shard_io import file_sha256
+    from pipeline.digest import file_sha256
 
     assert sha == file_sha256(tmp_path / "ours.tar", block=1000) == hashlib.sha256(ours).hexdigest()
     assert [m[1] for m in read_tar(tmp_path / "ours.tar")] == offsets
@@ -64,7 +64,7 @@ def test_prepare_image_paths(tmp_path):
 
 
 def test_ordered_map_keeps_order_and_bounds_work():
-    from pipeline.shard_io import ordered_map
+    from pipeline.procs import ordered_map
 
     pulled = []
 
@@ -104,7 +104,7 @@ def _fail_on_13(xs):
 
 
 def test_ordered_map_worker_errors_and_early_close():
-    from pipeline.shard_io import WorkerError, ordered_map
+    from pipeline.procs import WorkerError, ordered_map
 
     with pytest.raises(WorkerError, match="ValueError: thirteen"):
         list(ordered_map(_fail_on_13, range(40), workers=2, chunk=4))
@@ -117,7 +117,8 @@ def test_ordered_map_worker_errors_and_early_close():
 
 
 def test_hash_process_matches_file_hash(tmp_path):
-    from pipeline.shard_io import HashProcess, file_sha256
+    from pipeline.digest import file_sha256
+    from pipeline.shard_io import HashProcess
 
     (tmp_path / "a").write_bytes(b"x" * 3_000_000)
     hasher = HashProcess()

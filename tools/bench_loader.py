@@ -62,7 +62,8 @@ def synth_shards(root: Path, images: int) -> Path:
 
 def local_copy(url: str, out: Path) -> Path:
     """The train split of the shard directory at `url`, downloaded to `out` (the local path's input)."""
-    from pipeline.remote import RetryingStream, fetch_manifest, member_url, read_whole
+    from pipeline.index import fetch_manifest
+    from pipeline.remote import RetryingStream, member_url, read_whole
 
     manifest = fetch_manifest(url)[0]
     out.mkdir(parents=True)

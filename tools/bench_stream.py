@@ -21,7 +21,7 @@ import numpy as np
 
 def reader_cost(src: str, batch_size: int = 64) -> tuple[int, float, float]:
     """(images, wall seconds, reader CPU seconds) to read the train split of `src` in id order."""
-    from pipeline.remote import RemoteIndex
+    from pipeline.index import RemoteIndex
     from pipeline.stream import needed_segments, ordered_samples, pack
 
     index = RemoteIndex(src, "train")

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pipeline.augment import ValResize
 from pipeline.errors import ConfigError
-from pipeline.shards import ShardOptions
+from pipeline.shard_options import ShardOptions
 
 
 

@@ -12,7 +12,8 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.errors import CheckpointError, ConfigError, KdpipeError
-from pipeline.shard_io import file_sha256, usable_cores
+from pipeline.digest import file_sha256
+from pipeline.procs import usable_cores
 
 __all__ = ["PRECISIONS", "resolve_device", "precision_dtype", "precision_name", "autocast", "dist_info",
            "init_distributed", "barrier", "load_teacher", "teacher_forward", "file_sha256", "usable_cores"]

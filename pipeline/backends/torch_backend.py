@@ -22,7 +22,7 @@ import torch
 from ..augment import AugParams, AugSpec, sample_params, val_geometry
 from ..batch import IMAGENET_MEAN_255, IMAGENET_STD_255, host_to_device, normalize_images
 from ..errors import CorruptSampleError
-from ..shard_io import die_with_parent
+from ..procs import die_with_parent
 from .base import GREY, CarryErrors, SkipLog, raise_carried, sample_error, size_mismatch
 from .cpu_views import crop_box, decode, decode_region, resize_uint8, train_view, val_view, view_from_crop
 
