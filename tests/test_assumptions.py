@@ -1,17 +1,17 @@
-"""The assumptions table (trainer/assumptions.py): one source for docs/train.md and every report."""
+"""The assumptions table (trainer/report/assumptions.py): one source for docs/train.md and every report."""
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 
-from trainer import assumptions as asm
+from trainer.report import assumptions as asm
 from trainer.config import TrainConfig, make_config
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "train.md"
 
 
 def test_docs_section_is_the_rendered_table():
-    """docs/train.md holds exactly the table the code renders (regenerate: python -m trainer.assumptions)."""
+    """docs/train.md holds exactly the table the code renders (regenerate: python -m trainer.report.assumptions)."""
     text = DOCS.read_text()
     head = "## Assumptions where the paper is silent"
     assert text.count(head) == 1

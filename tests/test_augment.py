@@ -9,7 +9,7 @@ import torch
 import torchvision.transforms as T
 import torchvision.transforms.transforms as tv_transforms
 
-from pipeline.augment import AugSpec, crop_from_uniforms, epoch_order, sample_params, val_geometry
+from pipeline.core.augment import AugSpec, crop_from_uniforms, epoch_order, sample_params, val_geometry
 
 # (height, width): ordinary photos, squares, tiny images, and extreme shapes where every try can
 # fail and the centre-crop fallback (clamped to the ratio range) decides.
@@ -151,8 +151,8 @@ def test_square_val_resize_is_the_papers_256x256_then_centre_224():
     Resize((256, 256)) + CenterCrop(224); and it is part of the view fingerprint."""
     import torchvision.transforms.v2 as T2
 
-    from pipeline.backends.torch_backend import val_view
-    from pipeline.synthetic import synth_image
+    from pipeline.reader.backends.torch_backend import val_view
+    from pipeline.sources.synthetic import synth_image
 
     spec = AugSpec(val_resize_mode="square")
     for h, w in [(375, 500), (500, 333), (240, 240)]:

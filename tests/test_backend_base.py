@@ -1,11 +1,11 @@
-"""What both backends share (pipeline/backends/base.py): the bad-sample error, skipping, the size check."""
+"""What both backends share (pipeline/reader/backends/base.py): the bad-sample error, skipping, the size check."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pipeline.backends.base import Backend, SkipLog, sample_error, saturation_matrices, size_mismatch
-from pipeline.errors import CorruptSampleError
+from pipeline.reader.backends.base import Backend, SkipLog, sample_error, saturation_matrices, size_mismatch
+from pipeline.core.errors import CorruptSampleError
 
 
 class _Index:
@@ -44,9 +44,9 @@ def test_size_mismatch_and_saturation():
 
 
 def test_both_backends_have_the_protocols_shape():
-    from pipeline.backends.dali_backend import DaliBackend
-    from pipeline.backends.torch_backend import TorchBackend
-    from pipeline.loader import backend_class
+    from pipeline.reader.backends.dali_backend import DaliBackend
+    from pipeline.reader.backends.torch_backend import TorchBackend
+    from pipeline.reader.loader import backend_class
 
     for cls in (TorchBackend, DaliBackend):
         assert callable(getattr(cls, "iter_batches")) and isinstance(getattr(cls, "name"), str)

@@ -15,17 +15,17 @@ import pytest
 import torch
 import zarr
 
-from pipeline.teacher_cache import CacheMismatchError, IncompleteCacheError, TeacherCache
-from pipeline.teacher_cache import validate_cache_for_training
-from trainer.cache_teacher import CacheTeacherConfig, cache_teacher
+from pipeline.cache.store import CacheMismatchError, IncompleteCacheError, TeacherCache
+from pipeline.cache.store import validate_cache_for_training
+from trainer.jobs.cache_teacher import CacheTeacherConfig, cache_teacher
 
 WNIDS = ["n02869837", "n01749939", "n02488291", "n02107142"]
 ARRAYS = ("logits", "weight", "entropy", "done")
 
 
 def make_shards(root: Path, per_class: int = 10, seed: int = 0, wnids: list[str] = WNIDS) -> Path:
-    from pipeline.shards import build_shards
-    from pipeline.synthetic import make_imagenet_tree
+    from pipeline.shards.writer import build_shards
+    from pipeline.sources.synthetic import make_imagenet_tree
 
     make_imagenet_tree(root / "tree", wnids, train_per_class=per_class, val_per_class=1, size=(40, 56), seed=seed)
     build_shards(root / "tree", root / "shards", classes=wnids, workers=1, progress=False)
@@ -33,7 +33,7 @@ def make_shards(root: Path, per_class: int = 10, seed: int = 0, wnids: list[str]
 
 
 def save_teacher(path: Path, seed: int = 0) -> Path:
-    from trainer.models import build_model
+    from trainer.engine.models import build_model
 
     torch.manual_seed(seed)
     model = build_model("tiny_resnet", len(WNIDS))
@@ -72,8 +72,8 @@ def assert_same_store(a: str | Path, b: str | Path, names=ARRAYS) -> None:
 
 def loader_for(data: dict, *, seed: int = 5, image_size: int = 32, shards=None, cache=None, batch_size: int = 8,
                backend: str = "auto"):
-    from pipeline.augment import AugSpec
-    from pipeline.loader import ImageNet100Loader
+    from pipeline.core.augment import AugSpec
+    from pipeline.reader.loader import ImageNet100Loader
 
     spec = AugSpec(image_size=image_size)
     return ImageNet100Loader(str(shards or data["shards"]), "train", batch_size, seed=seed, backend=backend,
@@ -81,14 +81,14 @@ def loader_for(data: dict, *, seed: int = 5, image_size: int = 32, shards=None, 
 
 
 def online_teacher(data: dict):
-    from trainer.runtime import load_teacher
+    from trainer.engine.runtime import load_teacher
 
     return load_teacher("tiny_resnet", data["weights"], WNIDS, torch.device("cpu"))
 
 
 def test_cached_logits_are_the_teachers_on_the_training_views(data):
     """Every loader batch (training epochs past E too) carries the teacher's logits of exactly its images."""
-    from trainer.losses import entropy_weight
+    from trainer.engine.losses import entropy_weight
 
     teacher = online_teacher(data)
     loader, _ = loader_for(data, cache=data["cfg"].out)
@@ -111,8 +111,8 @@ def test_training_steps_with_the_cache_match_the_online_teacher(data):
     import copy
 
     from trainer.config import make_config
-    from trainer.step import Distiller
-    from trainer.models import build_model
+    from trainer.engine.step import Distiller
+    from trainer.engine.models import build_model
 
     # lr 0.01: five steps of lr 0.1 on tiny models amplify any 1e-3 perturbation chaotically
     cfg = make_config("dual", ("tiny_resnet", "tiny_mobilenet"), optim={"lr": 0.01}, shards=str(data["shards"]),
@@ -214,7 +214,7 @@ def test_interrupted_cache_is_refused_then_resumed_to_equal_the_reference(data, 
 
 CHILD = textwrap.dedent("""
     import dataclasses, json, sys
-    from trainer.cache_teacher import CacheTeacherConfig, cache_teacher
+    from trainer.jobs.cache_teacher import CacheTeacherConfig, cache_teacher
     cfg = CacheTeacherConfig(**json.loads(sys.argv[1]))
     def report(epoch, chunk):
         print(epoch, chunk, flush=True)
@@ -349,7 +349,7 @@ def test_dali_views_cache_matches_dali_training_batches(data, tmp_path):
 @pytest.mark.gpu
 def test_cuda_cache_matches_the_bf16_teacher_on_cuda_batches(data, tmp_path):
     """On a GPU: views decoded on the device, teacher under bf16 autocast (the trainer's default), same batches."""
-    from trainer.runtime import autocast, load_teacher
+    from trainer.engine.runtime import autocast, load_teacher
 
     cfg = variant(data, tmp_path, "g.zarr", device="cuda", epochs=1)
     cache_teacher(cfg)
@@ -357,8 +357,8 @@ def test_cuda_cache_matches_the_bf16_teacher_on_cuda_batches(data, tmp_path):
     assert fp["precision"] == "bf16"
     cuda = torch.device("cuda")
     teacher = load_teacher("tiny_resnet", data["weights"], WNIDS, cuda)
-    from pipeline.augment import AugSpec
-    from pipeline.loader import ImageNet100Loader
+    from pipeline.core.augment import AugSpec
+    from pipeline.reader.loader import ImageNet100Loader
 
     loader = ImageNet100Loader(str(data["shards"]), "train", 8, seed=5, device=cuda, spec=AugSpec(image_size=32),
                                teacher_cache=cfg.out)
@@ -371,7 +371,7 @@ def test_cuda_cache_matches_the_bf16_teacher_on_cuda_batches(data, tmp_path):
 
 
 def test_a_second_job_on_the_same_store_is_refused(data, tmp_path):
-    from trainer.cache_teacher import job_lock
+    from trainer.jobs.cache_teacher import job_lock
 
     cfg = variant(data, tmp_path, "c.zarr", epochs=1)
     lock_file = tmp_path / ".c.zarr.lock"
@@ -422,7 +422,7 @@ def test_cli_refuses_a_diverged_teacher_before_any_store(data, tmp_path, spoil, 
 
 
 def test_teacher_logits_problem_names_each_kind():
-    from trainer.cache_teacher import teacher_logits_problem
+    from trainer.jobs.cache_teacher import teacher_logits_problem
 
     z = np.random.default_rng(0).normal(size=(4, 5)).astype(np.float32)
     assert teacher_logits_problem(z, full_logits=True) is None
@@ -436,8 +436,8 @@ def test_teacher_logits_problem_names_each_kind():
 def test_writer_error_reaches_the_caller_as_one_kdpipe_line(data, tmp_path, monkeypatch):
     """The writer thread's refusal (past the first-batch check, e.g. a later unit overflowing float16) is a
     KdpipeError naming the store and the unit, re-raised in the main thread."""
-    from pipeline.errors import KdpipeError, TeacherLogitsError
-    from trainer import cache_teacher as job
+    from pipeline.core.errors import KdpipeError, TeacherLogitsError
+    from trainer.jobs import cache_teacher as job
 
     monkeypatch.setattr(job, "check_teacher_logits", lambda *a, **k: None)
     state = torch.load(data["weights"], weights_only=True)

@@ -1,7 +1,7 @@
 
 import pytest
 
-from pipeline import classes
+from pipeline.core import classes as classes
 
 
 def test_imagenet100_list_is_canonical():

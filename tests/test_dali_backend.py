@@ -12,12 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.augment import AugSpec, val_geometry
-from pipeline.backends.dali_backend import INSTALL_HINT, import_dali, saturation_matrices, val_rois
-from pipeline.batch import normalize_images
-from pipeline.index import ShardIndex
-from pipeline.shards import ShardOptions, build_shards
-from pipeline.synthetic import make_imagenet_tree
+from pipeline.core.augment import AugSpec, val_geometry
+from pipeline.reader.backends.dali_backend import INSTALL_HINT, import_dali, saturation_matrices, val_rois
+from pipeline.core.batch import normalize_images
+from pipeline.reader.index import ShardIndex
+from pipeline.shards.writer import ShardOptions, build_shards
+from pipeline.sources.synthetic import make_imagenet_tree
 
 SPEC = AugSpec(image_size=32, val_resize=36)
 NO_COLOUR = AugSpec(image_size=32, val_resize=36, flip_p=0.0, brightness=0.0, contrast=0.0, saturation=0.0)
@@ -35,7 +35,7 @@ def shards(tmp_path_factory):
 
 
 def dali(shards, split="train", spec=SPEC, normalize=False, dtype=torch.uint8, **kw):
-    from pipeline.backends.dali_backend import DaliBackend
+    from pipeline.reader.backends.dali_backend import DaliBackend
 
     kw.setdefault("skip_corrupt", False)
     return DaliBackend(ShardIndex(shards, split), spec=spec, seed=7, train=split == "train",
@@ -58,7 +58,7 @@ def by_id(images, ids):
 def test_import_error_names_the_install_command(monkeypatch):
     import importlib
 
-    import pipeline.backends.dali_backend as mod
+    import pipeline.reader.backends.dali_backend as mod
 
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # makes `import nvidia.dali` fail
     importlib.reload(mod)  # importing the module still works without DALI
@@ -131,7 +131,7 @@ def test_an_abandoned_iteration_does_not_disturb_the_next(shards):
 @pytest.mark.dali
 def test_geometry_matches_the_torch_backend(shards):
     """Same crop boxes; only the decoders and resamplers differ (measured: about 0.2 grey levels)."""
-    from pipeline.backends.torch_backend import TorchBackend
+    from pipeline.reader.backends.torch_backend import TorchBackend
 
     ids = np.arange(len(ShardIndex(shards, "train")))
     torch_backend = TorchBackend(ShardIndex(shards, "train"), spec=NO_COLOUR, seed=7, train=True, device=torch.device("cpu"),
@@ -145,7 +145,7 @@ def test_geometry_matches_the_torch_backend(shards):
 @pytest.mark.dali
 def test_full_augmentation_close_to_the_torch_backend(shards):
     """Flip and the colour definition of docs/loader.md; DALI rounds y1 and y2 to uint8."""
-    from pipeline.backends.torch_backend import TorchBackend
+    from pipeline.reader.backends.torch_backend import TorchBackend
 
     ids = np.arange(len(ShardIndex(shards, "train")))
     torch_backend = TorchBackend(ShardIndex(shards, "train"), spec=SPEC, seed=7, train=True, device=torch.device("cpu"),
@@ -204,7 +204,7 @@ def corrupt_copy(shards, tmp_path, sample_id, how):
 @pytest.mark.dali
 @pytest.mark.parametrize("how", ["garbage", "truncated_shard"])
 def test_a_bad_sample_is_named_or_skipped(shards, tmp_path, how):
-    from pipeline.backends.torch_backend import CorruptSampleError
+    from pipeline.reader.backends.torch_backend import CorruptSampleError
 
     bad = 13
     broken = corrupt_copy(shards, tmp_path, bad, how)
@@ -265,7 +265,7 @@ def test_the_copying_path_of_the_static_executor_gives_the_same_batches(shards):
 @pytest.mark.gpu
 def test_gpu_mixed_decode_is_deterministic_and_close_to_the_cpu_graph(shards):
     """The "mixed" (nvJPEG) graph: on the GPU, channels_last, same pixels across batch sizes, close to CPU."""
-    from pipeline.backends.dali_backend import DaliBackend
+    from pipeline.reader.backends.dali_backend import DaliBackend
 
     ids = np.arange(len(ShardIndex(shards, "train")))
 
@@ -286,7 +286,7 @@ def test_gpu_mixed_decode_is_deterministic_and_close_to_the_cpu_graph(shards):
 @pytest.mark.dali
 def test_greyscale_and_reencoded_oddities_decode_like_the_torch_backend(tmp_path, small_wnids):
     """Greyscale JPEGs come out as 3 equal channels; CMYK and PNG-as-JPEG arrive re-encoded by the writer."""
-    from pipeline.backends.torch_backend import TorchBackend
+    from pipeline.reader.backends.torch_backend import TorchBackend
 
     tree = make_imagenet_tree(tmp_path / "tree", small_wnids, train_per_class=2, val_per_class=0, val_layout=None,
                               size=(48, 64), oddities=True)
@@ -311,7 +311,7 @@ def test_invalid_arguments_fail_fast(shards):
     with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
         dali(shards, normalize=True, dtype=torch.uint8)
     if not torch.cuda.is_available():
-        from pipeline.backends.dali_backend import DaliBackend
+        from pipeline.reader.backends.dali_backend import DaliBackend
 
         with pytest.raises(RuntimeError, match="CUDA is not available"):
             DaliBackend(ShardIndex(shards, "train"), spec=SPEC, seed=0, train=True, device=torch.device("cuda"))

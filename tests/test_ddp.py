@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from trainer.rundir import RunDir
+from trainer.engine.rundir import RunDir
 
 
 def read_metrics(run) -> list[dict]:
@@ -23,7 +23,7 @@ def _weights_worker(rank: int, world: int, tmp: str) -> None:
         import pathlib
 
         from test_loop import FakeLoader, seeded_teacher, tiny_config
-        from trainer import loop
+        from trainer.engine import loop as loop
 
         captured, masks = [], []
         original = loop.Distiller.__init__
@@ -73,9 +73,9 @@ def test_kdpipe_train_under_torchrun_with_two_cpu_ranks(tmp_path):
     import subprocess
     import sys
 
-    from pipeline.learnable import make_learnable_tree
-    from pipeline.shards import ShardOptions, build_shards
-    from trainer.checkpoint import load_checkpoint
+    from pipeline.sources.learnable import make_learnable_tree
+    from pipeline.shards.writer import ShardOptions, build_shards
+    from trainer.engine.checkpoint import load_checkpoint
 
     wnids = ["n02869837", "n01749939", "n02488291", "n02107142"]
     make_learnable_tree(tmp_path / "tree", wnids, train_per_class=8, val_per_class=3, size=40, ambiguous_share=0.0)

@@ -10,14 +10,14 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-from pipeline.teacher_cache import TeacherCache
+from pipeline.cache.store import TeacherCache
 from trainer.cli import main
-from trainer.demo import LADDER, TINY, DemoConfig, cache_path, ladder_run, run_demo
+from trainer.jobs.demo import LADDER, TINY, DemoConfig, cache_path, ladder_run, run_demo
 
 
 def _numbers(run) -> list[dict]:
     """A run's metrics without the timing and memory figures (which differ between identical runs)."""
-    from trainer.metrics import TIMING_FIELDS as skip
+    from trainer.engine.metrics import TIMING_FIELDS as skip
     return [{k: v for k, v in json.loads(line).items() if k not in skip}
             for line in (run / "metrics.jsonl").read_text().splitlines()]
 

@@ -16,12 +16,12 @@ import torchvision
 from click.testing import CliRunner
 
 from trainer.cli import main
-from trainer.demo import (GPU, LADDER, PRESETS, TINY, DemoConfig, _run_config, ladder_run, run_demo,
+from trainer.jobs.demo import (GPU, LADDER, PRESETS, TINY, DemoConfig, _run_config, ladder_run, run_demo,
                           uses_recipe_loop)
-from trainer.losses import dual_student_loss
-from trainer.metrics import TIMING_FIELDS
-from trainer.models import build_model
-from trainer.teacher_recipe import residual_gammas, teacher_loss, train_teacher, zero_init_residual_
+from trainer.engine.losses import dual_student_loss
+from trainer.engine.metrics import TIMING_FIELDS
+from trainer.engine.models import build_model
+from trainer.jobs.teacher_recipe import residual_gammas, teacher_loss, train_teacher, zero_init_residual_
 
 # The gpu preset at a few seconds' size: the same stages, recipe loop and report; tiny models on the CPU.
 SCALED = dataclasses.replace(GPU, num_classes=4, train_per_class=16, val_per_class=4, image_px=32, crop_px=24,
@@ -98,10 +98,10 @@ def test_label_smoothing_changes_the_teachers_loss_not_the_students():
 
 def test_cli_presets(monkeypatch, tmp_path):
     """--preset picks the DemoConfig; --tiny still works; --seeds/--device/--backend override the preset."""
-    import trainer.demo
+    import trainer.jobs.demo
 
     seen = []
-    monkeypatch.setattr(trainer.demo, "run_demo", lambda out, cfg: seen.append(cfg) or tmp_path / "report.md")
+    monkeypatch.setattr(trainer.jobs.demo, "run_demo", lambda out, cfg: seen.append(cfg) or tmp_path / "report.md")
     runner = CliRunner()
     for args in ([], ["--tiny"], ["--preset", "tiny"], ["--preset", "gpu"], ["--preset", "gpu", "--seeds", "5",
                                                                              "--device", "cpu"]):

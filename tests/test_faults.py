@@ -19,7 +19,7 @@ import pytest
 import torch
 import zarr
 
-from pipeline.index import ShardIndex
+from pipeline.reader.index import ShardIndex
 
 from clitools import cli, error_line
 
@@ -30,8 +30,8 @@ TRAIN = ["--students", "tiny_cnn", "--epochs", "1", "--image-size", "32", "--bat
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Path:
-    from pipeline.shards import ShardOptions, build_shards
-    from pipeline.synthetic import make_imagenet_tree
+    from pipeline.shards.writer import ShardOptions, build_shards
+    from pipeline.sources.synthetic import make_imagenet_tree
 
     root = tmp_path_factory.mktemp("faults")
     make_imagenet_tree(root / "tree", WNIDS, train_per_class=8, val_per_class=2, size=(40, 56))
@@ -69,7 +69,7 @@ def test_a_flipped_jpeg_byte_stops_training_naming_the_sample_and_verify_lists_i
     assert f"{path.name}: sample 13: .jpg bytes differ from the crc32 in the index" in out
     assert f"{path.name}: sample 13: .jpg bytes differ from the checksum in its .json" in out
 
-    from pipeline.loader import ImageNet100Loader
+    from pipeline.reader.loader import ImageNet100Loader
 
     loader = ImageNet100Loader(shards, "train", 8, backend="torch", device="cpu", num_workers=0, drop_last=False,
                                skip_corrupt=True)
@@ -128,7 +128,7 @@ def test_verify_and_train_refuse_an_unusable_manifest_in_one_line(shards, tmp_pa
 
 
 def test_a_killed_shard_run_resumes_keeping_its_finished_shards(shards, built):
-    from pipeline.shards import ShardOptions, build_shards
+    from pipeline.shards.writer import ShardOptions, build_shards
 
     _killed(shards)
     before = {p.name: p.stat().st_ino for p in shards.glob("train-*.tar")}
@@ -183,8 +183,8 @@ def _bomb_json(tar_path: Path, sample_id: int) -> None:
 
 
 def test_train_without_a_val_split_names_the_directory_and_its_splits(tmp_path):
-    from pipeline.shards import build_shards
-    from pipeline.synthetic import make_imagenet_tree
+    from pipeline.shards.writer import build_shards
+    from pipeline.sources.synthetic import make_imagenet_tree
 
     make_imagenet_tree(tmp_path / "tree", WNIDS, train_per_class=2, val_layout=None, size=(40, 56))
     build_shards(tmp_path / "tree", tmp_path / "shards", classes=WNIDS, workers=1, progress=False)
@@ -198,8 +198,8 @@ def test_train_without_a_val_split_names_the_directory_and_its_splits(tmp_path):
 
 @pytest.fixture(scope="module")
 def cached(built) -> dict:
-    from trainer.cache_teacher import CacheTeacherConfig, cache_teacher
-    from trainer.models import build_model
+    from trainer.jobs.cache_teacher import CacheTeacherConfig, cache_teacher
+    from trainer.engine.models import build_model
 
     torch.manual_seed(0)
     torch.save(build_model("tiny_resnet", len(WNIDS)).state_dict(), built / "teacher.pt")
@@ -216,7 +216,7 @@ def chunk_file(store: Path, name: str, coords: tuple) -> Path:
 
 @pytest.mark.slow
 def test_cache_damage_is_listed_refused_by_train_and_repaired_by_rerunning_cache_teacher(cached, built, tmp_path):
-    from trainer.cache_teacher import cache_teacher
+    from trainer.jobs.cache_teacher import cache_teacher
 
     store = Path(shutil.copytree(cached["store"], tmp_path / "c.zarr"))
     names = ("logits", "weight", "entropy", "checksum", "done")

@@ -17,7 +17,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.errors import CacheMismatchError, CorruptSampleError
+from pipeline.core.errors import CacheMismatchError, CorruptSampleError
 from trainer.cli import main
 
 from clitools import cli, error_line
@@ -29,15 +29,15 @@ TRAIN = ["--mode", "hard", "--students", "tiny_cnn", "--epochs", "1", "--image-s
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Path:
-    from pipeline.shards import ShardOptions, build_shards
-    from pipeline.synthetic import make_imagenet_tree
+    from pipeline.shards.writer import ShardOptions, build_shards
+    from pipeline.sources.synthetic import make_imagenet_tree
 
     root = tmp_path_factory.mktemp("errors")
     make_imagenet_tree(root / "tree", WNIDS, train_per_class=8, val_per_class=2, size=(40, 56))
     build_shards(root / "tree", root / "shards", classes=WNIDS, options=ShardOptions(shard_size=8), workers=1,
                  progress=False)
     (root / "classes.txt").write_text("\n".join(WNIDS) + "\n")
-    from trainer.models import build_model
+    from trainer.engine.models import build_model
 
     torch.save(build_model("tiny_cnn", len(WNIDS)).state_dict(), root / "teacher.pt")
     return root
@@ -67,7 +67,7 @@ class _Raises(torch.utils.data.Dataset):
 
 
 def test_a_worker_error_comes_back_as_the_same_class_message_and_attributes():
-    from pipeline.backends.base import CarryErrors, WorkerTraceback, raise_carried
+    from pipeline.reader.backends.base import CarryErrors, WorkerTraceback, raise_carried
 
     err = CacheMismatchError("c.zarr", ["seed"], ["seed: cache has 0, expected 1"])  # a constructor of 3 args
     dl = torch.utils.data.DataLoader(CarryErrors(_Raises(err)), batch_size=None, num_workers=1)
@@ -83,7 +83,7 @@ def test_a_worker_error_comes_back_as_the_same_class_message_and_attributes():
 
 def flip_jpeg_byte(shard_dir: Path, sample_id: int) -> Path:
     """Flip one bit in a train JPEG (its crc32 no longer matches); its shard's path."""
-    from pipeline.index import ShardIndex
+    from pipeline.reader.index import ShardIndex
 
     idx = ShardIndex(shard_dir, "train", check_crc=False)
     path, row = idx.shard_path(sample_id), idx.rows[sample_id]
@@ -112,7 +112,7 @@ def test_a_corrupt_sample_read_in_a_worker_is_one_line_naming_it(built, tmp_path
 
 def _fail_decoding(monkeypatch) -> None:
     """Every decode in the torch backend's CPU workers fails (a patch the forked workers inherit)."""
-    import pipeline.backends.torch_backend as tb
+    import pipeline.reader.backends.torch_backend as tb
 
     def broken(data, expected, box=None):
         raise RuntimeError("decoder says no")
@@ -130,7 +130,7 @@ def test_a_decode_error_in_a_streamed_loaders_worker_is_one_line(built, tmp_path
 @pytest.mark.dali
 @pytest.mark.slow
 def test_an_error_raised_in_a_dali_callback_is_its_one_line(built, tmp_path, monkeypatch):
-    from pipeline.backends import dali_backend
+    from pipeline.reader.backends import dali_backend as dali_backend
 
     def source(self):
         raise CorruptSampleError("train sample 3 in shard X.tar: raised inside DALI's callback")
@@ -189,12 +189,12 @@ def test_a_read_only_out_is_one_line_naming_the_path(built, stopped_run, read_on
 
 
 def test_a_permission_error_reading_an_input_names_it_and_debug_shows_the_traceback(built, tmp_path, monkeypatch):
-    import trainer.train_job
+    import trainer.jobs.train
 
     def denied(*a, **k):
         raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "shards" / "train-000000.tar"))
 
-    monkeypatch.setattr(trainer.train_job, "train", denied)
+    monkeypatch.setattr(trainer.jobs.train, "train", denied)
     line = error_line(cli("train", "--shards", built / "shards", "--out", tmp_path / "run", code=1))
     assert line.startswith(f"Error: {tmp_path / 'shards' / 'train-000000.tar'}: Permission denied")
     res = CliRunner(env={"KDPIPE_DEBUG": "yes"}).invoke(main, ["train", "--shards", str(built / "shards"), "--out",
@@ -220,7 +220,7 @@ def test_an_index_row_with_an_impossible_label_or_size_is_one_line_naming_file_a
 
 
 def test_batchnorm_students_with_one_sample_batches_are_refused_before_training(built, tmp_path):
-    from trainer.models import check_one_sample_batches
+    from trainer.engine.models import check_one_sample_batches
 
     args = [a if a != "tiny_cnn" else "resnet18" for a in TRAIN]
     args[args.index("--batch-size") + 1] = "1"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.augment import AUG_RNG_VERSION, AugSpec, epoch_order, sample_params
+from pipeline.core.augment import AUG_RNG_VERSION, AugSpec, epoch_order, sample_params
 
 
 def test_sample_params_golden_values():
@@ -40,8 +40,8 @@ def test_epoch_order_rank_split_golden_values():
 
 
 def test_shard_shuffle_golden_values():
-    from pipeline.imagenet import SourceFile
-    from pipeline.shards import ordered_files
+    from pipeline.sources.imagenet import SourceFile
+    from pipeline.shards.writer import ordered_files
 
     files = [SourceFile(f"train/n{i % 3}/{i:03d}.JPEG", f"n{i % 3}", i % 3) for i in range(10)]
     assert [f.rel[-8:-5] for f in ordered_files(files, "train", 0)] == \

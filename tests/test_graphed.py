@@ -1,14 +1,14 @@
-"""CUDA-graph steps (trainer/graphed.py): when they apply, and on a GPU that they equal eager steps."""
+"""CUDA-graph steps (trainer/engine/graphed.py): when they apply, and on a GPU that they equal eager steps."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pipeline.errors import ConfigError
+from pipeline.core.errors import ConfigError
 from trainer.config import make_config
-from trainer.graphed import graphs_wanted
-from trainer.models import build_model
-from trainer.step import Distiller, step_seed
+from trainer.engine.graphed import graphs_wanted
+from trainer.engine.models import build_model
+from trainer.engine.step import Distiller, step_seed
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -104,8 +104,8 @@ def test_load_state_dict_recaptures():
 
 @pytest.fixture(scope="module")
 def tiny_shards(tmp_path_factory):
-    from pipeline.shards import ShardOptions, build_shards
-    from pipeline.synthetic import make_imagenet_tree
+    from pipeline.shards.writer import ShardOptions, build_shards
+    from pipeline.sources.synthetic import make_imagenet_tree
 
     root = tmp_path_factory.mktemp("graphed")
     wnids = ["n02869837", "n01749939"]
@@ -141,8 +141,8 @@ def test_cli_records_what_ran_and_refuses_graphs_on_the_cpu(tiny_shards, tmp_pat
 
 @pytest.mark.gpu
 def test_the_demo_teachers_graphed_step_equals_its_eager_step():
-    """trainer/teacher_recipe.py's step (label smoothing, its own optimizer) under a CUDA graph: same sums, weights."""
-    from trainer.teacher_recipe import _step
+    """trainer/jobs/teacher_recipe.py's step (label smoothing, its own optimizer) under a CUDA graph: same sums, weights."""
+    from trainer.jobs.teacher_recipe import _step
 
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     out = []
@@ -152,7 +152,7 @@ def test_the_demo_teachers_graphed_step_equals_its_eager_step():
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, fused=True)
         step = _step(model, opt, None, CUDA, torch.bfloat16, 0.1)
         if graphs:
-            from trainer.graphed import GraphedStep
+            from trainer.engine.graphed import GraphedStep
 
             step = GraphedStep(step, [opt], CUDA)
         sums = [step(x, y).tolist() for x, y, _ in _batches(8, CUDA)[:6]]

@@ -13,12 +13,12 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline.errors import ConfigError, TreeLayoutError
-from pipeline.imagefolder import carve_val, discover_imagefolder
-from pipeline.imagenet import SourceFile, discover
-from pipeline.index import ShardIndex, read_manifest
-from pipeline.shards import ShardOptions, build_shards
-from pipeline.synthetic import make_imagenet_tree, synth_image
+from pipeline.core.errors import ConfigError, TreeLayoutError
+from pipeline.sources.imagefolder import carve_val, discover_imagefolder
+from pipeline.sources.imagenet import SourceFile, discover
+from pipeline.reader.index import ShardIndex, read_manifest
+from pipeline.shards.writer import ShardOptions, build_shards
+from pipeline.sources.synthetic import make_imagenet_tree, synth_image
 
 CLASSES = ["zebra crossing", "cat", "Dog"]  # not wnids; sorted order is Dog, cat, zebra crossing
 LATIN1 = os.fsdecode(b"caf\xe9.jpg")  # a name that is not valid UTF-8 (surrogate-escaped str)
@@ -116,8 +116,8 @@ def test_shards_of_a_folder_tree_carry_its_classes(tmp_path):
 
 
 def test_loader_over_folder_shards_gives_three_class_batches(tmp_path):
-    from pipeline.augment import AugSpec
-    from pipeline.loader import ImageNet100Loader
+    from pipeline.core.augment import AugSpec
+    from pipeline.reader.loader import ImageNet100Loader
 
     root = folder_tree(tmp_path / "tree")
     build_shards(discover_imagefolder(root), tmp_path / "out", options=ShardOptions(shard_size=5), workers=1,
@@ -177,7 +177,7 @@ def test_cli_shard_faults_end_in_one_line_or_a_listed_file(tmp_path, small_wnids
                  "--workers", "1")
     assert res.returncode == 0 and "Traceback" not in res.stdout + res.stderr, res.stderr
     assert "caf\\xe9.jpg" in res.stderr and "loop.JPEG" in res.stderr
-    tsv = (tmp_path / "out" / "rejected.tsv").read_bytes()  # UTF-8: the byte is written \xe9 (pipeline/names.py)
+    tsv = (tmp_path / "out" / "rejected.tsv").read_bytes()  # UTF-8: the byte is written \xe9 (pipeline/core/names.py)
     assert b"caf\\xe9.jpg\tnot an image" in tsv and b"loop.JPEG\tunreadable: Too many levels" in tsv
 
     bad = tmp_path / "bad.txt"

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.imagenet import discover, is_image_name
-from pipeline.synthetic import make_imagenet_tree
+from pipeline.sources.imagenet import discover, is_image_name
+from pipeline.sources.synthetic import make_imagenet_tree
 
 
 def test_folders_layout_and_label_order(tmp_path, small_wnids):

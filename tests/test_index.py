@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.errors import CorruptSampleError, MissingDataError, ShardFormatError
-from pipeline.index import INDEX_DTYPE, ShardIndex, check_shard_name, shard_file
-from pipeline.shards import ShardOptions, build_shards
-from pipeline.synthetic import make_imagenet_tree
+from pipeline.core.errors import CorruptSampleError, MissingDataError, ShardFormatError
+from pipeline.reader.index import INDEX_DTYPE, ShardIndex, check_shard_name, shard_file
+from pipeline.shards.writer import ShardOptions, build_shards
+from pipeline.sources.synthetic import make_imagenet_tree
 
 
 @pytest.fixture

@@ -42,8 +42,8 @@ def snapshot(d: Path) -> dict[str, str]:
 def data(tmp_path_factory) -> dict[str, Path]:
     """sh1 and sh1b: the same classes and counts, other images (other seeds); sh3: three classes; two teachers
     (t1, t2: final weights of two tiny hard runs on sh1)."""
-    from pipeline.learnable import make_learnable_tree
-    from pipeline.shards import ShardOptions, build_shards
+    from pipeline.sources.learnable import make_learnable_tree
+    from pipeline.shards.writer import ShardOptions, build_shards
 
     root = tmp_path_factory.mktemp("io")
     out = {}
@@ -144,7 +144,7 @@ def test_report_refuses_runs_of_different_datasets_and_a_learnable_tree_of_anoth
 
 
 def test_an_empty_validation_split_is_refused_by_train_and_eval(data, tmp_path):
-    from pipeline.synthetic import make_imagenet_tree
+    from pipeline.sources.synthetic import make_imagenet_tree
 
     make_imagenet_tree(tmp_path / "one", WNIDS, train_per_class=1, val_layout=None, size=(32, 32))
     out = cli("shard", "--imagefolder", tmp_path / "one", "--out", tmp_path / "sh", "--val-share", "0.5",
@@ -217,7 +217,7 @@ def test_an_out_inside_the_input_tree_is_refused_up_front(data, tmp_path):
 
 
 def test_a_resumed_run_rebuilds_the_best_checkpoint_a_full_disk_lost(data, tmp_path, monkeypatch):
-    import trainer.checkpoint as ck
+    import trainer.engine.checkpoint as ck
 
     save = ck.atomic_torch_save
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.classes import imagenet100_wnids
-from pipeline.learnable import AMBIGUOUS_KINDS, DESCRIPTION_FILE, SHAPES, class_table, make_learnable_tree
+from pipeline.core.classes import imagenet100_wnids
+from pipeline.sources.learnable import AMBIGUOUS_KINDS, DESCRIPTION_FILE, SHAPES, class_table, make_learnable_tree
 
 
 def _bytes(root, tree) -> dict[str, bytes]:

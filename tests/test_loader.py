@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.augment import AugSpec
-from pipeline.batch import normalize_images
-from pipeline.errors import CorruptSampleError
-from pipeline.loader import ImageNet100Loader
-from pipeline.shards import ShardOptions, build_shards
-from pipeline.synthetic import make_imagenet_tree
+from pipeline.core.augment import AugSpec
+from pipeline.core.batch import normalize_images
+from pipeline.core.errors import CorruptSampleError
+from pipeline.reader.loader import ImageNet100Loader
+from pipeline.shards.writer import ShardOptions, build_shards
+from pipeline.sources.synthetic import make_imagenet_tree
 
 SPEC = AugSpec(image_size=32, val_resize=36)  # small views keep the tests fast
 
@@ -274,7 +274,7 @@ def test_import_pipeline_stays_light():
 
 def test_teacher_cache_from_a_store_path(shards, tmp_path):
     """A real Zarr store given by path: each batch carries the rows of exactly its ids and aug epoch."""
-    from pipeline.teacher_cache import CacheLayout, TeacherCacheWriter
+    from pipeline.cache.store import CacheLayout, TeacherCacheWriter
 
     layout = CacheLayout(epochs=2, num_samples=24, num_classes=4, chunk_n=8)
     writer = TeacherCacheWriter.create(tmp_path / "cache", layout, {"test": 1})

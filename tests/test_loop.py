@@ -6,14 +6,14 @@ import json
 import pytest
 import torch
 
-from pipeline.batch import Batch
-from pipeline.errors import CheckpointError, ConfigError
-from trainer.checkpoint import BEST, LAST, load_checkpoint
+from pipeline.core.batch import Batch
+from pipeline.core.errors import CheckpointError, ConfigError
+from trainer.engine.checkpoint import BEST, LAST, load_checkpoint
 from trainer.config import lr_factor, make_config
-from trainer.loop import NonFiniteLossError, run_training
-from trainer.metrics import TIMING_FIELDS
-from trainer.models import build_model
-from trainer.rundir import CONFIG, RunDir
+from trainer.engine.loop import NonFiniteLossError, run_training
+from trainer.engine.metrics import TIMING_FIELDS
+from trainer.engine.models import build_model
+from trainer.engine.rundir import CONFIG, RunDir
 
 
 def read_metrics(run) -> list[dict]:
@@ -227,7 +227,7 @@ def test_presets_overrides_validation_and_json_round_trip():
 
 
 def test_step_honours_kl_direction_and_uses_a_cached_weight_only_at_entropy_tau_1():
-    from trainer.step import Distiller
+    from trainer.engine.step import Distiller
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(8, 3, 32, 32, generator=g).contiguous(memory_format=torch.channels_last)

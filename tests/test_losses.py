@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.losses import dual_student_loss, entropy, entropy_weight, kd_loss, peer_loss
+from trainer.engine.losses import dual_student_loss, entropy, entropy_weight, kd_loss, peer_loss
 
 LN3 = math.log(3.0)
 # p_T = softmax([ln 3, 0]) = [0.75, 0.25]; q_S = softmax([0, 0]) = [0.5, 0.5]

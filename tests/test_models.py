@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.classes import imagenet1k_indices
-from trainer.models import MODELS, build_model, head_name, load_weights
+from pipeline.core.classes import imagenet1k_indices
+from trainer.engine.models import MODELS, build_model, head_name, load_weights
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -9,7 +9,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from pipeline.errors import ConfigError
+from pipeline.core.errors import ConfigError
 from trainer.cli import main
 from trainer.config import (CacheTeacherConfig, EvalConfig, ExportConfig, ShardConfig, TrainConfig, command_config,
                             from_dict, make_config, resolve_train, to_dict)

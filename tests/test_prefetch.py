@@ -1,4 +1,4 @@
-"""Batches made ahead in a thread (pipeline/prefetch.py) and where the torch backend decodes (loader)."""
+"""Batches made ahead in a thread (pipeline/reader/prefetch.py) and where the torch backend decodes (loader)."""
 from __future__ import annotations
 
 import threading
@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.batch import Batch
-from pipeline.errors import ConfigError, CorruptSampleError
-from pipeline.loader import CPU_DECODE_MIN_CORES, ImageNet100Loader, choose_decode_device
-from pipeline.prefetch import prefetch
-from pipeline.shards import ShardOptions, build_shards
-from pipeline.synthetic import make_imagenet_tree
+from pipeline.core.batch import Batch
+from pipeline.core.errors import ConfigError, CorruptSampleError
+from pipeline.reader.loader import CPU_DECODE_MIN_CORES, ImageNet100Loader, choose_decode_device
+from pipeline.reader.prefetch import prefetch
+from pipeline.shards.writer import ShardOptions, build_shards
+from pipeline.sources.synthetic import make_imagenet_tree
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from trainer import report as rep
+from trainer.report import build as rep
 from trainer.cli import main
-from trainer.report_teacher import sample_kinds
+from trainer.report.teacher import sample_kinds
 
 
 def _line(epoch, students, top1, top5, *, images=1000, t=10.0, w=None, ens=None, loss=1.0, val_images=200):
-    """One epoch's record as trainer/loop.py writes it."""
+    """One epoch's record as trainer/engine/loop.py writes it."""
     rec = {"epoch": epoch, "lr": 0.1, "images": images, "epoch_time_s": t, "images_per_s": images / t,
            "peak_mem_mb": 500.0 + epoch, "peak_mem_kind": "cpu_max_rss", "val_images": val_images, "teacher_val": None,
            "w_mean": w, "val_ensemble_top1": ens[0] if ens else top1[0], "val_ensemble_top5": ens[1] if ens else top5[0]}
@@ -96,7 +96,7 @@ def test_dual_below_kd_is_called_out(tmp_path):
 
 
 def _cache(path, logits, fingerprint=None):
-    from pipeline.teacher_cache import CacheLayout, TeacherCacheWriter
+    from pipeline.cache.store import CacheLayout, TeacherCacheWriter
 
     e, n, c = logits.shape
     w = TeacherCacheWriter.create(path, CacheLayout(epochs=e, num_samples=n, num_classes=c, chunk_n=n),
@@ -166,8 +166,8 @@ def test_cli_report(tmp_path, ladder):
 
 def test_teacher_statistics_split_clean_and_ambiguous(tmp_path):
     """With the learnable dataset's description, w is broken down by kind (ids found through the shards)."""
-    from pipeline.learnable import make_learnable_tree
-    from pipeline.shards import ShardOptions, build_shards
+    from pipeline.sources.learnable import make_learnable_tree
+    from pipeline.shards.writer import ShardOptions, build_shards
 
     wnids = ["n01749939", "n02488291", "n02869837"]
     tree = make_learnable_tree(tmp_path / "data", wnids, train_per_class=8, val_per_class=1, size=24,
@@ -268,7 +268,7 @@ def test_reused_views_and_departures_are_named_next_to_the_numbers(tmp_path):
 
 def test_table_four_counts_parameters_of_the_models_used(tmp_path):
     """Parameters from the models as built, with the class count from the cache; stand-ins named."""
-    from trainer.models import build_model
+    from trainer.engine.models import build_model
 
     _cache(tmp_path / "t.zarr", np.zeros((1, 4, 100), np.float32), {"teacher": "tiny_resnet"})
     run = make_run(tmp_path, "dual", "dual", ["tiny_cnn", "tiny_mobilenet"], [50.0, 40.0],
@@ -284,7 +284,7 @@ def test_table_four_counts_parameters_of_the_models_used(tmp_path):
 
 
 def test_pick_extremes_takes_each_sample_once():
-    from trainer.report_views import pick_extremes
+    from trainer.report.views import pick_extremes
 
     w = np.array([[0.9, 0.1, 0.5, 0.2], [0.95, 0.3, 0.6, 0.05]])
     most, least = pick_extremes(w, k=2)
@@ -294,12 +294,12 @@ def test_pick_extremes_takes_each_sample_once():
 
 def test_picture_of_confident_views_is_what_training_saw(tmp_path):
     """The report's views come from the cache's seed, spec and epoch: the same pixels as the training loader's."""
-    from pipeline.augment import AugSpec
-    from pipeline.learnable import make_learnable_tree
-    from pipeline.loader import ImageNet100Loader
-    from pipeline.shards import ShardOptions, build_shards, manifest_sha256
-    from pipeline.teacher_cache import cache_fingerprint
-    from trainer.report_views import render_views
+    from pipeline.core.augment import AugSpec
+    from pipeline.sources.learnable import make_learnable_tree
+    from pipeline.reader.loader import ImageNet100Loader
+    from pipeline.shards.writer import ShardOptions, build_shards, manifest_sha256
+    from pipeline.cache.store import cache_fingerprint
+    from trainer.report.views import render_views
 
     wnids = ["n01749939", "n02488291", "n02869837"]
     make_learnable_tree(tmp_path / "data", wnids, train_per_class=8, val_per_class=1, size=24, seed=0)

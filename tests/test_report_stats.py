@@ -1,11 +1,11 @@
-"""The report's statistics (trainer/report_stats.py) against textbook values and hand computations."""
+"""The report's statistics (trainer/report/stats.py) against textbook values and hand computations."""
 from __future__ import annotations
 
 import math
 
 import pytest
 
-from trainer import report_stats as st
+from trainer.report import stats as st
 
 
 def test_mean_sd_uses_n_minus_one():

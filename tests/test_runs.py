@@ -15,11 +15,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.errors import BusyError, ConfigError
+from pipeline.core.errors import BusyError, ConfigError
 from test_loop import FakeLoader, seeded_teacher, tiny_config
 from trainer.cli import main
-from trainer.loop import run_training
-from trainer.rundir import RunDir
+from trainer.engine.loop import run_training
+from trainer.engine.rundir import RunDir
 
 WNIDS = ["n02869837", "n01749939", "n02488291", "n02107142"]
 COMMON = ["--image-size", "32", "--batch-size", "16", "--backend", "torch", "--num-workers", "0", "--device", "cpu",
@@ -42,8 +42,8 @@ def one_line_error(code_output, code: int = 1) -> str:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from pipeline.learnable import make_learnable_tree
-    from pipeline.shards import ShardOptions, build_shards
+    from pipeline.sources.learnable import make_learnable_tree
+    from pipeline.shards.writer import ShardOptions, build_shards
 
     root = tmp_path_factory.mktemp("runs_data")
     make_learnable_tree(root / "tree", WNIDS, train_per_class=8, val_per_class=2, size=40, ambiguous_share=0.0)
@@ -56,7 +56,7 @@ def corrupt_copy(shards, dest, split: str = "train", sample: int = 5):
     """A copy of the shards whose `sample` of `split` no longer decodes (its JPEG header zeroed in the tar)."""
     import shutil
 
-    from pipeline.index import ShardIndex
+    from pipeline.reader.index import ShardIndex
 
     shutil.copytree(shards, dest)
     idx = ShardIndex(dest, split)
@@ -86,7 +86,7 @@ def test_a_second_run_into_the_same_directory_is_refused_while_the_first_runs(tm
 
 HOLDER = textwrap.dedent("""
     import sys
-    from pipeline.locks import exclusive_lock
+    from pipeline.core.locks import exclusive_lock
     with exclusive_lock(sys.argv[1] + "/.kdpipe.lock", "run directory"):
         print("locked", flush=True)
         sys.stdin.readline()
@@ -118,7 +118,7 @@ def test_safetensors_export_loads_into_torchvision_and_gives_the_checkpoints_log
     import torchvision
     from safetensors.torch import load_file
 
-    from trainer.checkpoint import LAST, load_checkpoint, load_safetensors_weights
+    from trainer.engine.checkpoint import LAST, load_checkpoint, load_safetensors_weights
 
     cfg = tiny_config(tmp_path, "dual", ("resnet18", "mobilenet_v2"), epochs=1)
     run_training(cfg, FakeLoader(num_samples=32), FakeLoader(num_samples=16, seed=99), classes=FakeLoader().classes,
@@ -161,7 +161,7 @@ def test_tensorboard_without_the_extra_names_it(tmp_path, monkeypatch):
 
 
 def test_a_hard_run_given_the_cache_repeats_its_views_like_the_cached_rungs(shards):
-    from pipeline.loader import ImageNet100Loader
+    from pipeline.reader.loader import ImageNet100Loader
 
     loader = ImageNet100Loader(shards, "train", 8, num_workers=0, device="cpu", view_epochs=3)
     assert [loader.aug_epoch(e) for e in range(7)] == [0, 1, 2, 0, 1, 2, 0]
@@ -188,8 +188,8 @@ def test_a_corrupt_sample_stops_training_naming_it_or_is_skipped_and_recorded(sh
 
 
 def test_cache_teacher_skip_corrupt_stores_no_teacher_signal_and_lists_the_sample(shards, tmp_path):
-    from pipeline.teacher_cache import TeacherCache
-    from trainer.models import build_model
+    from pipeline.cache.store import TeacherCache
+    from trainer.engine.models import build_model
 
     bad = corrupt_copy(shards, tmp_path / "bad")
     torch.save(build_model("tiny_cnn", 4).state_dict(), tmp_path / "t.pt")
@@ -205,7 +205,7 @@ def test_cache_teacher_skip_corrupt_stores_no_teacher_signal_and_lists_the_sampl
 
 
 def test_cache_teacher_option_and_teacher_errors(shards, tmp_path):
-    from trainer.models import build_model
+    from trainer.engine.models import build_model
 
     torch.save(build_model("tiny_cnn", 10).state_dict(), tmp_path / "ten.pt")
     base = ["cache-teacher", "--shards", shards, "--teacher", "tiny_cnn", "--out", tmp_path / "c.zarr",
@@ -239,12 +239,12 @@ def test_damaged_or_unsafe_checkpoints_are_one_clear_line(shards, tmp_path):
 
 
 def test_a_full_disk_is_one_line_naming_the_path(shards, tmp_path, monkeypatch):
-    import trainer.train_job
+    import trainer.jobs.train
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "metrics.jsonl"))
 
-    monkeypatch.setattr(trainer.train_job, "train", full)
+    monkeypatch.setattr(trainer.jobs.train, "train", full)
     out = one_line_error(cli("train", "--shards", shards, "--out", tmp_path / "run"))
     assert f"no space left on the device writing {tmp_path / 'run' / 'metrics.jsonl'}" in out
     assert "rerun the same command" in out
@@ -281,7 +281,7 @@ def test_export_without_the_extra_names_it(tmp_path, monkeypatch):
 
 
 def test_a_report_into_a_run_being_trained_is_refused(tmp_path):
-    from pipeline.locks import exclusive_lock
+    from pipeline.core.locks import exclusive_lock
 
     run = tmp_path / "run"
     with exclusive_lock(run / ".kdpipe.lock", "run directory"):  # as a training job holds it
@@ -307,7 +307,7 @@ def test_kill_9_then_a_bare_resume_reproduces_the_uninterrupted_run(shards, tmp_
     import signal
     import time
 
-    from trainer.metrics import TIMING_FIELDS
+    from trainer.engine.metrics import TIMING_FIELDS
 
     args = ["train", "--shards", str(shards), "--mode", "hard", "--students", "tiny_cnn,tiny_mobilenet",
             "--epochs", "3", *map(str, COMMON), "--batch-size", "8"]

@@ -18,7 +18,7 @@ def read_tar(path):
 
 
 def test_tar_writer_is_byte_identical_to_tarfile(tmp_path):
-    from pipeline.shard_io import TarShardWriter
+    from pipeline.shards.tar_io import TarShardWriter
 
     members = [("00000000.jpg", b"\xff\xd8" + bytes(range(256)) * 7), ("00000000.cls", b"3"),
                ("00000000.json", b"{}"), ("00000000.i64", struct.pack("<q", 0)), ("00000001.jpg", b"x" * 512)]
@@ -34,7 +34,7 @@ def test_tar_writer_is_byte_identical_to_tarfile(tmp_path):
     assert ours == (tmp_path / "ref.tar").read_bytes() and nbytes == len(ours)
     import hashlib
 
-    from pipeline.digest import file_sha256
+    from pipeline.core.digest import file_sha256
 
     assert sha == file_sha256(tmp_path / "ours.tar", block=1000) == hashlib.sha256(ours).hexdigest()
     assert [m[1] for m in read_tar(tmp_path / "ours.tar")] == offsets
@@ -42,8 +42,8 @@ def test_tar_writer_is_byte_identical_to_tarfile(tmp_path):
 
 
 def test_prepare_image_paths(tmp_path):
-    from pipeline.shard_image import jpeg_frame, prepare_image
-    from pipeline.synthetic import jpeg_bytes, synth_image
+    from pipeline.shards.image import jpeg_frame, prepare_image
+    from pipeline.sources.synthetic import jpeg_bytes, synth_image
 
     img = synth_image(np.random.default_rng(0), 30, 40)
     base = jpeg_bytes(img)
@@ -64,7 +64,7 @@ def test_prepare_image_paths(tmp_path):
 
 
 def test_ordered_map_keeps_order_and_bounds_work():
-    from pipeline.procs import ordered_map
+    from pipeline.core.procs import ordered_map
 
     pulled = []
 
@@ -85,9 +85,9 @@ def _double_chunk(xs):
 
 
 def test_sample_json_is_canonical():
-    from pipeline.imagenet import SourceFile
-    from pipeline.shard_image import Prepared
-    from pipeline.shards import sample_members
+    from pipeline.sources.imagenet import SourceFile
+    from pipeline.shards.image import Prepared
+    from pipeline.shards.writer import sample_members
 
     src = SourceFile('train/n01440764/we "ird" ä\\name.JPEG', "n01440764", 3)
     members = sample_members(7, src, Prepared(None, 10, 20, 5, 4294967295), b"\xff\xd8")
@@ -104,7 +104,7 @@ def _fail_on_13(xs):
 
 
 def test_ordered_map_worker_errors_and_early_close():
-    from pipeline.procs import WorkerError, ordered_map
+    from pipeline.core.procs import WorkerError, ordered_map
 
     with pytest.raises(WorkerError, match="ValueError: thirteen"):
         list(ordered_map(_fail_on_13, range(40), workers=2, chunk=4))
@@ -117,8 +117,8 @@ def test_ordered_map_worker_errors_and_early_close():
 
 
 def test_hash_process_matches_file_hash(tmp_path):
-    from pipeline.digest import file_sha256
-    from pipeline.shard_io import HashProcess
+    from pipeline.core.digest import file_sha256
+    from pipeline.shards.tar_io import HashProcess
 
     (tmp_path / "a").write_bytes(b"x" * 3_000_000)
     hasher = HashProcess()
@@ -132,7 +132,7 @@ def test_hash_process_hashes_a_growing_file_as_fed(tmp_path):
     """Feeds hash what is written so far; the digest adds the rest; forget drops a half-hashed file."""
     import hashlib
 
-    from pipeline.shard_io import HashProcess
+    from pipeline.shards.tar_io import HashProcess
 
     path = tmp_path / "growing"
     data = bytes(range(256)) * 40_000  # 10 MB, fed at odd offsets
@@ -158,7 +158,7 @@ def test_hash_process_hashes_a_growing_file_as_fed(tmp_path):
 def test_tar_writer_feeds_the_hasher_and_stays_byte_identical(tmp_path, monkeypatch):
     import hashlib
 
-    import pipeline.shard_io as sio
+    import pipeline.shards.tar_io as sio
 
     monkeypatch.setattr(sio, "HASH_FEED", 3000)  # feed (and start writeback) every few samples
     members = [(f"{k:08d}.jpg", bytes([k]) * (700 + 13 * k)) for k in range(20)]

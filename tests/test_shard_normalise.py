@@ -1,5 +1,5 @@
 """Issue 18, invariant 3: every image as verify sees it. `kdpipe shard` applies the acceptance rule of `verify` and
-of every backend (`pipeline.shard_image.jpeg_problem`), so no backend reads a stored file differently; a resumed
+of every backend (`pipeline.shards.image.jpeg_problem`), so no backend reads a stored file differently; a resumed
 `shard` notices sources that changed; every file it writes stays parseable whatever the file names hold."""
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ import torch
 from click.testing import CliRunner
 from PIL import Image, ImageOps
 
-from pipeline.augment import AugSpec
-from pipeline.index import ShardIndex, read_manifest
-from pipeline.names import read_tsv
-from pipeline.synthetic import synth_image
+from pipeline.core.augment import AugSpec
+from pipeline.reader.index import ShardIndex, read_manifest
+from pipeline.core.names import read_tsv
+from pipeline.sources.synthetic import synth_image
 from trainer.cli import main
 
 from clitools import cli
@@ -75,8 +75,8 @@ def sample_of(shards: Path, split: str, rel: str) -> int:
 
 
 def views(backend_name: str, shards: Path, split: str) -> torch.Tensor:
-    from pipeline.backends.dali_backend import DaliBackend
-    from pipeline.backends.torch_backend import TorchBackend
+    from pipeline.reader.backends.dali_backend import DaliBackend
+    from pipeline.reader.backends.torch_backend import TorchBackend
 
     cls = DaliBackend if backend_name == "dali" else TorchBackend
     idx = ShardIndex(shards, split)
@@ -129,9 +129,9 @@ def test_training_through_the_cli_reads_the_rotated_shards_with_either_backend(r
 
 def test_verify_names_a_stored_jpeg_that_backends_would_read_differently(tmp_path, monkeypatch):
     """Shards written before the rule (simulated: the rule switched off while writing) are flagged by verify."""
-    import pipeline.shard_image as si
-    from pipeline.shards import ShardOptions, build_shards
-    from pipeline.imagefolder import discover_imagefolder
+    import pipeline.shards.image as si
+    from pipeline.shards.writer import ShardOptions, build_shards
+    from pipeline.sources.imagefolder import discover_imagefolder
 
     tree = tree_with_rotated(tmp_path / "tree")
     monkeypatch.setattr(si, "jpeg_problem", lambda frame: "")
@@ -145,7 +145,7 @@ def test_verify_names_a_stored_jpeg_that_backends_would_read_differently(tmp_pat
 
 
 def test_sixteen_bit_png_and_the_pixel_limit(tmp_path, monkeypatch):
-    import pipeline.shard_image as si
+    import pipeline.shards.image as si
 
     ramp = (np.arange(32 * 40, dtype=np.uint32).reshape(32, 40) * 50).astype(np.uint16)  # 0 .. 63950
     save(tmp_path / "deep.png", Image.fromarray(ramp))
@@ -221,7 +221,7 @@ def test_a_change_that_shifts_later_finished_shards_is_refused_in_one_line(tmp_p
 
 
 def test_names_with_a_tab_a_newline_and_a_non_utf8_byte_keep_every_file_parseable(tmp_path):
-    from trainer.rundir import RunDir
+    from trainer.engine.rundir import RunDir
 
     tree = tree_with_rotated(tmp_path / "tree")
     odd = ["a\tb\nc.jpg", os.fsdecode(b"caf\xe9 \\x41.jpg")]

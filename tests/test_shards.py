@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.index import INDEX_DTYPE
-from pipeline.shards import OptionsMismatch, ShardOptions, build_shards, manifest_sha256, read_manifest
-from pipeline.synthetic import make_imagenet_tree
+from pipeline.reader.index import INDEX_DTYPE
+from pipeline.shards.writer import OptionsMismatch, ShardOptions, build_shards, manifest_sha256, read_manifest
+from pipeline.sources.synthetic import make_imagenet_tree
 
 OPTS = ShardOptions(shard_size=5)
 
@@ -173,8 +173,8 @@ def test_max_side_downscales(tmp_path, small_wnids):
 
 KILL_SCRIPT = """
 import os, signal, sys
-import pipeline.shard_io as io_, pipeline.shards as sh
-from pipeline.shards import ShardOptions, build_shards
+import pipeline.shards.tar_io as io_, pipeline.shards.writer as sh
+from pipeline.shards.writer import ShardOptions, build_shards
 mode, root, out, wnids = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].split(",")
 if mode == "mid_tar":  # die while the third shard is half written (2 of its samples)
     add = io_.TarShardWriter.add_sample
@@ -222,7 +222,7 @@ def test_resume_after_kill9_gives_identical_output(tmp_path, odd_tree, mode):
 
 
 def test_verify_names_bad_shards_and_samples(tmp_path, odd_tree):
-    from pipeline.shards import verify_shards
+    from pipeline.shards.writer import verify_shards
 
     out = tmp_path / "out"
     build(odd_tree, out)
@@ -280,7 +280,7 @@ def test_flat_val_layout_shards(tmp_path, small_wnids):
 
 
 def test_default_class_list_is_imagenet100(tmp_path):
-    from pipeline.classes import imagenet100_wnids
+    from pipeline.core.classes import imagenet100_wnids
 
     wnids = imagenet100_wnids()
     tree = make_imagenet_tree(tmp_path / "t", wnids, train_per_class=1, val_layout=None, size=(16, 16))
@@ -318,7 +318,7 @@ def test_second_writer_on_same_output_is_refused(tmp_path, small_wnids):
 
     tree = make_imagenet_tree(tmp_path / "t", small_wnids[:1], train_per_class=1, val_layout=None, size=(16, 16))
     holder = subprocess.Popen(  # another process holds the shard directory, as a running `kdpipe shard` does
-        [sys.executable, "-c", "import sys; from pipeline.locks import exclusive_lock\n"
+        [sys.executable, "-c", "import sys; from pipeline.core.locks import exclusive_lock\n"
          "with exclusive_lock(sys.argv[1], 'x'):\n    print('held', flush=True); sys.stdin.readline()",
          str(tmp_path / "out" / ".kdpipe-shard" / "lock")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:

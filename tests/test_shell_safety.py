@@ -1,7 +1,7 @@
 """Issue 18, invariant 4: untrusted strings never reach a shell. Shard names come from a manifest, which may come
-from a bucket someone else writes; they are restricted to a safe character set (`pipeline.index.check_shard_name`,
+from a bucket someone else writes; they are restricted to a safe character set (`pipeline.reader.index.check_shard_name`,
 used by every reader, local and remote), and every value put into a `pipe:` command is checked and quoted
-(`pipeline.remote.member_url`)."""
+(`pipeline.core.remote.member_url`)."""
 from __future__ import annotations
 
 import json
@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pipeline.errors import ShardFormatError
-from pipeline.index import check_shard_name
-from pipeline.remote import member_url
+from pipeline.core.errors import ShardFormatError
+from pipeline.reader.index import check_shard_name
+from pipeline.core.remote import member_url
 from trainer.cli import main
 
 WNIDS = ["n02869837", "n01749939"]
@@ -24,8 +24,8 @@ TRAIN = ["--mode", "hard", "--students", "tiny_cnn", "--epochs", "1", "--image-s
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Path:
-    from pipeline.shards import ShardOptions, build_shards
-    from pipeline.synthetic import make_imagenet_tree
+    from pipeline.shards.writer import ShardOptions, build_shards
+    from pipeline.sources.synthetic import make_imagenet_tree
 
     root = tmp_path_factory.mktemp("shell")
     make_imagenet_tree(root / "tree", WNIDS, train_per_class=4, val_per_class=2, size=(32, 40))

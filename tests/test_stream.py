@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.augment import AugSpec
-from pipeline.errors import ConfigError, RemoteReadError, ShardFormatError
-from pipeline.loader import ImageNet100Loader
-from pipeline.remote import RetryingStream, is_url, member_url
-from pipeline.stream import buffer_shuffle, needed_segments, stream_plan
+from pipeline.core.augment import AugSpec
+from pipeline.core.errors import ConfigError, RemoteReadError, ShardFormatError
+from pipeline.reader.loader import ImageNet100Loader
+from pipeline.core.remote import RetryingStream, is_url, member_url
+from pipeline.reader.stream import buffer_shuffle, needed_segments, stream_plan
 
 WNIDS = ["n02869837", "n01749939", "n02488291", "n02107142"]
 SPEC = AugSpec(image_size=32, val_resize=36)
@@ -27,8 +27,8 @@ SPEC = AugSpec(image_size=32, val_resize=36)
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     """42 train samples in 6 shards (the last one short), 8 val samples."""
-    from pipeline.shards import ShardOptions, build_shards
-    from pipeline.synthetic import make_imagenet_tree
+    from pipeline.shards.writer import ShardOptions, build_shards
+    from pipeline.sources.synthetic import make_imagenet_tree
 
     root = tmp_path_factory.mktemp("stream")
     make_imagenet_tree(root / "tree", WNIDS, train_per_class=10, val_per_class=2, size=(40, 48))
@@ -213,7 +213,7 @@ def test_a_dropped_connection_is_resumed_at_the_same_byte(shards, serve, ranges,
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_connection_that_keeps_dropping_is_an_error_not_a_short_epoch(shards, serve, monkeypatch, workers):
-    monkeypatch.setattr("pipeline.remote.time.sleep", lambda s: None)
+    monkeypatch.setattr("pipeline.core.remote.time.sleep", lambda s: None)
     url, srv = serve(shards, ranges=False)  # every retry starts over and dies at the same byte: no progress
     srv.drops["train-000002.tar"] = [99, 1500]
     stream = loader(url, drop_last=False, num_workers=workers)
@@ -260,10 +260,10 @@ def test_loader_rejects_backends_that_cannot_stream(shards, serve):
 def test_cli_cache_teacher_and_train_from_urls(shards, serve, tmp_path):
     from click.testing import CliRunner
 
-    from pipeline.teacher_cache import TeacherCache
-    from trainer.rundir import RunDir
+    from pipeline.cache.store import TeacherCache
+    from trainer.engine.rundir import RunDir
     from trainer.cli import main
-    from trainer.models import build_model
+    from trainer.engine.models import build_model
 
     def cli(*args):
         res = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
@@ -295,7 +295,7 @@ def test_unreachable_sources_are_one_line_errors(shards, serve, tmp_path):
     import subprocess
     import sys
 
-    from pipeline.teacher_cache import TeacherCache
+    from pipeline.cache.store import TeacherCache
 
     url, _ = serve(shards)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
@@ -315,8 +315,8 @@ def test_interrupted_and_resumed_streamed_run_matches_an_uninterrupted_one(shard
     from click.testing import CliRunner
 
     from trainer.cli import main
-    from trainer.metrics import TIMING_FIELDS
-    from trainer.rundir import RunDir
+    from trainer.engine.metrics import TIMING_FIELDS
+    from trainer.engine.rundir import RunDir
 
     def cli(*args):
         res = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)

@@ -1,6 +1,6 @@
 from PIL import Image
 
-from pipeline.synthetic import make_imagenet_tree
+from pipeline.sources.synthetic import make_imagenet_tree
 
 
 def test_tree_layout_folders(tmp_path, small_wnids):
@@ -15,7 +15,7 @@ def test_tree_layout_folders(tmp_path, small_wnids):
 
 
 def test_flat_val_uses_real_names(tmp_path, small_wnids):
-    from pipeline.classes import default_val_labels
+    from pipeline.core.classes import default_val_labels
 
     tree = make_imagenet_tree(tmp_path, small_wnids, train_per_class=1, val_per_class=3, val_layout="flat", size=(32, 32))
     labels = default_val_labels()

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.errors import CacheDamageError, CacheError, MissingDataError
-from pipeline.teacher_cache import (
+from pipeline.core.errors import CacheDamageError, CacheError, MissingDataError
+from pipeline.cache.store import (
     CacheLayout, CacheMismatchError, IncompleteCacheError, TeacherCache, TeacherCacheWriter,
     cache_fingerprint, entropy_and_weight, expand_topk, log_softmax, open_cache, topk_logprobs)
 
@@ -204,7 +204,7 @@ def test_expand_topk_keeps_tempered_distribution_when_the_tail_is_small():
 
 
 def test_cache_fingerprint_records_everything_views_depend_on():
-    from pipeline.augment import AugSpec
+    from pipeline.core.augment import AugSpec
 
     spec = AugSpec(image_size=64)
     fp = cache_fingerprint(manifest_sha256="m", wnids=["b", "a"], spec=spec, seed=3,

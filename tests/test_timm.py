@@ -6,9 +6,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.classes import imagenet1k_indices
-from pipeline.errors import CheckpointError, ConfigError
-from trainer.models import MODELS, build_model, head_names, is_model_name, load_weights
+from pipeline.core.classes import imagenet1k_indices
+from pipeline.core.errors import CheckpointError, ConfigError
+from trainer.engine.models import MODELS, build_model, head_names, is_model_name, load_weights
 
 timm = pytest.importorskip("timm")
 SMALL = "timm:test_resnet"  # ~0.37 M parameters at random init
@@ -67,9 +67,9 @@ def test_1k_head_is_not_sliced_for_classes_that_are_not_wnids(tmp_path):
 
 @pytest.mark.slow
 def test_cli_trains_caches_and_evaluates_timm_models(tmp_path, small_wnids):
-    from pipeline.shards import ShardOptions, build_shards
-    from pipeline.synthetic import make_imagenet_tree
-    from trainer.rundir import RunDir
+    from pipeline.shards.writer import ShardOptions, build_shards
+    from pipeline.sources.synthetic import make_imagenet_tree
+    from trainer.engine.rundir import RunDir
     from trainer.cli import main
 
     def cli(*args):

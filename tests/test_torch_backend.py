@@ -8,11 +8,11 @@ import torchvision.io as tio
 import torchvision.transforms.functional as TF
 import torchvision.transforms.v2 as T2
 
-from pipeline.augment import AugSpec, sample_params
-from pipeline.backends import cpu_views
-from pipeline.backends.cpu_views import colour_into, decode_region, train_view, val_view
-from pipeline.backends.torch_backend import aa_weights, augment_decoded, resize_batch
-from pipeline.synthetic import jpeg_bytes, synth_image
+from pipeline.core.augment import AugSpec, sample_params
+from pipeline.reader.backends import cpu_views as cpu_views
+from pipeline.reader.backends.cpu_views import colour_into, decode_region, train_view, val_view
+from pipeline.reader.backends.torch_backend import aa_weights, augment_decoded, resize_batch
+from pipeline.sources.synthetic import jpeg_bytes, synth_image
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
 W = np.array([0.299, 0.587, 0.114])
@@ -101,7 +101,7 @@ def test_validation_matches_torchvision(shape):
 def test_batched_resize_equals_interpolate_per_image(monkeypatch, budget):
     """The GPU path's two mat-muls reproduce interpolate(antialias=True) image by image, for shrinking,
     enlarging and a validation-style window of a larger resize."""
-    import pipeline.backends.torch_backend as tb
+    import pipeline.reader.backends.torch_backend as tb
 
     monkeypatch.setattr(tb, "PAD_BUDGET", budget)
     rng = np.random.default_rng(5)

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.shards import ShardOptions, build_shards
-from pipeline.synthetic import make_imagenet_tree
+from pipeline.shards.writer import ShardOptions, build_shards
+from pipeline.sources.synthetic import make_imagenet_tree
 
 CHILD = textwrap.dedent("""
     import os, sys, time
-    from pipeline.augment import AugSpec
-    from pipeline.loader import ImageNet100Loader
+    from pipeline.core.augment import AugSpec
+    from pipeline.reader.loader import ImageNet100Loader
 
     loader = ImageNet100Loader(sys.argv[1], "train", 2, backend="torch", device="cpu", num_workers=2,
                                spec=AugSpec(image_size=16), normalize=False)
@@ -72,8 +72,8 @@ def test_batches_held_by_the_caller_are_never_overwritten(tmp_path, normalize):
     batches than the ring has slots keeps them all intact (and equal to the in-process path)."""
     import torch
 
-    from pipeline.augment import AugSpec
-    from pipeline.loader import ImageNet100Loader
+    from pipeline.core.augment import AugSpec
+    from pipeline.reader.loader import ImageNet100Loader
 
     wnids = ["n02869837", "n01749939"]
     make_imagenet_tree(tmp_path / "tree", wnids, train_per_class=13, val_per_class=0, val_layout=None,

@@ -9,8 +9,8 @@ import torch
 from click.testing import CliRunner
 
 from trainer.cli import main
-from trainer.metrics import TIMING_FIELDS as TIMING
-from trainer.rundir import RunDir
+from trainer.engine.metrics import TIMING_FIELDS as TIMING
+from trainer.engine.rundir import RunDir
 
 WNIDS = ["n02869837", "n01749939", "n02488291", "n02107142"]
 
@@ -23,8 +23,8 @@ COMMON = ["--image-size", "32", "--batch-size", "16", "--backend", "torch", "--n
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from pipeline.learnable import make_learnable_tree
-    from pipeline.shards import ShardOptions, build_shards
+    from pipeline.sources.learnable import make_learnable_tree
+    from pipeline.shards.writer import ShardOptions, build_shards
 
     root = tmp_path_factory.mktemp("data")
     make_learnable_tree(root / "tree", WNIDS, train_per_class=16, val_per_class=4, size=40, ambiguous_share=0.0)
@@ -109,7 +109,7 @@ def test_bad_input_gives_clear_errors(shards, teacher, tmp_path):
     assert "needs a teacher" in cli_error("train", "--out", tmp_path / "a", "--mode", "kd", "--students",
                                           "tiny_cnn", *base)
     torch.manual_seed(0)
-    from trainer.models import build_model
+    from trainer.engine.models import build_model
     torch.save(build_model("tiny_resnet", 10).state_dict(), tmp_path / "ten.pt")
     out = cli_error("train", "--out", tmp_path / "b", "--mode", "kd", "--students", "tiny_cnn", "--teacher",
                     "tiny_resnet", "--teacher-weights", tmp_path / "ten.pt", *base)
@@ -121,7 +121,7 @@ def test_bad_input_gives_clear_errors(shards, teacher, tmp_path):
 
 @pytest.mark.slow
 def test_training_from_a_teacher_cache(shards, teacher, tmp_path):
-    from trainer.cache_teacher import CacheTeacherConfig, cache_teacher
+    from trainer.jobs.cache_teacher import CacheTeacherConfig, cache_teacher
 
     store = tmp_path / "teacher.zarr"
     cache_teacher(CacheTeacherConfig(shards=str(shards), out=str(store), teacher="tiny_resnet",

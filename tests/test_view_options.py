@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.augment import AugSpec, sample_params
+from pipeline.core.augment import AugSpec, sample_params
 from trainer.config import ViewConfig
 
 from clitools import cli, error_line
@@ -24,9 +24,9 @@ CACHE = ["--teacher", "tiny_cnn", "--epochs", "1", "--image-size", "24", "--batc
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    from pipeline.shards import ShardOptions, build_shards
-    from pipeline.synthetic import make_imagenet_tree
-    from trainer.models import build_model
+    from pipeline.shards.writer import ShardOptions, build_shards
+    from pipeline.sources.synthetic import make_imagenet_tree
+    from trainer.engine.models import build_model
 
     root = tmp_path_factory.mktemp("views")
     make_imagenet_tree(root / "tree", WNIDS, train_per_class=4, val_per_class=2, size=(40, 56))
@@ -37,16 +37,16 @@ def data(tmp_path_factory) -> Path:
 
 
 def test_a_run_records_its_view_and_trains_with_it(data, tmp_path, monkeypatch):
-    import pipeline.loader  # the job imports the loader class from it at call time
+    import pipeline.reader.loader  # the job imports the loader class from it at call time
 
     specs = []
-    real = pipeline.loader.ImageNet100Loader
+    real = pipeline.reader.loader.ImageNet100Loader
 
     def spy(*a, **k):
         specs.append(k["spec"])
         return real(*a, **k)
 
-    monkeypatch.setattr(pipeline.loader, "ImageNet100Loader", spy)
+    monkeypatch.setattr(pipeline.reader.loader, "ImageNet100Loader", spy)
     run = tmp_path / "run"
     cli("train", "--shards", data / "shards", "--out", run, *TRAIN, "--flip-p", "0", "--crop-scale", "0.9", "1.0",
         "--brightness", "0", code=0)
@@ -69,7 +69,7 @@ def test_the_view_fields_change_the_views_and_defaults_stay_imagenets():
 
 
 def test_the_pixels_follow_the_flip_option(data):
-    from pipeline.loader import ImageNet100Loader
+    from pipeline.reader.loader import ImageNet100Loader
 
     def views(flip_p: float) -> torch.Tensor:
         view = ViewConfig(flip_p=flip_p, brightness=0.0, contrast=0.0, saturation=0.0)
@@ -111,7 +111,7 @@ def test_a_config_file_view_is_checked_like_the_flags(data, tmp_path):
 
 
 def test_a_cache_made_with_other_view_values_is_refused_naming_the_field(data, tmp_path):
-    from pipeline.teacher_cache import TeacherCache
+    from pipeline.cache.store import TeacherCache
 
     store = tmp_path / "c.zarr"
     cli("cache-teacher", "--shards", data / "shards", "--out", store, "--teacher-weights", data / "teacher.pt", *CACHE,

@@ -36,9 +36,9 @@ def sync(device: torch.device) -> None:
 
 
 def make_data(root: Path, per_class: int, teacher: str) -> tuple[Path, Path]:
-    from pipeline.shards import build_shards
-    from pipeline.synthetic import make_imagenet_tree
-    from trainer.models import build_model
+    from pipeline.shards.writer import build_shards
+    from pipeline.sources.synthetic import make_imagenet_tree
+    from trainer.engine.models import build_model
 
     make_imagenet_tree(root / "tree", WNIDS, train_per_class=per_class, val_per_class=1, size=(375, 500))
     build_shards(root / "tree", root / "shards", classes=WNIDS, progress=False)
@@ -48,10 +48,10 @@ def make_data(root: Path, per_class: int, teacher: str) -> tuple[Path, Path]:
 
 def bench_job(args, root: Path, device: torch.device) -> None:
     """cache-teacher (decode + augment + teacher + store) vs the teacher alone on the same batches."""
-    from pipeline.augment import AugSpec
-    from pipeline.loader import ImageNet100Loader
-    from trainer.cache_teacher import CacheTeacherConfig, cache_teacher
-    from trainer.runtime import load_teacher, precision_dtype, precision_name, teacher_forward
+    from pipeline.core.augment import AugSpec
+    from pipeline.reader.loader import ImageNet100Loader
+    from trainer.jobs.cache_teacher import CacheTeacherConfig, cache_teacher
+    from trainer.engine.runtime import load_teacher, precision_dtype, precision_name, teacher_forward
 
     shards, weights = make_data(root, args.per_class, args.teacher)
     cfg = CacheTeacherConfig(shards=str(shards), out=str(root / "job.zarr"), teacher_weights=str(weights),
@@ -95,10 +95,10 @@ def bench_job(args, root: Path, device: torch.device) -> None:
 
 def bench_step(args, root: Path, device: torch.device) -> None:
     """Training step with the online teacher vs with cached logits; lookup cost vs the step."""
-    from pipeline.teacher_cache import CacheLayout, TeacherCache, TeacherCacheWriter
+    from pipeline.cache.store import CacheLayout, TeacherCache, TeacherCacheWriter
     from trainer.config import make_config
-    from trainer.step import Distiller
-    from trainer.models import build_model
+    from trainer.engine.step import Distiller
+    from trainer.engine.models import build_model
 
     c, b = len(WNIDS), args.batch_size
     cfg = make_config("dual", None, epochs=1, batch_size=b, image_size=args.image_size, device=str(device))
@@ -173,7 +173,7 @@ def bench_step(args, root: Path, device: torch.device) -> None:
 
 def bench_bytes(root: Path) -> None:
     """Bytes per sample-epoch on disk, ImageNet-100 shape, teacher-like logits (normal, sd 3)."""
-    from pipeline.teacher_cache import CacheLayout, TeacherCacheWriter
+    from pipeline.cache.store import CacheLayout, TeacherCacheWriter
 
     n, rng = 16_384, np.random.default_rng(1)
     for classes, topk in ((100, 0), (1000, 0), (1000, 10)):

@@ -47,10 +47,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
 
-    from pipeline.augment import AugSpec
-    from pipeline.backends.dali_backend import DaliBackend
-    from pipeline.backends.torch_backend import TorchBackend
-    from pipeline.index import ShardIndex
+    from pipeline.core.augment import AugSpec
+    from pipeline.reader.backends.dali_backend import DaliBackend
+    from pipeline.reader.backends.torch_backend import TorchBackend
+    from pipeline.reader.index import ShardIndex
 
     index = ShardIndex(args.shards, "train")
     ids = np.arange(min(args.images, len(index)), dtype=np.int64)

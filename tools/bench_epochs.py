@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args(argv)
-    from pipeline.augment import AugSpec
-    from pipeline.loader import ImageNet100Loader
+    from pipeline.core.augment import AugSpec
+    from pipeline.reader.loader import ImageNet100Loader
 
     print(f"machine: {machine()}")
     with tempfile.TemporaryDirectory() as tmp:

@@ -28,11 +28,11 @@ WNIDS = ["n02869837", "n01749939", "n02488291", "n02107142"]
 
 def bench_jpeg(args) -> dict:
     """Per-image crc32 vs the training view (part 1)."""
-    from pipeline.augment import AugSpec, sample_params
-    from pipeline.backends.cpu_views import crop_box, decode_region, view_from_crop
-    from pipeline.index import ShardIndex
-    from pipeline.shards import ShardOptions, build_shards
-    from pipeline.synthetic import make_imagenet_tree
+    from pipeline.core.augment import AugSpec, sample_params
+    from pipeline.reader.backends.cpu_views import crop_box, decode_region, view_from_crop
+    from pipeline.reader.index import ShardIndex
+    from pipeline.shards.writer import ShardOptions, build_shards
+    from pipeline.sources.synthetic import make_imagenet_tree
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -76,8 +76,8 @@ def bench_jpeg(args) -> dict:
 
 def bench_cache(args) -> dict:
     """Checked vs plain load of one epoch slice (part 2)."""
-    from pipeline.cache_check import check_epoch
-    from pipeline.teacher_cache import CacheLayout, TeacherCacheWriter
+    from pipeline.cache.checks import check_epoch
+    from pipeline.cache.store import CacheLayout, TeacherCacheWriter
 
     n, classes = 126_689, 100
     with tempfile.TemporaryDirectory() as tmp:

@@ -50,8 +50,8 @@ def machine() -> str:
 
 def synth_shards(root: Path, images: int) -> Path:
     """Synthetic photo-like JPEGs of varied size, sharded (what the benchmark reads)."""
-    from pipeline.shards import ShardOptions, build_shards
-    from pipeline.synthetic import make_imagenet_tree
+    from pipeline.shards.writer import ShardOptions, build_shards
+    from pipeline.sources.synthetic import make_imagenet_tree
 
     per_class = -(-images // len(WNIDS))
     make_imagenet_tree(root / "tree", WNIDS, train_per_class=per_class, val_per_class=0, val_layout=None,
@@ -62,8 +62,8 @@ def synth_shards(root: Path, images: int) -> Path:
 
 def local_copy(url: str, out: Path) -> Path:
     """The train split of the shard directory at `url`, downloaded to `out` (the local path's input)."""
-    from pipeline.index import fetch_manifest
-    from pipeline.remote import RetryingStream, member_url, read_whole
+    from pipeline.reader.index import fetch_manifest
+    from pipeline.core.remote import RetryingStream, member_url, read_whole
 
     manifest = fetch_manifest(url)[0]
     out.mkdir(parents=True)
@@ -98,7 +98,7 @@ def http_server(shards: Path):
 
 def imagefolder_from_shards(shards: Path, out: Path, ids: np.ndarray) -> Path:
     """The same JPEG bytes as an ImageFolder tree (out/<wnid>/<id>.JPEG), for the reference."""
-    from pipeline.index import ShardIndex
+    from pipeline.reader.index import ShardIndex
 
     idx = ShardIndex(shards, "train")
     for i in ids.tolist():
@@ -124,8 +124,8 @@ def reference_batches(tree: Path, size: int, batch_size: int, workers: int):
 
 
 def kdpipe_batches(shards: Path, backend: str, size: int, batch_size: int, workers: int, epoch: int):
-    from pipeline.augment import AugSpec
-    from pipeline.loader import ImageNet100Loader
+    from pipeline.core.augment import AugSpec
+    from pipeline.reader.loader import ImageNet100Loader
 
     name, _, out = backend.partition(":")  # "torch:uint8": uint8 batches, no normalisation
     loader = ImageNet100Loader(shards, "train", batch_size, backend=name, device="cpu", num_workers=workers,
@@ -138,7 +138,7 @@ class DecodeOnly(torch.utils.data.Dataset):
     """Item k: read and fully decode the images of batch k, keep nothing (the ceiling's work)."""
 
     def __init__(self, shards: Path, chunks: list[np.ndarray]):
-        from pipeline.index import ShardIndex
+        from pipeline.reader.index import ShardIndex
 
         self.index, self.chunks = ShardIndex(shards, "train"), chunks
 
@@ -146,7 +146,7 @@ class DecodeOnly(torch.utils.data.Dataset):
         return len(self.chunks)
 
     def __getitem__(self, k: int) -> torch.Tensor:
-        from pipeline.backends.torch_backend import decode
+        from pipeline.reader.backends.torch_backend import decode
 
         for sid in self.chunks[k].tolist():
             decode(torch.frombuffer(bytearray(self.index.read(sid)), dtype=torch.uint8))
@@ -155,8 +155,8 @@ class DecodeOnly(torch.utils.data.Dataset):
 
 def decode_only_batches(shards: Path, batch_size: int, workers: int, epoch: int):
     """The ceiling: the ids kdpipe's loader reads in this epoch, batch by batch, decoded and dropped."""
-    from pipeline.augment import epoch_order
-    from pipeline.index import ShardIndex
+    from pipeline.core.augment import epoch_order
+    from pipeline.reader.index import ShardIndex
 
     ids = epoch_order(len(ShardIndex(shards, "train")), 0, epoch)
     chunks = [ids[i:i + batch_size] for i in range(0, len(ids) - batch_size + 1, batch_size)]
@@ -184,10 +184,10 @@ def stage_times(shards: Path, size: int, count: int) -> dict[str, dict[str, floa
     """Single-thread ms per image of each stage of both pipelines on the same images."""
     from PIL import Image
 
-    from pipeline.augment import AugSpec, sample_params
-    from pipeline.backends import cpu_views as cv
-    from pipeline.backends import torch_backend as tb
-    from pipeline.index import ShardIndex
+    from pipeline.core.augment import AugSpec, sample_params
+    from pipeline.reader.backends import cpu_views as cv
+    from pipeline.reader.backends import torch_backend as tb
+    from pipeline.reader.index import ShardIndex
 
     torch.set_num_threads(1)
     idx = ShardIndex(shards, "train")
@@ -244,7 +244,7 @@ def stage_times(shards: Path, size: int, count: int) -> dict[str, dict[str, floa
 
 def params_rate(n: int = 1_000_000) -> float:
     """sample_params samples/s on one core (best of 3)."""
-    from pipeline.augment import AugSpec, sample_params
+    from pipeline.core.augment import AugSpec, sample_params
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"machine: {machine()}; torch {torch.__version__}")
     print(f"sample_params: {params_rate() / 1e6:.2f} M samples/s on one core (target >= 1)")
     with tempfile.TemporaryDirectory(prefix="kdpipe-bench-loader-") as tmp:
-        from pipeline.remote import is_url
+        from pipeline.core.remote import is_url
 
         url, server = None, None  # the streamed path's source: --shards URL, or a local HTTP server
         if args.shards and is_url(args.shards):
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
             if "stream" in args.backends:
                 url, server = http_server(shards)
                 print(f"stream: {url} served by `python -m http.server` in its own process (it shares the cores)")
-        from pipeline.index import ShardIndex
+        from pipeline.reader.index import ShardIndex
 
         n_all = len(ShardIndex(shards, "train"))
         ids = np.arange(min(n_all, args.images))

@@ -28,8 +28,8 @@ import numpy as np
 
 def loader_rate(shards: Path, crop: int, batch: int, workers: int, epoch: int) -> float:
     """Training views per second over one epoch, after the first batch of each worker."""
-    from pipeline.augment import AugSpec
-    from pipeline.loader import ImageNet100Loader
+    from pipeline.core.augment import AugSpec
+    from pipeline.reader.loader import ImageNet100Loader
 
     loader = ImageNet100Loader(shards, "train", batch, backend="torch", device="cpu", num_workers=workers,
                                spec=AugSpec(image_size=crop), normalize=False)
@@ -47,9 +47,9 @@ def view_cpu_ms(shards: Path, crop: int, count: int = 256) -> float:
     """CPU ms (this thread) per training view of a worker's whole job: read, decode, crop, resize, colour."""
     import torch
 
-    from pipeline.augment import AugSpec
-    from pipeline.backends.torch_backend import BatchBuilder
-    from pipeline.index import ShardIndex
+    from pipeline.core.augment import AugSpec
+    from pipeline.reader.backends.torch_backend import BatchBuilder
+    from pipeline.reader.index import ShardIndex
 
     torch.set_num_threads(1)
     index = ShardIndex(shards, "train")
@@ -92,9 +92,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--photo-max-side", type=int, default=320)
     args = ap.parse_args(argv)
 
-    from pipeline.classes import imagenet100_wnids
-    from pipeline.learnable import make_learnable_tree
-    from pipeline.shards import ShardOptions, build_shards
+    from pipeline.core.classes import imagenet100_wnids
+    from pipeline.sources.learnable import make_learnable_tree
+    from pipeline.shards.writer import ShardOptions, build_shards
 
     with tempfile.TemporaryDirectory(prefix="kdpipe-max-side-") as tmp:
         root = Path(tmp)
@@ -130,8 +130,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def photos(root: Path, args: argparse.Namespace) -> None:
     """Loader views/s at 224 px on 500x375 photo-like JPEGs, passed through vs --photo-max-side."""
-    from pipeline.shards import ShardOptions, build_shards
-    from pipeline.synthetic import make_imagenet_tree
+    from pipeline.shards.writer import ShardOptions, build_shards
+    from pipeline.sources.synthetic import make_imagenet_tree
 
     wnids = ["n02869837", "n01749939", "n02488291", "n02107142"]
     make_imagenet_tree(root / "tree", wnids, train_per_class=-(-args.photos // 4), val_per_class=0, val_layout=None,

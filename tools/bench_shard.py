@@ -66,11 +66,11 @@ def main() -> None:
 
     from PIL import Image
 
-    from pipeline.classes import imagenet100_wnids
-    from pipeline.imagenet import discover
-    from pipeline.shard_image import encode_rgb_jpeg, prepare_image
-    from pipeline.shards import ShardOptions, build_shards
-    from pipeline.synthetic import make_imagenet_tree
+    from pipeline.core.classes import imagenet100_wnids
+    from pipeline.sources.imagenet import discover
+    from pipeline.shards.image import encode_rgb_jpeg, prepare_image
+    from pipeline.shards.writer import ShardOptions, build_shards
+    from pipeline.sources.synthetic import make_imagenet_tree
 
     work = Path(tempfile.mkdtemp(prefix="bench_shard_"))
     try:

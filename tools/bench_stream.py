@@ -21,8 +21,8 @@ import numpy as np
 
 def reader_cost(src: str, batch_size: int = 64) -> tuple[int, float, float]:
     """(images, wall seconds, reader CPU seconds) to read the train split of `src` in id order."""
-    from pipeline.index import RemoteIndex
-    from pipeline.stream import needed_segments, ordered_samples, pack
+    from pipeline.reader.index import RemoteIndex
+    from pipeline.reader.stream import needed_segments, ordered_samples, pack
 
     index = RemoteIndex(src, "train")
     ids = np.arange(len(index))
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(argv)
 
-    from pipeline.remote import is_url
+    from pipeline.core.remote import is_url
 
     sources, server = [args.shards], None
     if not is_url(args.shards):

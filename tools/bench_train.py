@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 
 from trainer.config import lr_factor, make_config
-from trainer.loop import StepLog
-from trainer.models import build_model
-from trainer.runtime import autocast, precision_dtype, resolve_device
-from trainer.step import Distiller, StepStats
+from trainer.engine.loop import StepLog
+from trainer.engine.models import build_model
+from trainer.engine.runtime import autocast, precision_dtype, resolve_device
+from trainer.engine.step import Distiller, StepStats
 
 
 def machine(device: torch.device) -> str:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.augment import AugSpec
-from pipeline.loader import ImageNet100Loader
+from pipeline.core.augment import AugSpec
+from pipeline.reader.loader import ImageNet100Loader
 
 PAPER_HOURS = 12.36  # 50-epoch dual-student run in the paper
 IMAGENET100_TRAIN = 126_689
@@ -71,9 +71,9 @@ def make_data(root: Path, sizes: Sizes) -> dict[str, Path]:
     """Two shard sets from one synthetic ImageNet tree of photo-sized JPEGs: "small" (per_class a class) and "big"
     (big_per_class a class). Samples beyond the generated ones are hard links to them (same bytes, own ids):
     decoding costs what it costs for distinct photos, and generating 20,000 JPEGs would take minutes."""
-    from pipeline.classes import imagenet100_wnids
-    from pipeline.shards import ShardOptions, build_shards
-    from pipeline.synthetic import make_imagenet_tree
+    from pipeline.core.classes import imagenet100_wnids
+    from pipeline.shards.writer import ShardOptions, build_shards
+    from pipeline.sources.synthetic import make_imagenet_tree
 
     wnids = imagenet100_wnids()[: sizes.classes]
     make_imagenet_tree(root / "gen", wnids, train_per_class=sizes.unique_per_class, val_per_class=1,
@@ -98,8 +98,8 @@ def make_data(root: Path, sizes: Sizes) -> dict[str, Path]:
 def distiller(num_classes: int, batch: int, device: torch.device, sizes: Sizes, *, online_teacher: bool,
               graphs: str = "off", mode: str = "dual"):
     from trainer.config import make_config
-    from trainer.models import build_model
-    from trainer.step import Distiller
+    from trainer.engine.models import build_model
+    from trainer.engine.step import Distiller
 
     cfg = make_config(mode, ("resnet18", "mobilenet_v2"), batch_size=batch, epochs=1, device=str(device),
                       amp="bf16" if device.type == "cuda" else "fp32", image_size=sizes.image_size,
@@ -120,7 +120,7 @@ def fake_batch(batch: int, num_classes: int, size: int, device: torch.device, se
 
 def with_graphs(d, on: bool) -> None:
     """Switch a Distiller between eager steps and a fresh CUDA graph (for measuring both on one model)."""
-    from trainer.graphed import GraphedStep
+    from trainer.engine.graphed import GraphedStep
 
     d.graphed = GraphedStep(d._compute, d.optimizers, d.device) if on else None
 
@@ -165,7 +165,7 @@ def _enqueue_seconds(fn, device: torch.device, steps: int) -> float:
 def check_graph_equal(num_classes: int, device: torch.device, sizes: Sizes) -> dict:
     """Eager and graphed steps from the same initial weights on the same batches (and dropout seeds): per-step
     losses, weights and BatchNorm statistics after N steps, within bf16 tolerance."""
-    from trainer.step import step_seed
+    from trainer.engine.step import step_seed
 
     if device.type != "cuda":
         return {"skipped": "CUDA graphs need a CUDA device"}
@@ -242,7 +242,7 @@ def epochs_rate(loader: ImageNet100Loader, device: torch.device, epochs: int) ->
 
 def bench_dali(shards: Path, device: torch.device, sizes: Sizes) -> dict:
     """The DALI backend's decode + augment rate, and its pixels against the torch backend's (same ids)."""
-    from pipeline.loader import dali_available
+    from pipeline.reader.loader import dali_available
 
     if not dali_available():
         return {"skipped": "nvidia-dali is not installed here"}
@@ -284,8 +284,8 @@ def bench_cache_teacher(shards: Path, work: Path, num_classes: int, device: torc
     """`cache-teacher` over the large set (the whole job, as a user runs it), against plain ResNet-50 inference on
     device-resident images. Run twice, for 1 and for `cache_epochs` augmentation epochs, into separate stores: the
     difference is the steady rate of the extra epochs, without the job's fixed costs (start, model, first batches)."""
-    from trainer.cache_teacher import CacheTeacherConfig, cache_teacher
-    from trainer.models import build_model
+    from trainer.jobs.cache_teacher import CacheTeacherConfig, cache_teacher
+    from trainer.engine.models import build_model
 
     weights = work / "teacher.pt"
     if not weights.is_file():
@@ -328,7 +328,7 @@ def bench_train_loop(shards: Path, cache: str, work: Path, device: torch.device,
     import json
 
     from trainer.config import make_config
-    from trainer.train_job import train
+    from trainer.jobs.train import train
 
     out = work / f"run-{batch}-{decode_device}-{graphs}"
     cfg = make_config("dual", ("resnet18", "mobilenet_v2"), shards=str(shards), out=str(out), teacher_cache=cache,

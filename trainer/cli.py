@@ -19,7 +19,7 @@ CONFIG_FILE = click.option("--config", "config_file", type=click.Path(exists=Tru
 
 
 class KdpipeGroup(click.Group):
-    """Turns the user and data errors of every command into one line (see pipeline/errors.py).
+    """Turns the user and data errors of every command into one line (see pipeline/core/errors.py).
 
     KdpipeError -> "Error: <one line>", exit 1 (ConfigError exits 2, like click's usage errors); a full disk, a
     read-only file system or a missing permission -> one line naming the path. `--debug` or KDPIPE_DEBUG=1 lets
@@ -28,7 +28,7 @@ class KdpipeGroup(click.Group):
     def invoke(self, ctx: click.Context):
         import errno
 
-        from pipeline.errors import KdpipeError, one_line
+        from pipeline.core.errors import KdpipeError, one_line
 
         try:
             return super().invoke(ctx)
@@ -79,7 +79,7 @@ def main(debug: bool) -> None:
     """kdpipe: uncertainty-aware dual-student knowledge distillation on ImageNet-100."""
     import os
 
-    from pipeline.errors import ConfigError
+    from pipeline.core.errors import ConfigError
 
     if debug_env() is None:
         raise ConfigError(f"KDPIPE_DEBUG={os.environ.get('KDPIPE_DEBUG')!r}: give 1, true, yes or on to show "
@@ -105,9 +105,9 @@ def main(debug: bool) -> None:
 def synth(out, classes_file, num_classes, train_per_class, val_per_class, val_layout, size, oddities, broken, seed,
           learnable, ambiguous_share):
     """Write a synthetic ImageNet tree in the real ILSVRC2012 layout (for tests, demos, benchmarks)."""
-    from pipeline.classes import load_class_list
-    from pipeline.errors import ConfigError
-    from pipeline.synthetic import make_imagenet_tree
+    from pipeline.core.classes import load_class_list
+    from pipeline.core.errors import ConfigError
+    from pipeline.sources.synthetic import make_imagenet_tree
 
     try:
         wnids = load_class_list(classes_file)
@@ -118,7 +118,7 @@ def synth(out, classes_file, num_classes, train_per_class, val_per_class, val_la
                           f"{len(wnids)} classes; give 1..{len(wnids)}")
     wnids = wnids[:num_classes]
     if learnable:
-        from pipeline.learnable import make_learnable_tree
+        from pipeline.sources.learnable import make_learnable_tree
 
         if oddities or broken or val_layout != "folders":
             raise click.UsageError("--learnable writes val as class folders and has no oddities or broken files")
@@ -142,17 +142,17 @@ def bench() -> None:
 # ---- commands are added below, one block per area (data, loader, train, cache, report, demo) ----
 
 
-# ---- data: ImageNet tree -> WebDataset shards, and their verification (pipeline/shards.py) ----
+# ---- data: ImageNet tree -> WebDataset shards, and their verification (pipeline/shards/writer.py) ----
 @main.command()
 @add_options(ShardConfig)
 def shard(**params):
     """Write ImageNet-100 (or --classes), or any class-folder tree (--imagefolder), as WebDataset shards +
     manifest + index. Resumable: rerun to continue."""
-    from pipeline.imagefolder import discover_imagefolder
-    from pipeline.imagenet import printable
-    from pipeline.shards import build_shards
+    from pipeline.sources.imagefolder import discover_imagefolder
+    from pipeline.sources.imagenet import printable
+    from pipeline.shards.writer import build_shards
 
-    from pipeline.outdir import refuse_inside
+    from pipeline.core.outdir import refuse_inside
 
     cfg = command_config(ShardConfig, given(ShardConfig, params))
     out = Path(cfg.out)
@@ -186,7 +186,7 @@ def verify(shards, cache, workers):
         raise click.UsageError("give --shards DIR, --cache STORE, or both")
     problems: dict[Path, int] = {}  # what was checked -> number of problems found
     if shards is not None:
-        from pipeline.shards import verify_shards
+        from pipeline.shards.writer import verify_shards
 
         result = verify_shards(shards, workers=workers, progress=True)
         problems[shards] = len(result.problems)
@@ -195,7 +195,7 @@ def verify(shards, cache, workers):
         if result.ok:
             click.echo(f"{shards}: {result.shards} shards, {result.samples} samples OK")
     if cache is not None:
-        from pipeline.teacher_cache import TeacherCache
+        from pipeline.cache.store import TeacherCache
 
         report = TeacherCache(cache, prefetch=False).verify()
         problems[cache] = len(report.problems())
@@ -211,7 +211,7 @@ def verify(shards, cache, workers):
                                    + ", ".join(str(p) for p, n in problems.items() if n))
 
 
-# ---- cache: teacher logits in a Zarr store (trainer/cache_teacher.py) ----
+# ---- cache: teacher logits in a Zarr store (trainer/jobs/cache_teacher.py) ----
 @main.command("cache-teacher")
 @add_options(CacheTeacherConfig)
 @CONFIG_FILE
@@ -220,7 +220,7 @@ def cache_teacher_cmd(config_file, **params):
 
     Resumable (rerun the same command after any interruption; damaged units are recomputed) and parallel
     under torchrun."""
-    from trainer.cache_teacher import cache_teacher
+    from trainer.jobs.cache_teacher import cache_teacher
 
     cfg = command_config(CacheTeacherConfig, given(CacheTeacherConfig, params),
                          read_config_file(config_file) if config_file else None)
@@ -228,7 +228,7 @@ def cache_teacher_cmd(config_file, **params):
     click.echo(f"teacher cache complete: {path}")
 
 
-# ---- report: the paper's tables and plots from runs' metrics (trainer/report.py) ----
+# ---- report: the paper's tables and plots from runs' metrics (trainer/report/build.py) ----
 @main.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
@@ -244,10 +244,10 @@ def cache_teacher_cmd(config_file, **params):
 def report(runs, out, teacher_run, low_w, learnable):
     """Write OUT/report.md (assumptions, Tables I-IV with verdicts, convergence, teacher uncertainty and its
     most/least confident views, accuracy per epoch) and PNG plots from RUNS; seeds of one mode are pooled."""
-    from pipeline.errors import KdpipeError
-    from pipeline.locks import exclusive_lock
-    from trainer.report import write_report
-    from trainer.report_teacher import read_description
+    from pipeline.core.errors import KdpipeError
+    from pipeline.core.locks import exclusive_lock
+    from trainer.report.build import write_report
+    from trainer.report.teacher import read_description
 
     if learnable is not None:  # a side input that cannot be read is refused before anything is written
         read_description(learnable)
@@ -261,7 +261,7 @@ def report(runs, out, teacher_run, low_w, learnable):
     click.echo(f"wrote {path}")
 
 
-# ---- train: dual-student distillation, evaluation, train-step benchmark (trainer/loop.py) ----
+# ---- train: dual-student distillation, evaluation, train-step benchmark (trainer/engine/loop.py) ----
 @main.command()
 @add_options(TrainConfig)
 @CONFIG_FILE
@@ -271,9 +271,9 @@ def report(runs, out, teacher_run, low_w, learnable):
               help="Stop (with a checkpoint) after N global steps.")
 def train(config_file, resume, stop_after_steps, **params):
     """Train one or more students (the paper: ResNet-18 + MobileNetV2) from a teacher on ImageNet-100 shards."""
-    from pipeline.errors import ConfigError, MissingDataError
+    from pipeline.core.errors import ConfigError, MissingDataError
     from trainer.config import resolve_train
-    from trainer.train_job import train as train_job
+    from trainer.jobs.train import train as train_job
 
     flags = given(TrainConfig, params)
     saved = None
@@ -282,7 +282,7 @@ def train(config_file, resume, stop_after_steps, **params):
             raise ConfigError("--resume continues from the run's own config.json: drop --config")
         if "out" not in flags:
             raise ConfigError("--resume needs --out RUN (the run directory to continue)")
-        from trainer.rundir import RunDir
+        from trainer.engine.rundir import RunDir
 
         RunDir(flags["out"]).is_run()  # a directory kdpipe did not write is refused before its files are read
         saved_file = Path(flags["out"]) / "config.json"
@@ -306,7 +306,7 @@ def train(config_file, resume, stop_after_steps, **params):
 @add_options(EvalConfig)
 def eval_cmd(**params):
     """Top-1 / top-5 on the val split for each student and their ensemble (mean of softmaxes)."""
-    from trainer.evaluate import eval_checkpoint, format_table
+    from trainer.engine.evaluate import eval_checkpoint, format_table
 
     cfg = command_config(EvalConfig, given(EvalConfig, params))
     path, names, result = eval_checkpoint(cfg)
@@ -318,7 +318,7 @@ def eval_cmd(**params):
 @add_options(ExportConfig)
 def export_cmd(**params):
     """Export a finished run's students (ONNX), each checked against PyTorch on one batch."""
-    from trainer.export import export_run
+    from trainer.jobs.export import export_run
 
     export_run(command_config(ExportConfig, given(ExportConfig, params)))
 
@@ -347,7 +347,7 @@ def bench_train(args):
     _run_tool("bench_train.py", args)
 
 
-# ---- demo: the whole pipeline on the built-in learnable dataset (trainer/demo.py) ----
+# ---- demo: the whole pipeline on the built-in learnable dataset (trainer/jobs/demo.py) ----
 @main.command()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo"), show_default=True,
               help="Directory for the data, shards, runs, teacher cache and report (rerun to resume).")
@@ -366,7 +366,7 @@ def demo(out, preset, tiny, backend, device, seeds):
     """Generate a learnable dataset, shard it, train a teacher, cache it, run hard -> kd -> uw-kd -> dual, report."""
     import dataclasses
 
-    from trainer.demo import PRESETS, run_demo
+    from trainer.jobs.demo import PRESETS, run_demo
 
     if tiny and preset not in (None, "tiny"):
         raise click.UsageError(f"--tiny is --preset tiny; it cannot go with --preset {preset}")

@@ -20,7 +20,7 @@ from typing import Any, Callable, Literal
 
 import click
 
-from pipeline.errors import ConfigError
+from pipeline.core.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -80,10 +80,10 @@ def _default_text(o: Option) -> str | None:
 
 
 class PathOrURL(click.Path):
-    """An existing local path, or a URL / pipe: spec passed through as is (read remotely: pipeline/remote.py)."""
+    """An existing local path, or a URL / pipe: spec passed through as is (read remotely: pipeline/core/remote.py)."""
 
     def convert(self, value, param, ctx):
-        from pipeline.remote import is_url
+        from pipeline.core.remote import is_url
 
         return value if is_url(value) else super().convert(value, param, ctx)
 

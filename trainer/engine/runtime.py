@@ -1,0 +1,118 @@
+"""What every job needs from the machine, written once: device choice, precision (autocast), torchrun set-up,
+the frozen teacher (loading and forward), file hashing and core counts. Used by train, cache-teacher and eval.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pipeline.core.errors import CheckpointError, ConfigError, KdpipeError
+from pipeline.core.digest import file_sha256
+from pipeline.core.procs import usable_cores
+
+__all__ = ["PRECISIONS", "resolve_device", "precision_dtype", "precision_name", "autocast", "dist_info",
+           "init_distributed", "barrier", "load_teacher", "teacher_forward", "file_sha256", "usable_cores"]
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """auto -> the CUDA device when there is one, else the CPU; a CUDA device without CUDA is a ConfigError."""
+    if str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"--device {name!r} is not a device (auto, cpu, cuda or cuda:N)") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name} asked for, but CUDA is not available here; use --device cpu")
+    return device
+
+
+def precision_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The compute dtype of a precision name. auto: bf16 on CUDA (no GradScaler needed), fp32 on the CPU
+    (CPU autocast is slower than fp32 there)."""
+    if name not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+def precision_name(dtype: torch.dtype) -> str:
+    """bf16 | fp16 | fp32 (the name recorded in fingerprints and reports)."""
+    return next(k for k, v in _DTYPES.items() if v == dtype)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None, cache: bool = True):
+    """autocast on the device for a low-precision dtype; a no-op context for fp32 or None. cache=False: no
+    cache of cast weights (required inside a CUDA graph capture)."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)
+
+
+# ---------------------------------------------------------------- torchrun
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world_size) of the joined process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: str | torch.device) -> tuple[torch.device, bool]:
+    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL with GPU LOCAL_RANK when the device is CUDA,
+    else gloo on the CPU. Returns the device this rank uses and whether this call created the group (the
+    caller destroys it)."""
+    device = resolve_device(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return device, False
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    return device, True
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+# ---------------------------------------------------------------- the teacher
+
+def load_teacher(name: str, weights: str | Path, classes: list[str], device: torch.device,
+                 channels_last: bool = True) -> nn.Module:
+    """The frozen teacher: `name` with len(classes) outputs, weights from a local file (see
+    trainer.engine.models.load_weights), eval mode, no grad, on `device`."""
+    from trainer.engine.models import build_model, load_weights
+
+    try:
+        model = build_model(name, len(classes))
+    except ValueError as e:
+        raise ConfigError(f"--teacher {name}: {e}") from e
+    try:
+        model = load_weights(model, weights, name=name, classes=classes)
+    except KdpipeError:
+        raise
+    except ValueError as e:  # the weights do not fit this teacher or these classes: the file's fault
+        raise CheckpointError(f"--teacher-weights {weights}: {e}") from e
+    model.eval().requires_grad_(False)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return model.to(device, memory_format=fmt)
+
+
+@torch.no_grad()
+def teacher_forward(model: nn.Module, images: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """float32 logits of a normalised NCHW batch already on the model's device, under autocast in `dtype`."""
+    with autocast(images.device, dtype):
+        return model(images).float()

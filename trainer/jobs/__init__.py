@@ -1,0 +1,1 @@
+"""The commands' jobs: train, cache-teacher, export, the demo and its teacher recipe."""

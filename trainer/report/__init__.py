@@ -1,0 +1,1 @@
+"""`kdpipe report`: tables, statistics, plots, teacher views, the assumptions table."""
