@@ -24,12 +24,9 @@ ARRAYS = ("logits", "weight", "entropy", "done")
 
 
 def make_shards(root: Path, per_class: int = 10, seed: int = 0, wnids: list[str] = WNIDS) -> Path:
-    from pipeline.shards.writer import build_shards
-    from pipeline.sources.synthetic import make_imagenet_tree
+    from conftest import build_tiny_shards
 
-    make_imagenet_tree(root / "tree", wnids, train_per_class=per_class, val_per_class=1, size=(40, 56), seed=seed)
-    build_shards(root / "tree", root / "shards", classes=wnids, workers=1, progress=False)
-    return root / "shards"
+    return build_tiny_shards(root, wnids, train_per_class=per_class, val_per_class=1, size=(40, 56), seed=seed)
 
 
 def save_teacher(path: Path, seed: int = 0) -> Path:

@@ -24,14 +24,10 @@ NO_COLOUR = AugSpec(image_size=32, val_resize=36, flip_p=0.0, brightness=0.0, co
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
+def shards(shared_shards):
     """A small shard directory: 4 classes, 24 train + 8 val JPEGs of 40..72 px sides."""
-    root = tmp_path_factory.mktemp("dali")
-    wnids = ["n02869837", "n01749939", "n02488291", "n02107142"]
-    make_imagenet_tree(root / "tree", wnids, train_per_class=6, val_per_class=2, size=(40, 72, 40, 72), seed=1)
-    build_shards(root / "tree", root / "shards", classes=wnids, options=ShardOptions(shard_size=10), workers=1,
-                 progress=False)
-    return root / "shards"
+    return shared_shards(wnids=["n02869837", "n01749939", "n02488291", "n02107142"], train_per_class=6,
+                         val_per_class=2, size=(40, 72, 40, 72), seed=1, shard_size=10)
 
 
 def dali(shards, split="train", spec=SPEC, normalize=False, dtype=torch.uint8, **kw):

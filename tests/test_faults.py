@@ -29,15 +29,9 @@ TRAIN = ["--students", "tiny_cnn", "--epochs", "1", "--image-size", "32", "--bat
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory) -> Path:
-    from pipeline.shards.writer import ShardOptions, build_shards
-    from pipeline.sources.synthetic import make_imagenet_tree
-
-    root = tmp_path_factory.mktemp("faults")
-    make_imagenet_tree(root / "tree", WNIDS, train_per_class=8, val_per_class=2, size=(40, 56))
-    build_shards(root / "tree", root / "shards", classes=WNIDS, options=ShardOptions(shard_size=8), workers=1,
-                 progress=False)
-    return root
+def built(shared_shards) -> Path:
+    """The shared tiny set's root: `tree` and `shards` (read-only: `shards` below is a private copy)."""
+    return shared_shards(wnids=WNIDS, train_per_class=8, val_per_class=2, size=(40, 56), shard_size=8).parent
 
 
 @pytest.fixture

@@ -28,14 +28,12 @@ TRAIN = ["--mode", "hard", "--students", "tiny_cnn", "--epochs", "1", "--image-s
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory) -> Path:
-    from pipeline.shards.writer import ShardOptions, build_shards
-    from pipeline.sources.synthetic import make_imagenet_tree
-
+def built(shared_shards, tmp_path_factory) -> Path:
+    """`shards` and `tree` (links to the shared tiny set: read-only), `classes.txt` and a `teacher.pt`."""
+    shards = shared_shards(wnids=WNIDS, train_per_class=8, val_per_class=2, size=(40, 56), shard_size=8)
     root = tmp_path_factory.mktemp("errors")
-    make_imagenet_tree(root / "tree", WNIDS, train_per_class=8, val_per_class=2, size=(40, 56))
-    build_shards(root / "tree", root / "shards", classes=WNIDS, options=ShardOptions(shard_size=8), workers=1,
-                 progress=False)
+    (root / "shards").symlink_to(shards, target_is_directory=True)
+    (root / "tree").symlink_to(shards.parent / "tree", target_is_directory=True)
     (root / "classes.txt").write_text("\n".join(WNIDS) + "\n")
     from trainer.engine.models import build_model
 

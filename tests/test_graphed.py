@@ -103,16 +103,9 @@ def test_load_state_dict_recaptures():
 
 
 @pytest.fixture(scope="module")
-def tiny_shards(tmp_path_factory):
-    from pipeline.shards.writer import ShardOptions, build_shards
-    from pipeline.sources.synthetic import make_imagenet_tree
-
-    root = tmp_path_factory.mktemp("graphed")
-    wnids = ["n02869837", "n01749939"]
-    make_imagenet_tree(root / "tree", wnids, train_per_class=8, val_per_class=2, size=(32, 40))
-    build_shards(root / "tree", root / "shards", classes=wnids, options=ShardOptions(shard_size=8), workers=1,
-                 progress=False)
-    return root / "shards"
+def tiny_shards(shared_shards):
+    return shared_shards(wnids=["n02869837", "n01749939"], train_per_class=8, val_per_class=2, size=(32, 40),
+                         shard_size=8)
 
 
 def _train_cli(shards, out, *extra):

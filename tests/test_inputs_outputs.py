@@ -39,20 +39,15 @@ def snapshot(d: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> dict[str, Path]:
-    """sh1 and sh1b: the same classes and counts, other images (other seeds); sh3: three classes; two teachers
-    (t1, t2: final weights of two tiny hard runs on sh1)."""
-    from pipeline.sources.learnable import make_learnable_tree
-    from pipeline.shards.writer import ShardOptions, build_shards
-
+def data(shared_shards, tmp_path_factory) -> dict[str, Path]:
+    """sh1 and sh1b: the same classes and counts, other images (other seeds); sh3: three classes (shared tiny
+    sets: read-only); two teachers (t1, t2: final weights of two tiny hard runs on sh1)."""
     root = tmp_path_factory.mktemp("io")
     out = {}
     for name, seed, wnids in (("sh1", 0, WNIDS), ("sh1b", 1, WNIDS), ("sh3", 0, WNIDS[:3])):
-        make_learnable_tree(root / f"tree-{name}", wnids, train_per_class=8, val_per_class=2, size=32,
-                            ambiguous_share=0.25, seed=seed)
-        build_shards(root / f"tree-{name}", root / name, classes=wnids, options=ShardOptions(shard_size=16),
-                     workers=1, progress=False)
-        out[name], out[f"tree-{name}"] = root / name, root / f"tree-{name}"
+        out[name] = shared_shards(wnids=wnids, train_per_class=8, val_per_class=2, size=32, shard_size=16, seed=seed,
+                                  learnable=True, ambiguous_share=0.25)
+        out[f"tree-{name}"] = out[name].parent / "tree"
     for t, seed in (("t1", 0), ("t2", 1)):
         cli("train", *TR, "--num-workers", "0", "--shards", out["sh1"], "--out", root / t, "--seed", seed)
         out[t] = root / t / "student0-tiny_cnn.pt"

@@ -11,20 +11,14 @@ from pipeline.core.augment import AugSpec
 from pipeline.core.batch import normalize_images
 from pipeline.core.errors import CorruptSampleError
 from pipeline.reader.loader import ImageNet100Loader
-from pipeline.shards.writer import ShardOptions, build_shards
-from pipeline.sources.synthetic import make_imagenet_tree
 
 SPEC = AugSpec(image_size=32, val_resize=36)  # small views keep the tests fast
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("loader")
-    wnids = ["n02869837", "n01749939", "n02488291", "n02107142"]
-    make_imagenet_tree(root / "tree", wnids, train_per_class=6, val_per_class=2, size=(40, 70, 40, 70))
-    build_shards(root / "tree", root / "shards", classes=wnids, options=ShardOptions(shard_size=7), workers=1,
-                 progress=False)
-    return root / "shards"
+def shards(shared_shards):
+    return shared_shards(wnids=["n02869837", "n01749939", "n02488291", "n02107142"], train_per_class=6,
+                         val_per_class=2, size=(40, 70, 40, 70), shard_size=7)
 
 
 def make(shards, split="train", **kw):

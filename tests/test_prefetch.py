@@ -11,8 +11,6 @@ from pipeline.core.batch import Batch
 from pipeline.core.errors import ConfigError, CorruptSampleError
 from pipeline.reader.loader import CPU_DECODE_MIN_CORES, ImageNet100Loader, choose_decode_device
 from pipeline.reader.prefetch import prefetch
-from pipeline.shards.writer import ShardOptions, build_shards
-from pipeline.sources.synthetic import make_imagenet_tree
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -76,13 +74,9 @@ def test_decode_device_choice():
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("prefetch")
-    wnids = ["n02869837", "n01749939", "n02488291"]
-    make_imagenet_tree(root / "tree", wnids, train_per_class=5, val_per_class=1, size=(40, 56))
-    build_shards(root / "tree", root / "shards", classes=wnids, options=ShardOptions(shard_size=6), workers=1,
-                 progress=False)
-    return root / "shards"
+def shards(shared_shards):
+    return shared_shards(wnids=["n02869837", "n01749939", "n02488291"], train_per_class=5, val_per_class=1,
+                         size=(40, 56), shard_size=6)
 
 
 @pytest.mark.parametrize("workers", [0, 1])

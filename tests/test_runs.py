@@ -41,15 +41,8 @@ def one_line_error(code_output, code: int = 1) -> str:
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from pipeline.sources.learnable import make_learnable_tree
-    from pipeline.shards.writer import ShardOptions, build_shards
-
-    root = tmp_path_factory.mktemp("runs_data")
-    make_learnable_tree(root / "tree", WNIDS, train_per_class=8, val_per_class=2, size=40, ambiguous_share=0.0)
-    build_shards(root / "tree", root / "shards", classes=WNIDS, options=ShardOptions(shard_size=16), workers=1,
-                 progress=False)
-    return root / "shards"
+def shards(shared_shards):
+    return shared_shards(wnids=WNIDS, train_per_class=8, val_per_class=2, size=40, shard_size=16, learnable=True)
 
 
 def corrupt_copy(shards, dest, split: str = "train", sample: int = 5):

@@ -22,15 +22,8 @@ COMMON = ["--image-size", "32", "--batch-size", "16", "--backend", "torch", "--n
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from pipeline.sources.learnable import make_learnable_tree
-    from pipeline.shards.writer import ShardOptions, build_shards
-
-    root = tmp_path_factory.mktemp("data")
-    make_learnable_tree(root / "tree", WNIDS, train_per_class=16, val_per_class=4, size=40, ambiguous_share=0.0)
-    build_shards(root / "tree", root / "shards", classes=WNIDS, options=ShardOptions(shard_size=32), workers=1,
-                 progress=False)
-    return root / "shards"
+def shards(shared_shards):
+    return shared_shards(wnids=WNIDS, train_per_class=16, val_per_class=4, size=40, shard_size=32, learnable=True)
 
 
 @pytest.fixture(scope="module")

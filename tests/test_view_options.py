@@ -23,15 +23,13 @@ CACHE = ["--teacher", "tiny_cnn", "--epochs", "1", "--image-size", "24", "--batc
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    from pipeline.shards.writer import ShardOptions, build_shards
-    from pipeline.sources.synthetic import make_imagenet_tree
+def data(shared_shards, tmp_path_factory) -> Path:
+    """`shards` (a link to a shared tiny set: read-only) and a `teacher.pt`."""
     from trainer.engine.models import build_model
 
     root = tmp_path_factory.mktemp("views")
-    make_imagenet_tree(root / "tree", WNIDS, train_per_class=4, val_per_class=2, size=(40, 56))
-    build_shards(root / "tree", root / "shards", classes=WNIDS, options=ShardOptions(shard_size=8), workers=1,
-                 progress=False)
+    shards = shared_shards(wnids=WNIDS, train_per_class=4, val_per_class=2, size=(40, 56), shard_size=8)
+    (root / "shards").symlink_to(shards, target_is_directory=True)
     torch.save(build_model("tiny_cnn", len(WNIDS)).state_dict(), root / "teacher.pt")
     return root
 
