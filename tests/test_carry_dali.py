@@ -1,16 +1,14 @@
 """tools/carry_dali.py: wheels cut into parts and rebuilt exactly, damage and missing parts named."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from tools import carry_dali as carry
+
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("carry_dali", ROOT / "tools" / "carry_dali.py")
-carry = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(carry)
 
 
 @pytest.fixture

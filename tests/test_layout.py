@@ -142,3 +142,13 @@ def test_every_public_name_of_pipeline_loads():
     code = "import pipeline; [getattr(pipeline, n) for n in pipeline.__all__]; print(len(pipeline.__all__))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert int(out.stdout) >= 10
+
+
+def test_kdpipe_bench_loads_the_tools_package():
+    from click.testing import CliRunner
+
+    from trainer.cli import main
+
+    res = CliRunner().invoke(main, ["bench", "train", "-h"])
+    assert res.exit_code == 0 and "usage:" in res.output and "--students" in res.output
+    assert "tools.bench_train" in sys.modules

@@ -177,13 +177,8 @@ def test_bf16_autocast_path_runs_on_cpu(tmp_path):
 
 
 def test_train_benchmark_runs_and_reports_its_ratios(capsys):
-    import importlib.util
-    from pathlib import Path
+    from tools import bench_train as bench
 
-    path = Path(__file__).resolve().parent.parent / "tools" / "bench_train.py"
-    spec = importlib.util.spec_from_file_location("bench_train", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     out = bench.main(["--students", "tiny_cnn,tiny_mobilenet", "--teacher", "tiny_cnn", "--image-size", "32",
                       "--batch-size", "8", "--num-classes", "10", "--steps", "1", "--warmup", "1", "--repeats", "2",
                       "--device", "cpu"])

@@ -17,10 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python tools/bench_epochs.py` from a checkout
 
-from bench_loader import machine, synth_shards  # noqa: E402
+from tools.bench_loader import machine, synth_shards  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -13,10 +13,13 @@ against local, is `kdpipe bench loader --backends torch,stream`.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python tools/bench_stream.py`: `tools` importable
 
 
 def reader_cost(src: str, batch_size: int = 64) -> tuple[int, float, float]:
@@ -44,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
 
     sources, server = [args.shards], None
     if not is_url(args.shards):
-        from bench_loader import http_server
+        from tools.bench_loader import http_server
 
         url, server = http_server(Path(args.shards))
         sources = [Path(args.shards).resolve().as_uri(), url]

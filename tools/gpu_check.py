@@ -27,9 +27,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare checkout (PYTHONPATH=.)
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import gpu_measure as gm  # noqa: E402
+from tools import gpu_measure as gm  # noqa: E402
 
 STAGES = ("decode", "dali", "geometry", "equal", "loss_falls", "steps", "cache_teacher", "train_loop", "profile",
           "compile")

@@ -324,16 +324,16 @@ def export_cmd(**params):
 
 
 def _run_tool(script: str, args: tuple[str, ...]) -> None:
-    """Run tools/<script>'s main(argv) from a source checkout (benchmarks are not installed)."""
-    import importlib.util
+    """Run the `tools` package's <script> main(argv) from a source checkout (benchmarks are not installed)."""
+    import importlib
+    import sys
 
-    path = Path(__file__).resolve().parent.parent / "tools" / script
-    if not path.is_file():
-        raise click.ClickException(f"{path} not found: `kdpipe bench` runs from a source checkout")
-    spec = importlib.util.spec_from_file_location(f"kdpipe_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.main(list(args))
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "tools" / "__init__.py").is_file():
+        raise click.ClickException(f"{root / 'tools'} not found: `kdpipe bench` runs from a source checkout")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    importlib.import_module(f"tools.{Path(script).stem}").main(list(args))
 
 
 _PASS_THROUGH = {"add_help_option": False,

@@ -489,7 +489,12 @@ def config_diff(saved: dict, current: Any, free: tuple[str, ...] = RESUME_FREE) 
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
-    """Linear warm-up to 1, then cosine decay to 0 at total_steps (evaluated per optimizer step)."""
+    """Linear warm-up to 1, then cosine decay to 0 at total_steps (evaluated per optimizer step).
+
+    torch's SequentialLR(LinearLR, CosineAnnealingLR) gives the same curve (tests/test_schedule.py) but by
+    multiplying factors step by step: over 100,000 steps only 1.3 % of its values were bit-equal to this closed
+    form (worst relative difference 4.7e-12), so a resumed run would not repeat an uninterrupted one exactly.
+    Closed form here; torch's LambdaLR applies it."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)

@@ -5,15 +5,20 @@ share seeds (a rung and the one before it), a paired Student-t 95 % confidence i
 differences, and a verdict from it. With one seed there is no seed-to-seed spread to measure, so each
 accuracy gets its binomial standard error on the validation set instead, and a change gets a normal
 interval from those two errors (validation noise only).
+
+Means, standard deviations and the normal quantile come from the standard library (`statistics`). It has no
+Student-t, and scipy (a ~40 MB dependency) would be here for one number, so `t_cdf`/`t_quantile` are a finite
+series and a bisection, checked against the printed tables (tests/test_report_stats.py).
 """
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 
 BETTER, WORSE, NOISE = "better", "worse", "within noise"
 ONE_SEED_BEYOND = "beyond val. noise (1 seed)"  # one seed: the interval excludes 0, seed noise unmeasured
-Z_975 = 1.959963984540054  # the standard normal's 97.5 % quantile
+Z_975 = statistics.NormalDist().inv_cdf(0.975)  # the standard normal's 97.5 % quantile, 1.95996...
 
 
 @dataclass(frozen=True)
@@ -35,11 +40,8 @@ def mean_sd(values: list[float]) -> tuple[float, float | None]:
     """Mean and sample standard deviation (n - 1 in the denominator; None for a single value)."""
     if not values:
         raise ValueError("mean_sd of no values")
-    n = len(values)
-    m = math.fsum(values) / n
-    if n == 1:
-        return m, None
-    return m, math.sqrt(math.fsum((v - m) ** 2 for v in values) / (n - 1))
+    m = statistics.fmean(values)
+    return m, (statistics.stdev(values, m) if len(values) > 1 else None)
 
 
 def binomial_se(acc_pct: float, n: int) -> float:
