@@ -313,5 +313,5 @@ def test_invalid_arguments_fail_fast(shards):
     if not torch.cuda.is_available():
         from pipeline.reader.backends.dali_backend import DaliBackend
 
-        with pytest.raises(RuntimeError, match="CUDA is not available"):
+        with pytest.raises(ConfigError, match="CUDA is not available"):
             DaliBackend(ShardIndex(shards, "train"), spec=SPEC, seed=0, train=True, device=torch.device("cuda"))

@@ -21,7 +21,7 @@ from pipeline.core.outdir import claim_dir
 
 from trainer.engine.checkpoint import final_weights_path, load_safetensors_weights
 from trainer.config import ExportConfig
-from trainer.engine.models import build_model
+from trainer.engine.models import rebuild_model
 
 EXPORT_MARKER = ".kdpipe-export"
 
@@ -39,10 +39,8 @@ def _require_onnx():
 def student_from_run(run: Path, index: int, name: str, num_classes: int) -> torch.nn.Module:
     """Student i of a finished run, rebuilt from its safetensors export (eval mode, CPU)."""
     path = final_weights_path(run, index, name, ".safetensors")
-    state, meta = load_safetensors_weights(path)
-    model = build_model(name, num_classes)
-    model.load_state_dict(state)
-    return model.eval()
+    state, _ = load_safetensors_weights(path)
+    return rebuild_model(name, num_classes, state, path=path)
 
 
 def export_run(cfg: ExportConfig) -> list[Path]:

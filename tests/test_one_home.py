@@ -1,0 +1,128 @@
+"""Issue 19 item 2: one home per concept. Each test pins the single definition and that its callers use it:
+device and precision (pipeline.core.device), collectives (trainer.engine.runtime), rebuilding a model
+(trainer.engine.models.rebuild_model), and `kdpipe eval` computing in the run's own --amp."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.core import device as core_device
+from pipeline.core.errors import CheckpointError, ConfigError
+
+from clitools import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def sources(*packages: str) -> dict[str, str]:
+    return {str(p.relative_to(ROOT)): p.read_text() for pkg in packages for p in (ROOT / pkg).rglob("*.py")}
+
+
+# ------------------------------------------------------------------------------------ device and precision
+
+def test_device_choice_names_the_flag_or_argument(monkeypatch):
+    assert core_device.resolve_device("cpu") == torch.device("cpu")
+    assert core_device.resolve_device(None).type in ("cpu", "cuda")
+    with pytest.raises(ConfigError, match=r"--device 'gpu0' is not a device"):
+        core_device.resolve_device("gpu0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert core_device.resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="--device cuda asked for, but CUDA is not available here; use --device cpu"):
+        core_device.resolve_device("cuda")
+    with pytest.raises(ConfigError, match="device='cuda:1' asked for, .* use device='cpu'"):
+        core_device.resolve_device("cuda:1", flag="device")
+
+
+def test_the_loader_takes_device_and_dtype_from_the_one_home(monkeypatch, tmp_path):
+    from pipeline.reader.loader import ImageNet100Loader
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="device='cuda' asked for"):  # before any file is read
+        ImageNet100Loader(tmp_path / "none", device="cuda")
+    with pytest.raises(ConfigError, match="dtype must be one of"):
+        ImageNet100Loader(tmp_path / "none", device="cpu", dtype=torch.int32)
+
+
+def test_precision_has_one_home():
+    from trainer import config
+    from trainer.engine import runtime
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert core_device.precision_dtype("auto", cpu) == torch.float32
+    assert core_device.precision_dtype("auto", cuda) == torch.bfloat16
+    assert [core_device.precision_dtype(p, cpu) for p in ("bf16", "fp16", "fp32")] == \
+        [torch.bfloat16, torch.float16, torch.float32]
+    assert [core_device.precision_name(d) for d in (torch.bfloat16, torch.float16, torch.float32)] == \
+        ["bf16", "fp16", "fp32"]
+    with pytest.raises(ConfigError, match="--amp must be one of auto, bf16, fp16, fp32, got 'fp8'"):
+        core_device.precision_dtype("fp8", cpu, flag="--amp")
+    assert config.Precision is core_device.Precision and runtime.PRECISIONS is core_device.PRECISIONS
+    assert runtime.precision_dtype is core_device.precision_dtype and runtime.resolve_device is \
+        core_device.resolve_device
+    assert core_device.check_dtype(None) == torch.float32
+
+
+# ------------------------------------------------------------------------------------ collectives
+
+def test_collectives_live_in_runtime_and_are_no_ops_without_a_group():
+    from trainer.engine.runtime import all_gather_list, all_reduce_sum_, dist_info
+
+    t = torch.tensor([1.0, 2.0])
+    all_reduce_sum_(t)
+    assert dist_info() == (0, 1) and t.tolist() == [1.0, 2.0] and all_gather_list([(1, "x")]) == [(1, "x")]
+    users = {f for f, text in sources("trainer").items() if "all_gather_object" in text or "all_reduce(" in text}
+    # step.py sums its own StepStats and broadcasts BatchNorm buffers (always inside a process group)
+    assert users <= {"trainer/engine/runtime.py", "trainer/engine/step.py"}, users
+
+
+# ------------------------------------------------------------------------------------ rebuilding a model
+
+def test_rebuild_model_is_the_one_way_back_from_files(tmp_path):
+    from trainer.engine.models import build_model, rebuild_model
+
+    model = build_model("tiny_cnn", 3)
+    back = rebuild_model("tiny_cnn", 3, model.state_dict(), path=tmp_path / "f.pt")
+    assert not back.training
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
+    with pytest.raises(CheckpointError, match=r"f\.pt: weights do not fit tiny_cnn: 2 tensors differ in shape"):
+        rebuild_model("tiny_cnn", 5, model.state_dict(), path=tmp_path / "f.pt")
+    with pytest.raises(CheckpointError, match="1 unexpected keys"):
+        rebuild_model("tiny_cnn", 3, model.state_dict() | {"extra": torch.zeros(1)}, path=tmp_path / "f.pt")
+    texts = sources("trainer/engine/evaluate.py", "trainer/jobs/export.py")
+    assert not any("load_state_dict" in t or "build_model(" in t for t in texts.values())
+
+
+# ------------------------------------------------------------------------------------ eval honours --amp
+
+@pytest.fixture(scope="module")
+def bf16_run(tmp_path_factory) -> Path:
+    from pipeline.shards.writer import ShardOptions, build_shards
+    from pipeline.sources.learnable import make_learnable_tree
+
+    root = tmp_path_factory.mktemp("amp")
+    wnids = ["n02869837", "n01749939"]
+    make_learnable_tree(root / "tree", wnids, train_per_class=4, val_per_class=2, size=24, seed=0)
+    build_shards(root / "tree", root / "sh", classes=wnids, options=ShardOptions(shard_size=8), workers=1,
+                 progress=False)
+    cli("train", "--shards", root / "sh", "--out", root / "run", "--mode", "hard", "--students", "tiny_cnn",
+        "--epochs", "1", "--image-size", "24", "--batch-size", "4", "--backend", "torch", "--device", "cpu",
+        "--num-workers", "0", "--amp", "bf16")
+    return root / "run"
+
+
+def test_eval_computes_in_the_runs_own_amp_unless_told(bf16_run, monkeypatch):
+    from trainer.engine import evaluate as ev
+
+    seen = []
+
+    def fake(models, loader, device, *, amp_dtype=None, channels_last=True):
+        seen.append(amp_dtype)
+        return {"top1": [0.0], "top5": [0.0], "ensemble_top1": 0.0, "ensemble_top5": 0.0, "count": 4}
+
+    monkeypatch.setattr(ev, "evaluate", fake)
+    common = ["--backend", "torch", "--num-workers", "0", "--device", "cpu"]
+    cli("eval", "--run", bf16_run, *common)
+    cli("eval", "--run", bf16_run, "--amp", "fp32", *common)
+    assert seen == [torch.bfloat16, torch.float32]  # auto on the CPU would be fp32: the run's bf16 is honoured
