@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -126,3 +127,48 @@ def test_eval_computes_in_the_runs_own_amp_unless_told(bf16_run, monkeypatch):
     cli("eval", "--run", bf16_run, *common)
     cli("eval", "--run", bf16_run, "--amp", "fp32", *common)
     assert seen == [torch.bfloat16, torch.float32]  # auto on the CPU would be fp32: the run's bf16 is honoured
+
+
+# ------------------------------------------------------------------------------------ sha256, crc, entropy
+
+def test_one_sha256_of_bytes_and_files(tmp_path):
+    import hashlib
+
+    from pipeline.core.digest import bytes_sha256, file_sha256
+
+    data = bytes(range(256)) * 5000
+    (tmp_path / "f").write_bytes(data)
+    assert bytes_sha256(data) == file_sha256(tmp_path / "f") == hashlib.sha256(data).hexdigest()
+    # what is left hashes incrementally (tar members as they are written, file lists) or wants raw digests
+    users = {f for f, text in sources("pipeline", "trainer").items() if "hashlib.sha256(" in text}
+    assert users == {"pipeline/core/digest.py", "pipeline/shards/tar_io.py", "pipeline/sources/imagenet.py",
+                     "pipeline/sources/imagefolder.py"}, users
+
+
+def test_one_jpeg_crc_check():
+    import zlib
+
+    from pipeline.reader.index import jpeg_crc_problem
+
+    jpg = b"\xff\xd8 not really a jpeg \xff\xd9"
+    assert jpeg_crc_problem(jpg, zlib.crc32(jpg)) == ""
+    assert jpeg_crc_problem(jpg, 7) == f".jpg crc32 {zlib.crc32(jpg)} differs from the 7 recorded in the index"
+    users = {f for f, text in sources("pipeline/reader").items() if "zlib.crc32(" in text}
+    assert users == {"pipeline/reader/index.py"}, users
+
+
+def test_numpy_and_torch_entropy_and_weight_agree():
+    from pipeline.cache.store import entropy_and_weight
+    from pipeline.core.entropy import confidence_weight, entropy as np_entropy
+    from trainer.engine.losses import entropy as torch_entropy, entropy_weight
+
+    z = torch.randn(16, 10, generator=torch.Generator().manual_seed(0)) * 4
+    z[0] = 0.0  # uniform: w = 0
+    z[1, 3] = 80.0  # one-hot: w = 1
+    for tau in (1.0, 4.0):
+        torch.testing.assert_close(torch_entropy(z, tau).double(), torch.from_numpy(np_entropy(z.numpy(), tau)),
+                                   atol=2e-6, rtol=1e-5)
+    ent, w = entropy_and_weight(z.numpy())
+    torch.testing.assert_close(torch.from_numpy(w), entropy_weight(z), atol=2e-6, rtol=1e-5)
+    assert abs(w[0]) < 1e-6 and abs(w[1] - 1) < 1e-6
+    assert confidence_weight(np_entropy(z.numpy()), 10).dtype == np.float64
