@@ -3,6 +3,8 @@ device and precision (pipeline.core.device), collectives (trainer.engine.runtime
 (trainer.engine.models.rebuild_model), and `kdpipe eval` computing in the run's own --amp."""
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -172,3 +174,31 @@ def test_numpy_and_torch_entropy_and_weight_agree():
     torch.testing.assert_close(torch.from_numpy(w), entropy_weight(z), atol=2e-6, rtol=1e-5)
     assert abs(w[0]) < 1e-6 and abs(w[1] - 1) < 1e-6
     assert confidence_weight(np_entropy(z.numpy()), 10).dtype == np.float64
+
+
+# ------------------------------------------------------------------------------------ one atomic JSON writer
+
+def test_one_atomic_json_writer(tmp_path):
+    from pipeline.core.atomic import atomic_write_json, json_text
+
+    path = tmp_path / "a" / "f.json"
+    atomic_write_json(path, {"b": 1, "a": [1, 2]})
+    assert path.read_text() == '{\n "a": [\n  1,\n  2\n ],\n "b": 1\n}\n' == json_text({"b": 1, "a": [1, 2]})
+    os.utime(path, ns=(1, 1))
+    atomic_write_json(path, {"a": [1, 2], "b": 1}, keep_same=True)  # the same bytes: left untouched
+    assert path.stat().st_mtime_ns == 1 and not list(path.parent.glob(".*.tmp"))
+    atomic_write_json(path, {"a": 3}, indent=2, keep_same=True)
+    assert json.loads(path.read_text()) == {"a": 3} and path.stat().st_mtime_ns != 1
+    # JSON files are formatted (indent=...) in one place only
+    users = {f for f, text in sources("pipeline", "trainer").items() if "json.dumps(" in text and "indent=" in text}
+    assert users == {"pipeline/core/atomic.py"}, users
+
+
+def test_the_learnable_description_goes_through_it(tmp_path):
+    from pipeline.core.atomic import json_text
+    from pipeline.sources.learnable import DESCRIPTION_FILE, make_learnable_tree
+
+    make_learnable_tree(tmp_path / "t", ["n02869837", "n01749939"], train_per_class=1, val_per_class=1, size=24,
+                        seed=0)
+    text = (tmp_path / "t" / DESCRIPTION_FILE).read_text()
+    assert text == json_text(json.loads(text))

@@ -8,7 +8,6 @@ TrainConfig is written to RUN/config.json and read back by `--resume` and `--con
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import types
 import typing
@@ -468,8 +467,9 @@ def _checked(value: Any, hint: Any, name: str) -> Any:
     return float(value) if hint is float else value
 
 
-def to_json(cfg: Any, extra: dict | None = None) -> str:
-    return json.dumps({**to_dict(cfg), **(extra or {})}, indent=2, sort_keys=True) + "\n"
+def to_record(cfg: Any, extra: dict | None = None) -> dict:
+    """What RUN/config.json holds: the config as JSON values, plus `extra` keys (the runtime record)."""
+    return {**to_dict(cfg), **(extra or {})}
 
 
 def config_diff(saved: dict, current: Any, free: tuple[str, ...] = RESUME_FREE) -> list[str]:

@@ -397,7 +397,7 @@ def finish(out: Path, tree: ImageNetTree, plan: dict, metas: dict[str, list[dict
         "options": plan["options"], "inputs": plan["inputs"], "rejected": len(report.rejected)}
     if "dataset" in plan:
         manifest["dataset"] = plan["dataset"]
-    _write_if_changed(out / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    atomic_write_json(out / MANIFEST, manifest, keep_same=True)
     return manifest
 
 
@@ -419,9 +419,7 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
 
 def _write_if_changed(path: Path, data: bytes) -> None:
     """A rerun over a finished output leaves every file untouched."""
-    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
-        return
-    atomic_write_bytes(path, data)
+    atomic_write_bytes(path, data, keep_same=True)
 
 
 def verify_shards(shard_dir: str | Path, workers: int | None = None, progress: bool = False):

@@ -11,14 +11,14 @@ import json
 from contextlib import AbstractContextManager
 from pathlib import Path
 
-from pipeline.core.atomic import atomic_write_bytes, atomic_write_text
+from pipeline.core.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from pipeline.core.errors import CheckpointError, ConfigError, OutputExistsError
 from pipeline.core.locks import exclusive_lock
 from pipeline.core.names import tsv_row
 from pipeline.core.outdir import check_claimable, claim_dir
 
 from trainer.engine.checkpoint import BEST, LAST, load_checkpoint
-from trainer.config import TrainConfig, config_diff, to_json
+from trainer.config import TrainConfig, config_diff, to_record
 from trainer.engine.inputs import check_inputs, recorded_inputs
 from trainer.engine.metrics import EpochMetrics, read_metrics_file, read_metrics_path
 
@@ -86,7 +86,7 @@ class RunDir:
             if write:  # records of an attempt that never reached a checkpoint are this run's to replace
                 self.truncate_metrics(0)
                 (self.path / SKIPPED).unlink(missing_ok=True)
-                atomic_write_text(self.path / CONFIG, to_json(cfg, {"runtime": runtime}))
+                atomic_write_json(self.path / CONFIG, to_record(cfg, {"runtime": runtime}), indent=2)
             return None
         if not last.is_file():
             raise CheckpointError(f"--resume: no checkpoint at {last} and no {CONFIG}: is {self.path} a "

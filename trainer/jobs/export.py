@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from pipeline.core.errors import ConfigError, KdpipeError, MissingDataError
+from pipeline.core.atomic import atomic_replace
 from pipeline.core.outdir import claim_dir
 
 from trainer.engine.checkpoint import final_weights_path, load_safetensors_weights
@@ -87,7 +88,7 @@ def export_run(cfg: ExportConfig) -> list[Path]:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        os.replace(tmp, path)
+        atomic_replace(tmp, path)
         written.append(path)
         print(f"{path}: {name}, {len(classes)} classes, input images (batch, 3, {size}, {size}); "
               f"max |onnx - torch| = {diff:.2e} on a batch of {cfg.batch_size}", flush=True)
