@@ -202,3 +202,29 @@ def test_the_learnable_description_goes_through_it(tmp_path):
                         seed=0)
     text = (tmp_path / "t" / DESCRIPTION_FILE).read_text()
     assert text == json_text(json.loads(text))
+
+
+# ------------------------------------------------------------------------------------ one retry helper
+
+def test_one_retry_loop_for_remote_reads(monkeypatch):
+    from pipeline.core import remote
+    from pipeline.core.errors import MissingDataError, RemoteReadError
+
+    monkeypatch.setattr(remote.time, "sleep", lambda s: None)
+    calls, retried = [], []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionResetError("dropped")
+        return b"ok"
+
+    assert remote.with_retries(flaky, 3, RemoteReadError, on_retry=lambda: retried.append(1)) == b"ok"
+    assert len(calls) == 3 and len(retried) == 2
+    with pytest.raises(RemoteReadError, match="gave up: ConnectionResetError"):
+        remote.with_retries(lambda: (_ for _ in ()).throw(ConnectionResetError("x")), 2,
+                            lambda e: RemoteReadError(f"gave up: {type(e).__name__}"))
+    with pytest.raises(MissingDataError):  # final at once, not retried
+        remote.with_retries(lambda: (_ for _ in ()).throw(MissingDataError("gone")), 2, RemoteReadError)
+    text = (ROOT / "pipeline/core/remote.py").read_text()
+    assert text.count("time.sleep(") == 1 and text.count("while True") == 1
