@@ -228,3 +228,45 @@ def test_one_retry_loop_for_remote_reads(monkeypatch):
         remote.with_retries(lambda: (_ for _ in ()).throw(MissingDataError("gone")), 2, RemoteReadError)
     text = (ROOT / "pipeline/core/remote.py").read_text()
     assert text.count("time.sleep(") == 1 and text.count("while True") == 1
+
+
+# ------------------------------------------------------------------------------------ run files and the report lock
+
+def test_run_file_names_live_in_rundir_only():
+    from trainer.engine.rundir import RunDir
+
+    run = RunDir("runs/a")
+    assert (run.config_path.name, run.metrics_path.name, run.last.name, run.best.name, run.lock_path.name) == \
+        ("config.json", "metrics.jsonl", "checkpoint-last.pt", "checkpoint-best.pt", ".kdpipe.lock")
+    assert run.final_weights(1, "timm:vit/s", ".onnx") == Path("runs/a/student1-timm_vit_s.onnx")
+    names = ('"config.json"', '"metrics.jsonl"', '"checkpoint-last.pt"', "'metrics.jsonl'", '".kdpipe.lock"')
+    texts = sources("trainer/cli.py", "trainer/jobs/export.py", "trainer/report/build.py", "trainer/jobs/demo.py")
+    assert not {f for f, t in texts.items() if any(n in t for n in names)}
+
+
+def test_the_report_writer_takes_the_directory_lock(tmp_path):
+    from pipeline.core.errors import BusyError
+    from trainer.engine.rundir import RunDir, directory_lock
+    from trainer.report.build import write_report
+
+    out = tmp_path / "report"
+    with directory_lock(out):  # another writer (a report, or the demo's report stage) holds OUT
+        with pytest.raises(BusyError, match=f"directory {out} is in use"):
+            write_report([tmp_path / "run"], out)
+        line = cli("report", tmp_path, "--out", out, code=1)
+        assert "is in use" in line
+    with RunDir(tmp_path / "run").lock():  # a report into a run being trained
+        with pytest.raises(BusyError, match="in use"):
+            write_report([tmp_path / "run"], tmp_path / "run")
+    assert not (out / "report.md").exists() and not (out / ".kdpipe.lock").exists()
+    with pytest.raises(FileNotFoundError):  # free again: the writer gets past the lock to the runs
+        write_report([tmp_path / "run"], out)
+
+
+def test_the_demo_writes_its_report_through_the_locking_writer():
+    import inspect
+
+    from trainer.jobs import demo
+
+    src = inspect.getsource(demo._run_stages)
+    assert "write_report(" in src and "exclusive_lock" not in inspect.getsource(demo)

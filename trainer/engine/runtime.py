@@ -18,7 +18,8 @@ from pipeline.core.digest import file_sha256
 from pipeline.core.procs import usable_cores
 
 __all__ = ["PRECISIONS", "resolve_device", "precision_dtype", "precision_name", "autocast", "distributed",
-           "dist_info", "all_reduce_sum_", "all_gather_list", "init_distributed", "barrier", "load_teacher", "teacher_forward", "file_sha256", "usable_cores"]
+           "dist_info", "all_reduce_sum_", "all_gather_list", "init_distributed", "barrier", "load_teacher",
+           "teacher_forward", "file_sha256", "usable_cores"]
 
 def autocast(device: torch.device, dtype: torch.dtype | None, cache: bool = True):
     """autocast on the device for a low-precision dtype; a no-op context for fp32 or None. cache=False: no
