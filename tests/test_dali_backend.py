@@ -15,6 +15,7 @@ from PIL import Image
 from pipeline.core.augment import AugSpec, val_geometry
 from pipeline.reader.backends.dali_backend import INSTALL_HINT, import_dali, saturation_matrices, val_rois
 from pipeline.core.batch import normalize_images
+from pipeline.core.errors import ConfigError
 from pipeline.reader.index import ShardIndex
 from pipeline.shards.writer import ShardOptions, build_shards
 from pipeline.sources.synthetic import make_imagenet_tree
