@@ -15,6 +15,7 @@ from PIL import Image
 from pipeline.core.augment import AugSpec, val_geometry
 from pipeline.reader.backends.dali_backend import INSTALL_HINT, import_dali, saturation_matrices, val_rois
 from pipeline.core.batch import normalize_images
+from pipeline.core.errors import ConfigError
 from pipeline.reader.index import ShardIndex
 from pipeline.shards.writer import ShardOptions, build_shards
 from pipeline.sources.synthetic import make_imagenet_tree
@@ -309,5 +310,5 @@ def test_invalid_arguments_fail_fast(shards):
     if not torch.cuda.is_available():
         from pipeline.reader.backends.dali_backend import DaliBackend
 
-        with pytest.raises(RuntimeError, match="CUDA is not available"):
+        with pytest.raises(ConfigError, match="CUDA is not available"):
             DaliBackend(ShardIndex(shards, "train"), spec=SPEC, seed=0, train=True, device=torch.device("cuda"))

@@ -245,15 +245,13 @@ def report(runs, out, teacher_run, low_w, learnable):
     """Write OUT/report.md (assumptions, Tables I-IV with verdicts, convergence, teacher uncertainty and its
     most/least confident views, accuracy per epoch) and PNG plots from RUNS; seeds of one mode are pooled."""
     from pipeline.core.errors import KdpipeError
-    from pipeline.core.locks import exclusive_lock
     from trainer.report.build import write_report
     from trainer.report.teacher import read_description
 
     if learnable is not None:  # a side input that cannot be read is refused before anything is written
         read_description(learnable)
-    try:  # one writer per directory: a report into a run being trained (or another report) is refused
-        with exclusive_lock(Path(out) / ".kdpipe.lock", f"directory {out}"):
-            path = write_report(list(runs), out, teacher=teacher_run, low_w=low_w, learnable=learnable)
+    try:  # write_report takes OUT's lock: a report into a run being trained (or another report) is refused
+        path = write_report(list(runs), out, teacher=teacher_run, low_w=low_w, learnable=learnable)
     except KdpipeError:
         raise
     except (FileNotFoundError, ValueError) as e:
@@ -273,6 +271,7 @@ def train(config_file, resume, stop_after_steps, **params):
     """Train one or more students (the paper: ResNet-18 + MobileNetV2) from a teacher on ImageNet-100 shards."""
     from pipeline.core.errors import ConfigError, MissingDataError
     from trainer.config import resolve_train
+    from trainer.engine.rundir import RunDir
     from trainer.jobs.train import train as train_job
 
     flags = given(TrainConfig, params)
@@ -282,15 +281,13 @@ def train(config_file, resume, stop_after_steps, **params):
             raise ConfigError("--resume continues from the run's own config.json: drop --config")
         if "out" not in flags:
             raise ConfigError("--resume needs --out RUN (the run directory to continue)")
-        from trainer.engine.rundir import RunDir
-
         RunDir(flags["out"]).is_run()  # a directory kdpipe did not write is refused before its files are read
-        saved_file = Path(flags["out"]) / "config.json"
+        saved_file = RunDir(flags["out"]).config_path
         if not saved_file.is_file():
             raise MissingDataError(f"--resume: {saved_file} not found; is {flags['out']} a `kdpipe train` run?")
         saved = read_config_file(saved_file, "--resume: the run's")
     cfg = resolve_train(flags, read_config_file(config_file) if config_file else None, saved,
-                        saved_name=str(Path(flags.get("out", "")) / "config.json"))
+                        saved_name=str(RunDir(flags.get("out", "")).config_path))
     missing = missing_required(TrainConfig, dataclasses.asdict(cfg))
     if missing:
         raise ConfigError(f"missing required option(s): {', '.join(missing)}")
@@ -299,7 +296,7 @@ def train(config_file, resume, stop_after_steps, **params):
         click.echo(f"stopped after {result['global_step']} steps; continue with "
                    f"`kdpipe train --out {cfg.out} --resume`")
     else:
-        click.echo(f"done: {cfg.out}/metrics.jsonl, final weights {cfg.out}/student*.safetensors")
+        click.echo(f"done: {RunDir(cfg.out).metrics_path}, final weights {cfg.out}/student*.safetensors")
 
 
 @main.command("eval")

@@ -8,7 +8,6 @@ TrainConfig is written to RUN/config.json and read back by `--resume` and `--con
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import types
 import typing
@@ -16,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pipeline.core.augment import ValResize
+from pipeline.core.device import Precision
 from pipeline.core.errors import ConfigError
 from pipeline.shards.options import ShardOptions
 
@@ -37,7 +37,6 @@ Direction = Literal["forward", "reverse"]  # of the KL terms (trainer/engine/los
 # The per-sample weight of the teacher term: the paper's confidence (w = 1 - H/log C), none (w = 1), or its
 # opposite, entropy (w = H/log C: up-weights what the teacher is unsure of, as entropy-aware KD variants do).
 WeightFn = Literal["confidence", "none", "entropy"]
-Precision = Literal["auto", "bf16", "fp16", "fp32"]
 CudaGraphs = Literal["auto", "on", "off"]
 DecodeDevice = Literal["auto", "cpu", "cuda"]
 
@@ -247,6 +246,8 @@ class EvalConfig:
     backend: Backend = opt("auto", "loader backend")
     num_workers: int | None = opt(None, "loader worker processes (default: one per usable core)", min=0)
     skip_corrupt: bool = opt(False, "drop validation samples that fail to read or decode (and say how many)")
+    amp: Precision | None = opt(None, "mixed precision of the forward passes (default: the run's own --amp, else "
+                                      "auto: bf16 on CUDA, fp32 on the CPU)")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
 
     def __post_init__(self) -> None:
@@ -466,8 +467,9 @@ def _checked(value: Any, hint: Any, name: str) -> Any:
     return float(value) if hint is float else value
 
 
-def to_json(cfg: Any, extra: dict | None = None) -> str:
-    return json.dumps({**to_dict(cfg), **(extra or {})}, indent=2, sort_keys=True) + "\n"
+def to_record(cfg: Any, extra: dict | None = None) -> dict:
+    """What RUN/config.json holds: the config as JSON values, plus `extra` keys (the runtime record)."""
+    return {**to_dict(cfg), **(extra or {})}
 
 
 def config_diff(saved: dict, current: Any, free: tuple[str, ...] = RESUME_FREE) -> list[str]:

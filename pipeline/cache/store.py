@@ -30,6 +30,7 @@ import numpy as np
 from pipeline.cache.fingerprint import (FORMAT, LAYOUT_VERSION, _jsonable, cache_fingerprint, fingerprint_diff,
                                 view_fingerprint)
 from pipeline.cache.checks import CHECKSUM, CacheVerifyReport, Damage, check_epoch, crc32_rows, read_done
+from pipeline.core.entropy import confidence_weight, entropy, log_softmax
 from pipeline.core.errors import (CacheDamageError, CacheError, CacheMismatchError, ConfigError, IncompleteCacheError,
                      MissingDataError, OutputExistsError, TeacherLogitsError)
 
@@ -42,19 +43,11 @@ DEFAULT_CHUNK_N = 4096  # samples per chunk and per unit of work: ~0.8 MB of flo
 # ---------------------------------------------------------------- numerics (pure)
 
 def entropy_and_weight(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Entropy H (nats) of softmax(logits) per row and the confidence weight 1 - H / log C, at tau=1.
-
-    Computed in float64 from the full-precision logits so the cached weight does not carry float16 error."""
-    logp = log_softmax(logits)
-    ent = -(np.exp(logp) * logp).sum(axis=1)
-    return ent.astype(np.float32), (1.0 - ent / math.log(logp.shape[1])).astype(np.float32)
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise log-softmax in float64."""
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    """Entropy H (nats) of softmax(logits) per row and the confidence weight 1 - H / log C, at tau=1
+    (pipeline.core.entropy). Computed in float64 from the full-precision logits so the cached weight does not
+    carry float16 error."""
+    ent = entropy(logits)
+    return ent.astype(np.float32), confidence_weight(ent, np.shape(logits)[1]).astype(np.float32)
 
 
 def topk_logprobs(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

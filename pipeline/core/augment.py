@@ -8,13 +8,14 @@ range); only the source of uniforms differs. Colour semantics are documented in 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass
 from typing import Callable, Literal
 
 import numpy as np
+
+from pipeline.core.digest import bytes_sha256
 
 CROP_TRIES = 10  # torchvision's RandomResizedCrop tries this many random crops before the fallback
 
@@ -81,7 +82,7 @@ class AugSpec:
         """A stable hash of every field and the RNG version: part of every teacher-cache key."""
         fields = asdict(self) | {"rng_version": AUG_RNG_VERSION}
         text = json.dumps(fields, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return bytes_sha256(text.encode())[:16]
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The one sha256 of a file (manifests, indexes, teacher weights, cache fingerprints)."""
+"""The one sha256 (hex) of a file or of bytes in memory: manifests, indexes, teacher weights, cache fingerprints."""
 from __future__ import annotations
 
 import hashlib
@@ -14,3 +14,8 @@ def file_sha256(path: Path, block: int = HASH_BLOCK) -> str:
         while data := f.read(block):
             h.update(data)
     return h.hexdigest()
+
+
+def bytes_sha256(data: bytes) -> str:
+    """sha256 (hex) of bytes already in memory (an index being written, a manifest read from a URL)."""
+    return hashlib.sha256(data).hexdigest()

@@ -18,7 +18,7 @@ import shlex
 import time
 import urllib.error
 import urllib.request
-from typing import IO, Callable
+from typing import IO, Callable, TypeVar
 
 from pipeline.core.errors import ConfigError, MissingDataError, RemoteReadError
 from pipeline.core.names import check_shard_name
@@ -28,6 +28,7 @@ RETRIES = 3  # re-opens of one file after a failed or short read
 TIMEOUT_S = 60.0  # per connect / per read on http(s)
 # What a dropped or refused connection raises, by transport (urllib, http.client, sockets, pipes).
 TRANSIENT = (OSError, http.client.HTTPException, urllib.error.URLError)
+T = TypeVar("T")
 
 
 def is_url(shards: object) -> bool:
@@ -102,6 +103,27 @@ def opener(url: str) -> Callable[[str, int], IO[bytes]]:
     return _open_fsspec
 
 
+def with_retries(attempt: Callable[[], T], retries: int, give_up: Callable[[BaseException], Exception], *,
+                 transient: tuple[type[BaseException], ...] = TRANSIENT,
+                 on_retry: Callable[[], None] = lambda: None) -> T:
+    """The one retry loop of remote reads: attempt() until it returns. A `transient` failure is retried after a
+    short backoff (0.2 s, 0.4 s, ... at most 2 s), at most `retries` times, then give_up(the last error) is
+    raised (the RemoteReadError naming the URL); MissingDataError and ConfigError are final."""
+    failures = 0
+    while True:
+        try:
+            return attempt()
+        except (MissingDataError, ConfigError):
+            raise
+        except transient as e:
+            err: BaseException = e
+        failures += 1
+        if failures > retries:
+            raise give_up(err) from None
+        on_retry()
+        time.sleep(min(2.0, 0.1 * 2 ** failures))
+
+
 class RetryingStream:
     """A binary reader of one remote file of known size that resumes after a failed or early-ended read.
 
@@ -122,28 +144,31 @@ class RetryingStream:
         want = self.size - self.pos if n is None or n < 0 else min(n, self.size - self.pos)
         if want <= 0:
             return b""
-        failures = 0
-        while True:
-            try:
-                if self._f is None:
-                    self._f = self._open(self.url, self.pos)
-                data = self._f.read(want)
-                if data:
-                    self.pos += len(data)
-                    return data
-                err: BaseException = EOFError(f"ended after {self.pos} of {self.size} bytes")
-            except (MissingDataError, ConfigError):
-                raise
-            except TRANSIENT as e:
-                err = e
+        return with_retries(lambda: self._read_once(want), self.retries, self._give_up,
+                            transient=(EOFError, *TRANSIENT), on_retry=self._reopen)
+
+    def _read_once(self, want: int) -> bytes:
+        """One read of up to `want` bytes, opening the file at the current byte when needed; a failed or empty
+        read drops the connection and raises (an early end is an EOFError)."""
+        try:
+            if self._f is None:
+                self._f = self._open(self.url, self.pos)
+            data = self._f.read(want)
+            if not data:
+                raise EOFError(f"ended after {self.pos} of {self.size} bytes")
+        except (EOFError, *TRANSIENT):
             self._drop()
-            failures += 1
-            if failures > self.retries:
-                raise RemoteReadError(f"{self.url}: read failed at byte {self.pos} of {self.size} after "
-                                      f"{self.retries} retries ({type(err).__name__}: {err}); check the "
-                                      f"storage or network and rerun")
-            self.reopened += 1
-            time.sleep(min(2.0, 0.1 * 2 ** failures))
+            raise
+        self.pos += len(data)
+        return data
+
+    def _give_up(self, err: BaseException) -> RemoteReadError:
+        return RemoteReadError(f"{self.url}: read failed at byte {self.pos} of {self.size} after "
+                               f"{self.retries} retries ({type(err).__name__}: {err}); check the "
+                               f"storage or network and rerun")
+
+    def _reopen(self) -> None:
+        self.reopened += 1
 
     def _drop(self) -> None:
         f, self._f = self._f, None
@@ -165,19 +190,12 @@ class RetryingStream:
 
 def read_whole(url: str, retries: int = RETRIES) -> bytes:
     """A small file (manifest, index) in full: retried like a stream, but its size is whatever arrives."""
-    failures = 0
-    while True:
+    def once() -> bytes:
+        f = opener(url)(url, 0)
         try:
-            f = opener(url)(url, 0)
-            try:
-                return f.read()
-            finally:
-                f.close()
-        except (MissingDataError, ConfigError):
-            raise
-        except TRANSIENT as e:
-            failures += 1
-            if failures > retries:
-                raise RemoteReadError(f"{url}: could not be read after {retries} retries "
-                                      f"({type(e).__name__}: {e})") from None
-            time.sleep(min(2.0, 0.1 * 2 ** failures))
+            return f.read()
+        finally:
+            f.close()
+
+    return with_retries(once, retries, lambda e: RemoteReadError(
+        f"{url}: could not be read after {retries} retries ({type(e).__name__}: {e})"))

@@ -5,7 +5,6 @@ and opens each shard lazily, once per process, then reads an image with one `os.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.core.digest import bytes_sha256, file_sha256
 from pipeline.core.errors import ConfigError, CorruptSampleError, MissingDataError, ShardFormatError, one_line
 from pipeline.core.names import SAFE_NAME, SAFE_NAME_RULE, check_shard_name
 from pipeline.core.remote import is_url, member_url, read_whole
@@ -102,6 +102,13 @@ def shard_file(shard_dir: str | Path, name: str, source: str) -> Path:
     return path
 
 
+def jpeg_crc_problem(data: bytes, recorded: int) -> str:
+    """"" when a JPEG's bytes have the crc32 the shard writer recorded in the index, else why not: the one crc
+    check of the reader (ShardIndex.read, and the streamed samples of pipeline/reader/stream.py)."""
+    got = zlib.crc32(data)
+    return "" if got == recorded else f".jpg crc32 {got} differs from the {recorded} recorded in the index"
+
+
 def index_path(shard_dir: str | Path, split: str) -> Path:
     return Path(shard_dir) / f"{split}.index.npy"
 
@@ -109,9 +116,7 @@ def index_path(shard_dir: str | Path, split: str) -> Path:
 def check_index_sha(data: bytes, sha256: str | None, source: str, fix: str) -> None:
     """The index file's bytes against the sha256 its manifest records (manifests of older versions record
     none): an index edited or swapped after sharding would give samples other labels or bytes."""
-    import hashlib
-
-    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+    if sha256 is not None and bytes_sha256(data) != sha256:
         raise ShardFormatError(f"{source}: sha256 differs from the one in the manifest (the index was changed or "
                                f"replaced after sharding); {fix} to rewrite it")
 
@@ -233,7 +238,7 @@ class ShardIndex(IndexRows):
         if len(data) != size:
             raise OSError(f"{self._paths[shard]}: shorter than the index says "
                           f"(sample {i}: wanted {size} bytes at offset {offset}, got {len(data)})")
-        if self.check_crc and zlib.crc32(data) != int(self.rows["crc32"][i]):
+        if self.check_crc and jpeg_crc_problem(data, int(self.rows["crc32"][i])):
             raise CorruptSampleError(
                 f"{self.split} sample {i} in shard {self._paths[shard]}: its JPEG bytes fail their crc32 check "
                 f"(the shard changed after `kdpipe shard` wrote it); `kdpipe verify --shards {self.shard_dir}` lists "
@@ -286,7 +291,7 @@ def manifest_sha256(shard_dir: str | Path) -> str:
     path = Path(shard_dir) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no manifest")
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return file_sha256(path)
 
 
 # ----------------------------------------------------------------------- behind a URL
@@ -296,7 +301,7 @@ def manifest_sha256(shard_dir: str | Path) -> str:
 def _manifest_bytes(base: str) -> tuple[bytes, str]:
     url = member_url(base, "manifest.json")
     raw = read_whole(url)
-    return raw, hashlib.sha256(raw).hexdigest()
+    return raw, bytes_sha256(raw)
 
 
 def fetch_manifest(base: str) -> tuple[dict, str]:

@@ -23,6 +23,7 @@ import torch
 from pipeline.core.augment import AugSpec, epoch_order
 from pipeline.reader.backends.base import Backend
 from pipeline.core.batch import Batch, host_to_device
+from pipeline.core.device import check_dtype, resolve_device
 from pipeline.core.errors import ConfigError
 from pipeline.reader.index import ShardIndex
 from pipeline.reader.prefetch import prefetch
@@ -30,7 +31,6 @@ from pipeline.core.remote import is_url
 from pipeline.core.procs import usable_cores
 
 BACKENDS = ("auto", "torch", "dali")
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def dali_available() -> bool:
@@ -99,15 +99,10 @@ class ImageNet100Loader:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if num_workers is not None and num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        dtype = torch.float32 if dtype is None else dtype
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype}")
+        dtype = check_dtype(dtype)
         if spec is not None and not isinstance(spec, AugSpec):
             raise TypeError(f"spec must be an AugSpec, got {type(spec).__name__}")
-        self.device = torch.device(device) if device is not None else \
-            torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device} asked for, but CUDA is not available; use device='cpu'")
+        self.device = resolve_device(device, flag="device")
         self.stream = is_url(shards)  # a URL: read the tars in order (pipeline/reader/stream.py), no random access
         if self.stream and backend not in ("auto", "torch"):
             raise ConfigError(f"backend {backend!r}: shards behind a URL are streamed through the torch backend's "

@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import queue
 import threading
-import zlib
 from collections import Counter
 from dataclasses import dataclass
 from functools import partial
@@ -31,7 +30,7 @@ import torch
 
 from pipeline.core.errors import CorruptSampleError, RemoteReadError, ShardFormatError, one_line
 from pipeline.reader.prefetch import put_until_stopped
-from pipeline.reader.index import RemoteIndex
+from pipeline.reader.index import RemoteIndex, jpeg_crc_problem
 from pipeline.core.remote import RETRIES, RetryingStream
 
 DEFAULT_BUFFER = 1000  # samples held for the shuffle (about 110 MB of ImageNet JPEGs)
@@ -176,9 +175,8 @@ def check_sample(index: RemoteIndex, sid: int, sample: dict) -> tuple[bytes | No
     size, crc = int(index.rows["size"][sid]), int(index.rows["crc32"][sid])
     if len(jpg) != size:
         return None, f".jpg has {len(jpg)} bytes, the index says {size}"
-    if zlib.crc32(jpg) != crc:
-        return None, f".jpg crc32 {zlib.crc32(jpg)} differs from the {crc} recorded in the index"
-    return jpg, ""
+    problem = jpeg_crc_problem(jpg, crc)
+    return (None, problem) if problem else (jpg, "")
 
 
 def ordered_samples(index: RemoteIndex, segments: list[Segment], order: np.ndarray,

@@ -10,7 +10,6 @@ with byte-identical shards and manifest. Format: docs/CONTRACTS.md.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -34,7 +33,7 @@ from pipeline.core.outdir import check_claimable, refuse_inside
 from pipeline.shards.options import ShardOptions
 from pipeline.reader.index import INDEX_DTYPE, MANIFEST, index_path, manifest_sha256, read_manifest
 from pipeline.shards.image import Prepared, changed_source, prepare_many
-from pipeline.core.digest import file_sha256
+from pipeline.core.digest import bytes_sha256, file_sha256
 from pipeline.core.procs import ordered_map, usable_cores
 from pipeline.shards.tar_io import HashProcess, TarShardWriter, dali_index_text
 
@@ -380,7 +379,7 @@ def finish(out: Path, tree: ImageNetTree, plan: dict, metas: dict[str, list[dict
                 part[column] = rows[:, j]
         data = _npy_bytes(arr)
         _write_if_changed(index_path(out, split), data)
-        index_sha[split] = hashlib.sha256(data).hexdigest()
+        index_sha[split] = bytes_sha256(data)
         found = [(s, src, reason) for s, src, reason in tree.rejected if s == split]  # by discovery, if any
         report.rejected += found + [(split, src, reason) for m in shards for src, reason in m["rejected"]]
     tsv = tsv_text(("split", "source", "reason"), report.rejected)  # names escaped: pipeline/core/names.py
@@ -398,7 +397,7 @@ def finish(out: Path, tree: ImageNetTree, plan: dict, metas: dict[str, list[dict
         "options": plan["options"], "inputs": plan["inputs"], "rejected": len(report.rejected)}
     if "dataset" in plan:
         manifest["dataset"] = plan["dataset"]
-    _write_if_changed(out / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    atomic_write_json(out / MANIFEST, manifest, keep_same=True)
     return manifest
 
 
@@ -420,9 +419,7 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
 
 def _write_if_changed(path: Path, data: bytes) -> None:
     """A rerun over a finished output leaves every file untouched."""
-    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
-        return
-    atomic_write_bytes(path, data)
+    atomic_write_bytes(path, data, keep_same=True)
 
 
 def verify_shards(shard_dir: str | Path, workers: int | None = None, progress: bool = False):

@@ -15,7 +15,6 @@ Drawing is vectorised over images; JPEG encoding is the main cost.
 """
 from __future__ import annotations
 
-import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.core.atomic import atomic_write_bytes
+from pipeline.core.atomic import atomic_write_json
 from pipeline.core.classes import imagenet100_wnids
 from pipeline.core.errors import ConfigError
 from pipeline.sources.synthetic import check_tree_args, claim_tree, jpeg_bytes
@@ -267,7 +266,7 @@ def make_learnable_tree(
         else:
             rels = [f"val/{wnids[c]}/ILSVRC2012_val_{i + 1:08d}.JPEG" for i, c in enumerate(labels)]
         _write_split(tree, split, labels, rels, table, hw, ambiguous_share, ss, quality, progress)
-    atomic_write_bytes(root / DESCRIPTION_FILE, json.dumps(tree.to_json(), indent=1).encode())
+    atomic_write_json(root / DESCRIPTION_FILE, tree.to_json())
     return tree
 
 

@@ -9,13 +9,12 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from pipeline.core.errors import CheckpointError, ConfigError, DataError
 
 from trainer.config import EvalConfig
-from trainer.engine.runtime import autocast, precision_dtype, resolve_device
+from trainer.engine.runtime import all_reduce_sum_, autocast, precision_dtype, resolve_device
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> torch.Tensor:
@@ -54,9 +53,7 @@ def evaluate(models: Sequence[nn.Module], batches: Iterable, device: torch.devic
     finally:
         for m, mode in zip(models, modes):
             m.train(mode)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(counts)
-        dist.all_reduce(seen)
+    all_reduce_sum_(counts, seen)
     n = max(seen.item(), 1.0)
     acc = (counts * 100.0 / n).tolist()
     return {"top1": [a[0] for a in acc[:-1]], "top5": [a[1] for a in acc[:-1]],
@@ -109,6 +106,12 @@ def load_students(path: Path) -> tuple[list[dict], list[str], dict, dict]:
     return entries, list(state["classes"]), run or {}, recorded_inputs(run)
 
 
+def eval_precision(cfg: EvalConfig, run_cfg: dict, device: torch.device) -> torch.dtype:
+    """The dtype eval computes in: --amp when given, else the run's own --amp (its accuracy is the one training
+    measured), else auto."""
+    return precision_dtype(cfg.amp or run_cfg.get("amp") or "auto", device, flag="--amp")
+
+
 def eval_checkpoint(cfg: EvalConfig) -> tuple[Path, list[str], dict]:
     """The `kdpipe eval` job: the students of a kdpipe checkpoint (or one final-weights file, .pt or
     .safetensors) on the shards' val split. Shards, image size and validation resize default to the run's own
@@ -119,7 +122,7 @@ def eval_checkpoint(cfg: EvalConfig) -> tuple[Path, list[str], dict]:
 
     from trainer.engine.checkpoint import LAST, BEST
     from trainer.engine.inputs import check_inputs
-    from trainer.engine.models import build_model
+    from trainer.engine.models import rebuild_model
 
     path = Path(cfg.checkpoint) if cfg.checkpoint else Path(cfg.run) / (LAST if cfg.which == "last" else BEST)
     entries, classes, run_cfg, recorded = load_students(path)
@@ -142,9 +145,8 @@ def eval_checkpoint(cfg: EvalConfig) -> tuple[Path, list[str], dict]:
                           f"{len(loader.classes)} classes of {shards}")
     models = []
     for e in entries:
-        m = build_model(e["name"], len(loader.classes))
-        m.load_state_dict(e["model"])
+        m = rebuild_model(e["name"], len(loader.classes), e["model"], path=path)
         models.append(m.to(device, memory_format=torch.channels_last))
-    result = evaluate(models, loader, device, amp_dtype=precision_dtype("auto", device))
+    result = evaluate(models, loader, device, amp_dtype=eval_precision(cfg, run_cfg, device))
     result["skipped"] = len(loader.skipped)
     return path, [e["name"] for e in entries], result

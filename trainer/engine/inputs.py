@@ -9,12 +9,12 @@ line naming both.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.digest import bytes_sha256
 from pipeline.core.errors import ConfigError
 from pipeline.core.outdir import shown
 from pipeline.core.remote import is_url
@@ -42,7 +42,7 @@ def absolute_paths(cfg: Any) -> Any:
 
 def fingerprint_sha256(fingerprint: dict) -> str:
     """sha256 of a teacher cache fingerprint (canonical JSON): what a run records of the cache it used."""
-    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return bytes_sha256(json.dumps(fingerprint, sort_keys=True, separators=(",", ":")).encode())
 
 
 def input_record(*, shards: str, manifest_sha256: str, teacher_cache: str | None = None,

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from pipeline.core.errors import KdpipeError
@@ -28,7 +27,7 @@ from trainer.engine.losses import TERMS
 from trainer.engine.metrics import EpochMetrics, StudentMetrics
 from trainer.engine.models import build_model
 from trainer.engine.rundir import RunDir
-from trainer.engine.runtime import dist_info, resolve_device
+from trainer.engine.runtime import all_gather_list, dist_info, resolve_device
 from trainer.engine.step import Distiller, StepStats, step_seed
 
 
@@ -184,14 +183,6 @@ def _skipped_since(loader, before: int) -> list[tuple[int, str]]:
     return list(getattr(loader, "skipped", [])[before:])
 
 
-def _gather_skipped(local: list[tuple[int, str]], world: int) -> list[tuple[int, str]]:
-    if world == 1:
-        return local
-    parts: list = [None] * world
-    dist.all_gather_object(parts, local)
-    return [x for p in parts for x in p]
-
-
 def run_training(cfg: TrainConfig, train_loader, val_loader, *, classes: list[str],
                  teacher: nn.Module | None = None, resume: bool = False, stop_after_steps: int | None = None,
                  progress: bool = True, runtime: dict | None = None) -> dict:
@@ -249,7 +240,7 @@ def _train(cfg: TrainConfig, run: RunDir, train_loader, val_loader, classes: lis
                 if world > 1:
                     pos.stats.all_reduce_()
                     distiller.sync_buffers()
-                pos.skipped = _gather_skipped(pos.skipped, world)
+                pos.skipped = all_gather_list(pos.skipped)
                 save(run.path / ck.LAST)
                 return {"stopped": True, "global_step": pos.epoch * steps_per_epoch + pos.step,
                         "teacher_val": pos.teacher_val}
@@ -353,7 +344,7 @@ def _finish_epoch(cfg: TrainConfig, distiller: Distiller, val_loader, pos: Posit
     if world > 1:
         pos.stats.all_reduce_()
         distiller.sync_buffers()
-    pos.skipped = _gather_skipped(pos.skipped, world)
+    pos.skipped = all_gather_list(pos.skipped)
     s = distiller.summarize(pos.stats)
     val = evaluate(distiller.students, val_loader, device, amp_dtype=distiller.dtype,
                    channels_last=cfg.channels_last)

@@ -7,12 +7,13 @@ Conventions (../shared/DESIGN.md): KL is summed over classes and averaged over t
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import get_args
 
 import torch
 import torch.nn.functional as F
+
+from pipeline.core.entropy import confidence_weight
 
 from trainer.config import Direction, WeightFn  # the choices live with the config (torch-free for the CLI)
 
@@ -22,7 +23,8 @@ TERMS = ("loss", "hard", "teacher", "peer", "w")  # the keys of dual_student_los
 
 
 def entropy(logits: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
-    """Per-sample entropy (nats) of softmax(logits / tau), in float32, without gradient."""
+    """Per-sample entropy (nats) of softmax(logits / tau), in float32, without gradient: the torch twin of
+    pipeline.core.entropy.entropy (numpy, float64), tested equal."""
     logp = F.log_softmax(logits.detach().float() / tau, dim=-1)
     return -(logp.exp() * logp).sum(dim=-1)
 
@@ -32,8 +34,7 @@ def entropy_weight(teacher_logits: torch.Tensor, tau: float = 1.0) -> torch.Tens
 
     A confident (peaked) teacher gives w near 1; a uniform one gives 0, so its advice counts less.
     """
-    num_classes = teacher_logits.shape[-1]
-    return 1.0 - entropy(teacher_logits, tau) / math.log(num_classes)
+    return confidence_weight(entropy(teacher_logits, tau), teacher_logits.shape[-1])
 
 
 def teacher_weight(teacher_logits: torch.Tensor, weight_fn: str, tau: float = 1.0,

@@ -217,6 +217,29 @@ def _read_file(path: Path) -> object:
     return load_torch_file(path, "teacher weights")
 
 
+def _fit_state(model: nn.Module, state: dict[str, torch.Tensor], *, path: str | Path, name: str) -> None:
+    """load_state_dict, every key and shape; tensors of other shapes, missing or unexpected keys are a one-line
+    CheckpointError naming the file."""
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes differ: torch lists every one, over many lines
+        sizes = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
+        raise CheckpointError(f"{path}: weights do not fit {name}: {len(sizes)} tensors differ in shape, e.g. "
+                              f"{sizes[0] if sizes else one_line(e, 200)}") from None
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not fit {name}: {len(missing)} missing keys "
+                              f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}")
+
+
+def rebuild_model(name: str, num_classes: int, state: dict[str, torch.Tensor], *, path: str | Path) -> nn.Module:
+    """The one way a kdpipe model comes back from its files (a checkpoint's student, a run's final weights):
+    `name` built with `num_classes` outputs, holding exactly `state` (every key, every shape), in eval mode on
+    the CPU. A state that does not fit is a CheckpointError naming `path`."""
+    model = build_model(name, num_classes)
+    _fit_state(model, state, path=path, name=name)
+    return model.eval()
+
+
 def load_weights(model: nn.Module, path: str | Path, *, name: str, classes: list[str]) -> nn.Module:
     """Load teacher weights into `model` (built with len(classes) outputs) from a local file.
 
@@ -247,13 +270,5 @@ def load_weights(model: nn.Module, path: str | Path, *, name: str, classes: list
         state[wkey] = state[wkey][idx].clone()
         if bkey in state:
             state[bkey] = state[bkey][idx].clone()
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shapes differ: torch lists every one, over many lines
-        sizes = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
-        raise CheckpointError(f"{path}: weights do not fit {name}: {len(sizes)} tensors differ in shape, e.g. "
-                              f"{sizes[0] if sizes else one_line(e, 200)}") from None
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not fit {name}: {len(missing)} missing keys "
-                              f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}")
+    _fit_state(model, state, path=path, name=name)
     return model

@@ -11,14 +11,14 @@ import json
 from contextlib import AbstractContextManager
 from pathlib import Path
 
-from pipeline.core.atomic import atomic_write_bytes, atomic_write_text
+from pipeline.core.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from pipeline.core.errors import CheckpointError, ConfigError, OutputExistsError
 from pipeline.core.locks import exclusive_lock
 from pipeline.core.names import tsv_row
 from pipeline.core.outdir import check_claimable, claim_dir
 
-from trainer.engine.checkpoint import BEST, LAST, load_checkpoint
-from trainer.config import TrainConfig, config_diff, to_json
+from trainer.engine.checkpoint import BEST, LAST, final_weights_path, load_checkpoint
+from trainer.config import TrainConfig, config_diff, to_record
 from trainer.engine.inputs import check_inputs, recorded_inputs
 from trainer.engine.metrics import EpochMetrics, read_metrics_file, read_metrics_path
 
@@ -26,15 +26,29 @@ CONFIG, METRICS, SKIPPED, LOCK, MARKER = "config.json", "metrics.jsonl", "skippe
 WHAT = "a training run"
 
 
+def directory_lock(path: str | Path, what: str | None = None) -> AbstractContextManager:
+    """The one writer lock of a kdpipe output directory (a run, a report: the same `.kdpipe.lock`, so a report
+    into a run being trained is refused too); BusyError while another job holds it."""
+    return exclusive_lock(Path(path) / LOCK, what or f"directory {path}")
+
+
 class RunDir:
-    """RUN/ of one training run (see docs/train.md for its files)."""
+    """RUN/ of one training run (see docs/train.md for its files); its attributes name them, so no other module
+    spells a run file's name."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.config_path, self.metrics_path = self.path / CONFIG, self.path / METRICS
+        self.skipped_path, self.lock_path = self.path / SKIPPED, self.path / LOCK
+        self.last, self.best = self.path / LAST, self.path / BEST
+
+    def final_weights(self, index: int, name: str, suffix: str = ".pt") -> Path:
+        """RUN/student<index>-<name><suffix>: a finished run's final weights (.pt or .safetensors)."""
+        return final_weights_path(self.path, index, name, suffix)
 
     def lock(self) -> AbstractContextManager:
         """Held by rank 0 for the whole run: a second job writing into the same directory is refused."""
-        return exclusive_lock(self.path / LOCK, f"run directory {self.path}")
+        return directory_lock(self.path, f"run directory {self.path}")
 
     # -- the claim
     def _legacy(self, path: Path) -> bool:
@@ -86,7 +100,7 @@ class RunDir:
             if write:  # records of an attempt that never reached a checkpoint are this run's to replace
                 self.truncate_metrics(0)
                 (self.path / SKIPPED).unlink(missing_ok=True)
-                atomic_write_text(self.path / CONFIG, to_json(cfg, {"runtime": runtime}))
+                atomic_write_json(self.path / CONFIG, to_record(cfg, {"runtime": runtime}), indent=2)
             return None
         if not last.is_file():
             raise CheckpointError(f"--resume: no checkpoint at {last} and no {CONFIG}: is {self.path} a "

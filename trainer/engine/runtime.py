@@ -1,5 +1,6 @@
-"""What every job needs from the machine, written once: device choice, precision (autocast), torchrun set-up,
-the frozen teacher (loading and forward), file hashing and core counts. Used by train, cache-teacher and eval.
+"""What every job needs from the machine, written once: device choice and precision (re-exported from
+pipeline.core.device, their one home), autocast, torchrun set-up and collectives, the frozen teacher (loading and
+forward), file hashing and core counts. Used by train, cache-teacher and eval.
 """
 from __future__ import annotations
 
@@ -12,43 +13,13 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.core.errors import CheckpointError, ConfigError, KdpipeError
+from pipeline.core.device import PRECISIONS, precision_dtype, precision_name, resolve_device
 from pipeline.core.digest import file_sha256
 from pipeline.core.procs import usable_cores
 
-__all__ = ["PRECISIONS", "resolve_device", "precision_dtype", "precision_name", "autocast", "dist_info",
-           "init_distributed", "barrier", "load_teacher", "teacher_forward", "file_sha256", "usable_cores"]
-
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def resolve_device(name: str | torch.device) -> torch.device:
-    """auto -> the CUDA device when there is one, else the CPU; a CUDA device without CUDA is a ConfigError."""
-    if str(name) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ConfigError(f"--device {name!r} is not a device (auto, cpu, cuda or cuda:N)") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name} asked for, but CUDA is not available here; use --device cpu")
-    return device
-
-
-def precision_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The compute dtype of a precision name. auto: bf16 on CUDA (no GradScaler needed), fp32 on the CPU
-    (CPU autocast is slower than fp32 there)."""
-    if name not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[name]
-
-
-def precision_name(dtype: torch.dtype) -> str:
-    """bf16 | fp16 | fp32 (the name recorded in fingerprints and reports)."""
-    return next(k for k, v in _DTYPES.items() if v == dtype)
-
+__all__ = ["PRECISIONS", "resolve_device", "precision_dtype", "precision_name", "autocast", "distributed",
+           "dist_info", "all_reduce_sum_", "all_gather_list", "init_distributed", "barrier", "load_teacher",
+           "teacher_forward", "file_sha256", "usable_cores"]
 
 def autocast(device: torch.device, dtype: torch.dtype | None, cache: bool = True):
     """autocast on the device for a low-precision dtype; a no-op context for fp32 or None. cache=False: no
@@ -60,11 +31,33 @@ def autocast(device: torch.device, dtype: torch.dtype | None, cache: bool = True
 
 # ---------------------------------------------------------------- torchrun
 
+def distributed() -> bool:
+    """True inside a joined process group (torchrun), where the collectives below talk to the other ranks."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def dist_info() -> tuple[int, int]:
     """(rank, world_size) of the joined process group; (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
+    if distributed():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def all_reduce_sum_(*tensors: torch.Tensor) -> None:
+    """Sum each tensor over the ranks, in place (every rank gets the totals); nothing without a process group."""
+    if distributed():
+        for t in tensors:
+            dist.all_reduce(t)
+
+
+def all_gather_list(local: list) -> list:
+    """Every rank's list of picklable items, concatenated in rank order (on every rank); `local` itself without a
+    process group."""
+    if not distributed() or dist.get_world_size() == 1:
+        return local
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local)
+    return [x for p in parts for x in p]
 
 
 def init_distributed(device: str | torch.device) -> tuple[torch.device, bool]:
@@ -84,7 +77,7 @@ def init_distributed(device: str | torch.device) -> tuple[torch.device, bool]:
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if distributed():
         dist.barrier()
 
 

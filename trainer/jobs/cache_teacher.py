@@ -23,8 +23,8 @@ from pipeline.core.locks import exclusive_lock
 from pipeline.cache.store import CacheLayout, TeacherCache, TeacherCacheWriter, cache_fingerprint
 
 from trainer.config import CacheTeacherConfig
-from trainer.engine.runtime import (barrier, dist_info, file_sha256, init_distributed, load_teacher, precision_dtype,
-                      precision_name, teacher_forward)
+from trainer.engine.runtime import (all_gather_list, barrier, dist_info, file_sha256, init_distributed,
+                                    load_teacher, precision_dtype, precision_name, teacher_forward)
 from trainer.jobs.train import per_rank_batch
 
 __all__ = ["CacheTeacherConfig", "cache_teacher", "epoch_unit_logits", "write_units"]
@@ -188,7 +188,7 @@ def cache_teacher(cfg: CacheTeacherConfig, *, on_unit: Callable[[int, int], Any]
         with tqdm(total=int(todo), unit="img", desc=desc, disable=not cfg.progress or rank != 0) as bar:
             write_units(model, loader, writer, units, batch, dtype, bar.update, on_unit, skipped)
         if skipped is not None:
-            _record_skipped(cfg.out, skipped, world, rank)
+            _record_skipped(cfg.out, skipped, rank)
         barrier()
         if rank == 0:
             TeacherCache(cfg.out, prefetch=False).check_complete()
@@ -235,12 +235,9 @@ def check_teacher_logits(model: torch.nn.Module, loader: Any, cfg: CacheTeacherC
                               f"lr, warm-up) or give other weights; nothing was cached")
 
 
-def _record_skipped(out: str, skipped: list[tuple[int, int]], world: int, rank: int) -> None:
+def _record_skipped(out: str, skipped: list[tuple[int, int]], rank: int) -> None:
     """OUT.skipped.tsv beside the store: the (augmentation epoch, sample id) rows stored without a teacher signal."""
-    if world > 1:
-        parts: list = [None] * world
-        torch.distributed.all_gather_object(parts, skipped)
-        skipped = [x for p in parts for x in p]
+    skipped = all_gather_list(skipped)
     path = Path(f"{out}.skipped.tsv")
     if rank != 0 or (not skipped and not path.is_file()):
         return

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from pipeline.core.atomic import atomic_write_json
 
-from trainer.engine.checkpoint import final_weights_path
+from trainer.engine.rundir import RunDir
 
 LADDER = ("hard", "kd", "uw-kd", "dual")
 
@@ -130,11 +130,12 @@ def ladder_run(runs: Path, mode: str, seed: int) -> Path:
 
 def _finished(run: Path, epochs: int, students: tuple[str, ...]) -> bool:
     """A run is finished when it logged every epoch and wrote every final weight file."""
-    metrics = run / "metrics.jsonl"
+    metrics = RunDir(run).metrics_path
     if not metrics.is_file():
         return False
     done = {json.loads(line)["epoch"] for line in metrics.read_text().splitlines() if line.strip()}
-    return done >= set(range(epochs)) and all(final_weights_path(run, i, s).is_file() for i, s in enumerate(students))
+    return done >= set(range(epochs)) and all(RunDir(run).final_weights(i, s).is_file()
+                                              for i, s in enumerate(students))
 
 
 def _run_config(run: Path, mode: str, students: tuple[str, ...], epochs: int, cfg: DemoConfig, shards: Path,
@@ -157,7 +158,7 @@ def _train(run: Path, mode: str, students: tuple[str, ...], epochs: int, cfg: De
         _say(f"{run.name}: finished earlier, skipped")
         return
     tcfg = _run_config(run, mode, students, epochs, cfg, shards, cache, seed)
-    resume = (run / "checkpoint-last.pt").is_file()
+    resume = RunDir(run).last.is_file()
     _say(f"{run.name}: {'resuming' if resume else 'training'} mode {mode}, students {', '.join(students)}, "
          f"seed {seed}, {epochs} epoch(s)")
     train(tcfg, resume=resume)
@@ -173,7 +174,7 @@ def _teach(run: Path, cfg: DemoConfig, shards: Path) -> None:
         return
     tcfg = _run_config(run, "hard", (cfg.teacher,), cfg.teacher_epochs, cfg, shards, None, cfg.seed,
                        lr=cfg.teacher_lr, batch_size=cfg.teacher_batch_size, warmup_epochs=cfg.teacher_warmup_epochs)
-    resume = (run / "checkpoint-last.pt").is_file()
+    resume = RunDir(run).last.is_file()
     _say(f"{run.name}: {'resuming' if resume else 'training'} {cfg.teacher}, {cfg.teacher_epochs} epoch(s), batch "
          f"{tcfg.batch_size}, lr {tcfg.optim.lr}, warm-up {tcfg.optim.warmup_epochs} epoch(s), label smoothing "
          f"{cfg.teacher_label_smoothing}, zero-init residual {'on' if cfg.teacher_zero_init_residual else 'off'}")
@@ -237,7 +238,7 @@ def _run_stages(out: Path, cfg: DemoConfig) -> Path:
         build_shards(data, shards, classes=wnids, options=ShardOptions(shard_size=cfg.shard_size, seed=cfg.seed))
 
     teacher_run = runs / "teacher"
-    teacher_weights = final_weights_path(teacher_run, 0, cfg.teacher)
+    teacher_weights = RunDir(teacher_run).final_weights(0, cfg.teacher)
 
     def teach() -> None:
         _teach(teacher_run, cfg, shards)
@@ -284,7 +285,7 @@ def teacher_margin(teacher_run: Path, hard_runs: list[Path]) -> dict:
     from trainer.engine.metrics import read_metrics_file
 
     def final(run: Path):
-        return read_metrics_file((run / "metrics.jsonl").read_text(), str(run / "metrics.jsonl"))[-1]
+        return read_metrics_file(RunDir(run).metrics_path.read_text(), str(RunDir(run).metrics_path))[-1]
 
     teacher = final(teacher_run).students[0].val_top1
     per: dict[str, list[float]] = {}

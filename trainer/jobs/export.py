@@ -17,11 +17,13 @@ import numpy as np
 import torch
 
 from pipeline.core.errors import ConfigError, KdpipeError, MissingDataError
+from pipeline.core.atomic import atomic_replace
 from pipeline.core.outdir import claim_dir
 
-from trainer.engine.checkpoint import final_weights_path, load_safetensors_weights
+from trainer.engine.checkpoint import load_safetensors_weights
+from trainer.engine.rundir import RunDir
 from trainer.config import ExportConfig
-from trainer.engine.models import build_model
+from trainer.engine.models import rebuild_model
 
 EXPORT_MARKER = ".kdpipe-export"
 
@@ -38,23 +40,21 @@ def _require_onnx():
 
 def student_from_run(run: Path, index: int, name: str, num_classes: int) -> torch.nn.Module:
     """Student i of a finished run, rebuilt from its safetensors export (eval mode, CPU)."""
-    path = final_weights_path(run, index, name, ".safetensors")
-    state, meta = load_safetensors_weights(path)
-    model = build_model(name, num_classes)
-    model.load_state_dict(state)
-    return model.eval()
+    path = RunDir(run).final_weights(index, name, ".safetensors")
+    state, _ = load_safetensors_weights(path)
+    return rebuild_model(name, num_classes, state, path=path)
 
 
 def export_run(cfg: ExportConfig) -> list[Path]:
     """Write each student of cfg.run as ONNX into cfg.out (default: the run directory); returns the files."""
     ort = _require_onnx()
     run = Path(cfg.run)
-    config_file = run / "config.json"
+    config_file = RunDir(run).config_path
     if not config_file.is_file():
         raise MissingDataError(f"{config_file} not found; is {run} a `kdpipe train` run?")
     config = json.loads(config_file.read_text())
     for i, name in enumerate(config["students"]):
-        st = final_weights_path(run, i, name, ".safetensors")
+        st = RunDir(run).final_weights(i, name, ".safetensors")
         if not st.is_file():
             raise MissingDataError(f"{st} not found: the run has not finished (final weights are written after "
                                    f"its last epoch)")
@@ -63,13 +63,13 @@ def export_run(cfg: ExportConfig) -> list[Path]:
         claim_dir(out, EXPORT_MARKER, "exported models")
     written = []
     for i, name in enumerate(config["students"]):
-        st = final_weights_path(run, i, name, ".safetensors")
+        st = RunDir(run).final_weights(i, name, ".safetensors")
         _, meta = load_safetensors_weights(st)
         classes = json.loads(meta.get("classes", "[]"))
         model = student_from_run(run, i, name, len(classes))
         size = int(config.get("image_size", 224))
         x = torch.randn(cfg.batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
-        path = out / final_weights_path(run, i, name, ".onnx").name
+        path = out / RunDir(run).final_weights(i, name, ".onnx").name
         tmp = path.with_name(f".{path.name}.tmp")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -89,7 +89,7 @@ def export_run(cfg: ExportConfig) -> list[Path]:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        os.replace(tmp, path)
+        atomic_replace(tmp, path)
         written.append(path)
         print(f"{path}: {name}, {len(classes)} classes, input images (batch, 3, {size}, {size}); "
               f"max |onnx - torch| = {diff:.2e} on a batch of {cfg.batch_size}", flush=True)

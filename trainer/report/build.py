@@ -24,6 +24,7 @@ from trainer.report import plots
 from trainer.report import tables
 from trainer.report.assumptions import report_section
 from trainer.engine.metrics import EpochMetrics, StudentMetrics, read_metrics_path
+from trainer.engine.rundir import RunDir, directory_lock
 from trainer.report.teacher import sample_kinds, teacher_section, teacher_stats
 from trainer.report.views import teacher_views_section
 
@@ -93,7 +94,7 @@ class Run:
 def load_run(path: str | Path) -> Run:
     """Read RUN/config.json and RUN/metrics.jsonl; a later line for the same epoch (a resume) wins."""
     path = Path(path)
-    cfg_file, met_file = path / "config.json", path / "metrics.jsonl"
+    cfg_file, met_file = RunDir(path).config_path, RunDir(path).metrics_path
     for f in (cfg_file, met_file):
         if not f.is_file():
             raise MissingDataError(f"run {path}: {f.name} not found (is this a `kdpipe train --out` directory?)")
@@ -172,7 +173,7 @@ def check_cache_inputs(runs: list[Run], cache: str, shards: str) -> None:
             now["teacher_cache"] = {"path": cache, "fingerprint_sha256": fingerprint_sha256(tc.fingerprint)}
     if recorded.get("shards") and shards and (Path(shards) / "manifest.json").is_file():
         now["shards"] = {"path": shards, "manifest_sha256": manifest_sha256(shards)}
-    check_inputs({k: recorded[k] for k in now}, now, run.path / "config.json",
+    check_inputs({k: recorded[k] for k in now}, now, RunDir(run.path).config_path,
                  "the report would describe other data than the run's: restore the run's inputs")
 
 
@@ -238,7 +239,7 @@ def _teacher_arch(runs: list[Run], teacher: Run | None, cache: str | None) -> st
 def _run_line(r: Run, teacher: Run | None) -> str:
     rt = r.runtime
     parts = [f"mode {r.mode}", f"seed {r.seed}", f"students {', '.join(r.students)}", f"{len(r.epochs)} epoch(s)",
-             f"final epoch {r.final.epoch + 1} from `{r.path / 'metrics.jsonl'}`"]
+             f"final epoch {r.final.epoch + 1} from `{RunDir(r.path).metrics_path}`"]
     if rt.get("global_batch") is not None:
         parts.append(f"global batch {rt['global_batch']} = {rt.get('world_size', 1)} rank(s) x "
                      f"{rt.get('per_rank_batch', rt['global_batch'])}")
@@ -258,9 +259,18 @@ def write_report(run_dirs: list[str | Path], out: str | Path, *, teacher: str | 
                  views: bool = True) -> Path:
     """Build OUT/report.md (+ PNGs when matplotlib is there) from the runs; returns the report's path.
 
+    Holds OUT's writer lock (trainer.engine.rundir.directory_lock) throughout, whoever calls it (`kdpipe report`,
+    the demo): a second report into OUT, or a report into a run being trained, is a BusyError.
     learnable: the learnable dataset's tree (or its learnable.json) the shards came from, to split the
     teacher statistics into clean and ambiguous samples. appendix: markdown lines put at the end.
     views: draw the picture of the most and least confident training views (needs the shards)."""
+    with directory_lock(out):
+        return _write_report(run_dirs, Path(out), teacher=teacher, low_w=low_w, learnable=learnable,
+                             appendix=appendix, views=views)
+
+
+def _write_report(run_dirs: list[str | Path], out: Path, *, teacher: str | Path | None, low_w: float,
+                  learnable: str | Path | None, appendix: list[str] | None, views: bool) -> Path:
     if not run_dirs:
         raise ValueError("give at least one run directory")
     paths = [Path(p) for p in run_dirs]

@@ -2,10 +2,11 @@
 report keeps its tables)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
+
+from pipeline.core.atomic import atomic_replace
 
 
 def _pyplot():
@@ -96,4 +97,4 @@ def plot_w_hist(stats: dict, path: Path) -> bool:
 def _save_fig(fig, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    atomic_replace(tmp, path)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.core.entropy import entropy
+
 
 def teacher_stats(cache_path: str | Path, tau: float, low_w: float = 0.5,
                   kinds: np.ndarray | None = None) -> dict:
@@ -43,14 +45,6 @@ def teacher_stats(cache_path: str | Path, tau: float, low_w: float = 0.5,
 def _summary(w: np.ndarray, e1: np.ndarray, et: np.ndarray, low_w: float) -> dict:
     return {"count": int(w.shape[1]), "w_mean": float(w.mean()), "entropy_tau1": float(e1.mean()),
             "entropy_tau": float(et.mean()), "low_share": float((w < low_w).mean())}
-
-
-def entropy(logits: np.ndarray, tau: float) -> np.ndarray:
-    """Entropy (nats) of softmax(logits / tau) per row, in float64."""
-    z = logits.astype(np.float64) / tau
-    z -= z.max(axis=1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    return -(np.exp(logp) * logp).sum(axis=1)
 
 
 def read_description(path: str | Path) -> dict:

@@ -27,6 +27,7 @@ import torch
 
 from pipeline.core.augment import AugSpec, sample_params, val_geometry
 from pipeline.core.batch import IMAGENET_MEAN_255, IMAGENET_STD_255, host_to_device
+from pipeline.core.device import resolve_device
 from pipeline.core.errors import CorruptSampleError
 from pipeline.reader.backends.base import GREY, SkipLog, saturation_matrices
 
@@ -183,10 +184,8 @@ class DaliBackend:
                  skip_corrupt: bool = False):
         import_dali()
         self.index, self.spec, self.seed, self.train = index, spec, int(seed), bool(train)
-        self.device = torch.device(device)
+        self.device = resolve_device(device, flag="device")
         self.gpu = self.device.type == "cuda"
-        if self.gpu and not torch.cuda.is_available():
-            raise RuntimeError(f"device {self.device} asked for, but CUDA is not available")
         if normalize and dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"normalised output must be float16, bfloat16 or float32, not {dtype}")
         self.normalize, self.dtype = bool(normalize), (dtype if normalize else torch.uint8)
