@@ -27,7 +27,7 @@ from pipeline.core.version import __version__
 from pipeline.core.classes import load_class_list, wnid_names
 from pipeline.sources.imagenet import ImageNetTree, SourceFile, discover
 from pipeline.core.atomic import atomic_write_bytes, atomic_write_json
-from pipeline.core.errors import ConfigError, KdpipeError
+from pipeline.core.errors import ConfigError, OptionsMismatch
 from pipeline.core.locks import exclusive_lock
 from pipeline.core.names import tsv_text
 from pipeline.core.outdir import check_claimable, refuse_inside
@@ -60,10 +60,6 @@ class ShardReport:
     written: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
     changed: list[tuple[str, str]] = field(default_factory=list)  # (shard written again, a source that changed)
-
-
-class OptionsMismatch(KdpipeError, ValueError):
-    """The output directory was made with different options or inputs."""
 
 
 def shard_name(split: str, k: int) -> str:

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline.core.errors import KdpipeError
+from pipeline.core.errors import KdpipeError, NonFiniteLossError
 
 from trainer.engine import checkpoint as ck
 from trainer.config import TrainConfig, to_dict
@@ -30,10 +30,6 @@ from trainer.engine.models import build_model
 from trainer.engine.rundir import RunDir
 from trainer.engine.runtime import dist_info, resolve_device
 from trainer.engine.step import Distiller, StepStats, step_seed
-
-
-class NonFiniteLossError(KdpipeError, FloatingPointError):
-    """A loss term became NaN or inf; names the step and the term."""
 
 
 class StepLog:
