@@ -109,10 +109,7 @@ def synth(out, classes_file, num_classes, train_per_class, val_per_class, val_la
     from pipeline.core.errors import ConfigError
     from pipeline.sources.synthetic import make_imagenet_tree
 
-    try:
-        wnids = load_class_list(classes_file)
-    except ValueError as e:  # a malformed list: one line naming the file and line
-        raise ConfigError(str(e)) from e
+    wnids = load_class_list(classes_file)  # a malformed list: a ConfigError naming the file and line
     if num_classes is not None and not 1 <= num_classes <= len(wnids):
         raise ConfigError(f"--num-classes {num_classes}: the class list {classes_file or '(ImageNet-100)'} has "
                           f"{len(wnids)} classes; give 1..{len(wnids)}")
@@ -244,20 +241,15 @@ def cache_teacher_cmd(config_file, **params):
 def report(runs, out, teacher_run, low_w, learnable):
     """Write OUT/report.md (assumptions, Tables I-IV with verdicts, convergence, teacher uncertainty and its
     most/least confident views, accuracy per epoch) and PNG plots from RUNS; seeds of one mode are pooled."""
-    from pipeline.core.errors import KdpipeError
     from pipeline.core.locks import exclusive_lock
     from trainer.report.build import write_report
     from trainer.report.teacher import read_description
 
     if learnable is not None:  # a side input that cannot be read is refused before anything is written
         read_description(learnable)
-    try:  # one writer per directory: a report into a run being trained (or another report) is refused
-        with exclusive_lock(Path(out) / ".kdpipe.lock", f"directory {out}"):
-            path = write_report(list(runs), out, teacher=teacher_run, low_w=low_w, learnable=learnable)
-    except KdpipeError:
-        raise
-    except (FileNotFoundError, ValueError) as e:
-        raise click.ClickException(str(e)) from e
+    # one writer per directory: a report into a run being trained (or another report) is refused
+    with exclusive_lock(Path(out) / ".kdpipe.lock", f"directory {out}"):
+        path = write_report(list(runs), out, teacher=teacher_run, low_w=low_w, learnable=learnable)
     click.echo(f"wrote {path}")
 
 
@@ -373,10 +365,7 @@ def demo(out, preset, tiny, backend, device, seeds):
     cfg = PRESETS["tiny" if tiny else preset or "cpu"]
     given = {k: v for k, v in {"backend": backend, "device": device, "seeds": seeds}.items() if v is not None}
     cfg = dataclasses.replace(cfg, **given)
-    try:
-        path = run_demo(out, cfg)
-    except ValueError as e:
-        raise click.ClickException(str(e)) from e
+    path = run_demo(out, cfg)
     click.echo(f"report: {path}")
 
 
