@@ -75,15 +75,21 @@ def _debug(ctx: click.Context) -> bool:
 @click.group(cls=KdpipeGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="kdpipe")
 @click.option("--debug", is_flag=True, help="Show the full traceback of an error (also KDPIPE_DEBUG=1).")
-def main(debug: bool) -> None:
+@click.option("-v", "--verbose", is_flag=True, help="Also show debug messages.")
+@click.option("-q", "--quiet", is_flag=True, help="Show only warnings and errors: no progress, no info messages.")
+def main(debug: bool, verbose: bool, quiet: bool) -> None:
     """kdpipe: uncertainty-aware dual-student knowledge distillation on ImageNet-100."""
     import os
 
     from pipeline.core.errors import ConfigError
+    from pipeline.core.log import configure
 
     if debug_env() is None:
         raise ConfigError(f"KDPIPE_DEBUG={os.environ.get('KDPIPE_DEBUG')!r}: give 1, true, yes or on to show "
                           f"tracebacks, or 0, false, no or off (or unset it) for one-line errors")
+    if verbose and quiet:
+        raise ConfigError("give -v/--verbose or -q/--quiet, not both")
+    configure(1 if verbose else -1 if quiet else 0)  # messages go through logging (pipeline/core/log.py)
 
 
 @main.command()

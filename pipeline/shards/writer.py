@@ -29,6 +29,7 @@ from pipeline.sources.imagenet import ImageNetTree, SourceFile, discover
 from pipeline.core.atomic import atomic_write_bytes, atomic_write_json
 from pipeline.core.errors import ConfigError, OptionsMismatch
 from pipeline.core.locks import exclusive_lock
+from pipeline.core.log import get_logger
 from pipeline.core.names import tsv_text
 from pipeline.core.outdir import check_claimable, refuse_inside
 from pipeline.shards.options import ShardOptions
@@ -37,6 +38,8 @@ from pipeline.shards.image import Prepared, changed_source, prepare_many
 from pipeline.core.digest import file_sha256
 from pipeline.core.procs import ordered_map, usable_cores
 from pipeline.shards.tar_io import HashProcess, TarShardWriter, dali_index_text
+
+log = get_logger(__name__)
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
@@ -270,6 +273,7 @@ def build_split(tree: ImageNetTree, out: Path, split: str, opts: ShardOptions, w
             report.changed.append((shard_name(split, k), rel))
             done[k] = None
     todo = [f for k, (a, b) in spans if done[k] is None for f in files[a:b]]
+    log.debug(f"shard {split}: {len(files)} files in {len(spans)} shards, {len(todo)} to write, {workers} workers")
     work = partial(prepare_many, quality=opts.quality, max_side=opts.max_side)
     paths = (root_dir + f.rel for f in todo)
     from tqdm import tqdm

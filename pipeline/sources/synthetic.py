@@ -16,6 +16,9 @@ from PIL import Image
 
 from pipeline.core.classes import default_val_labels
 from pipeline.core.errors import ConfigError
+from pipeline.core.log import get_logger
+
+log = get_logger(__name__)
 
 # Kinds of odd-but-valid and broken files the generator can plant (class folder of the 1st class).
 ODDITIES = ("cmyk", "png_as_jpeg", "greyscale")
@@ -140,6 +143,7 @@ def make_imagenet_tree(
             rel = (f"val/{wnid}/ILSVRC2012_val_{wnid}_{n}.JPEG" if val_layout == "folders"
                    else f"val/{val_names[wnid][n]}")
             jobs.append(("val", wnid, rel))
+    log.debug(f"synth: {len(jobs)} images of {len(wnids)} classes into {root}")
     if progress:
         from tqdm import tqdm
 

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.core.errors import KdpipeError, NonFiniteLossError
+from pipeline.core.log import get_logger
 
 from trainer.engine import checkpoint as ck
 from trainer.config import TrainConfig, to_dict
@@ -30,6 +31,8 @@ from trainer.engine.models import build_model
 from trainer.engine.rundir import RunDir
 from trainer.engine.runtime import dist_info, resolve_device
 from trainer.engine.step import Distiller, StepStats, step_seed
+
+log = get_logger(__name__)
 
 
 class StepLog:
@@ -120,7 +123,7 @@ class Progress:
             self.bar.set_postfix_str(info, refresh=False)
             self.bar.update(steps)
         elif self.enabled and (self.done // self.every_line != before // self.every_line or self.done == self.total):
-            print(f"{self.desc} step {self.done}/{self.total} {info}", file=sys.stderr, flush=True)
+            log.info(f"{self.desc} step {self.done}/{self.total} {info}")
 
     def close(self) -> None:
         if self.bar is not None:
@@ -258,7 +261,7 @@ def _train(cfg: TrainConfig, run: RunDir, train_loader, val_loader, classes: lis
                 if tb is not None:
                     tb.epoch(record)
                 if progress:
-                    print(epoch_line(record, cfg.epochs), file=sys.stderr, flush=True)
+                    log.info(epoch_line(record, cfg.epochs))
             pos = Position(pos.epoch + 1, 0, pos.best, pos.teacher_val)  # the next epoch starts from nothing
             save(run.path / ck.LAST)
             if improved:
@@ -270,7 +273,7 @@ def _train(cfg: TrainConfig, run: RunDir, train_loader, val_loader, classes: lis
         for i, (name, m) in enumerate(zip(distiller.names, distiller.students)):
             ck.save_final_weights(run.path, i, name, m.state_dict(), classes)
         if progress and record is not None:
-            print(format_table(distiller.names, _val_of(record)), flush=True)
+            log.info(format_table(distiller.names, _val_of(record)))
     return {"stopped": False, "epochs": cfg.epochs, "final": record, "teacher_val": pos.teacher_val}
 
 

@@ -20,12 +20,15 @@ import torch
 from pipeline.core.atomic import atomic_write_text
 from pipeline.core.errors import CheckpointError, ConfigError
 from pipeline.core.locks import exclusive_lock
+from pipeline.core.log import get_logger
 from pipeline.cache.store import CacheLayout, TeacherCache, TeacherCacheWriter, cache_fingerprint
 
 from trainer.config import CacheTeacherConfig
 from trainer.engine.runtime import (barrier, dist_info, file_sha256, init_distributed, load_teacher, precision_dtype,
                       precision_name, teacher_forward)
 from trainer.jobs.train import per_rank_batch
+
+log = get_logger(__name__)
 
 __all__ = ["CacheTeacherConfig", "cache_teacher", "epoch_unit_logits", "write_units"]
 
@@ -248,4 +251,4 @@ def _record_skipped(out: str, skipped: list[tuple[int, int]], world: int, rank: 
         if path.is_file() else set()
     rows = sorted(old | set(skipped))
     atomic_write_text(path, "epoch\tsample_id\n" + "".join(f"{e}\t{i}\n" for e, i in rows))
-    print(f"cache-teacher: {len(rows)} corrupt (epoch, sample) views stored with w = 0, listed in {path}", flush=True)
+    log.warning(f"cache-teacher: {len(rows)} corrupt (epoch, sample) views stored with w = 0, listed in {path}")
