@@ -30,6 +30,7 @@ from pipeline.core.atomic import atomic_write_bytes, atomic_write_json
 from pipeline.core.errors import ConfigError, OptionsMismatch
 from pipeline.core.locks import exclusive_lock
 from pipeline.core.log import get_logger
+from pipeline.core.progress import progress_bar
 from pipeline.core.names import tsv_text
 from pipeline.core.outdir import check_claimable, refuse_inside
 from pipeline.shards.options import ShardOptions
@@ -276,10 +277,8 @@ def build_split(tree: ImageNetTree, out: Path, split: str, opts: ShardOptions, w
     log.debug(f"shard {split}: {len(files)} files in {len(spans)} shards, {len(todo)} to write, {workers} workers")
     work = partial(prepare_many, quality=opts.quality, max_side=opts.max_side)
     paths = (root_dir + f.rel for f in todo)
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(todo), desc=f"shard {split}", unit="img", disable=not progress or not todo,
-               dynamic_ncols=True, smoothing=0.05)
+    bar = progress_bar(total=len(todo), desc=f"shard {split}", unit="img", enabled=progress and bool(todo),
+                       dynamic_ncols=True, smoothing=0.05)
     stream = ordered_map(work, paths, workers, chunk=PREPARE_CHUNK)
     images = _counting(stream, bar)
     finisher = ThreadPoolExecutor(1, thread_name_prefix="shard-finish")

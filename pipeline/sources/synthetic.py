@@ -17,6 +17,7 @@ from PIL import Image
 from pipeline.core.classes import default_val_labels
 from pipeline.core.errors import ConfigError
 from pipeline.core.log import get_logger
+from pipeline.core.progress import progress_bar
 
 log = get_logger(__name__)
 
@@ -144,11 +145,7 @@ def make_imagenet_tree(
                    else f"val/{val_names[wnid][n]}")
             jobs.append(("val", wnid, rel))
     log.debug(f"synth: {len(jobs)} images of {len(wnids)} classes into {root}")
-    if progress:
-        from tqdm import tqdm
-
-        jobs = tqdm(jobs, desc="synth", unit="img")
-    for split, wnid, rel in jobs:
+    for split, wnid, rel in progress_bar(jobs, desc="synth", unit="img", enabled=progress):
         h, w = _size(rng, size)
         _write(root / rel, jpeg_bytes(synth_image(rng, h, w), quality))
         getattr(tree, split).setdefault(wnid, []).append(rel)

@@ -8,7 +8,6 @@ step log checks for non-finite losses, feeds TensorBoard, and the timer reads th
 from __future__ import annotations
 
 import resource
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from torch import nn
 
 from pipeline.core.errors import KdpipeError, NonFiniteLossError
 from pipeline.core.log import get_logger
+from pipeline.core.progress import progress_bar, show_bar
 
 from trainer.engine import checkpoint as ck
 from trainer.config import TrainConfig, to_dict
@@ -106,15 +106,15 @@ class StepTimer:
 
 
 class Progress:
-    """A tqdm bar per epoch on a terminal; plain lines (about ten an epoch) otherwise; silent off rank 0."""
+    """A tqdm bar per epoch on a terminal; plain lines (about ten an epoch) otherwise, so a log file gets no
+    redraws (the terminal decision is pipeline/core/progress.py's `show_bar`); silent off rank 0 and under -q."""
 
     def __init__(self, epoch: int, epochs: int, total: int, start: int, enabled: bool):
-        self.enabled, self.tty, self.total, self.done = enabled, sys.stderr.isatty(), total, start
+        self.enabled, self.total, self.done = enabled, total, start
         self.bar = None
         self.desc = f"epoch {epoch + 1}/{epochs}"
-        if enabled and self.tty:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=start, desc=self.desc, unit="step", leave=True)
+        if show_bar(enabled):
+            self.bar = progress_bar(total=total, initial=start, desc=self.desc, unit="step", leave=True)
         self.every_line = max(1, total // 10)
 
     def update(self, steps: int, info: str) -> None:

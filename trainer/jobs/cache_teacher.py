@@ -21,6 +21,7 @@ from pipeline.core.atomic import atomic_write_text
 from pipeline.core.errors import CheckpointError, ConfigError
 from pipeline.core.locks import exclusive_lock
 from pipeline.core.log import get_logger
+from pipeline.core.progress import progress_bar
 from pipeline.cache.store import CacheLayout, TeacherCache, TeacherCacheWriter, cache_fingerprint
 
 from trainer.config import CacheTeacherConfig
@@ -150,8 +151,6 @@ def write_units(model: torch.nn.Module, loader: Any, writer: TeacherCacheWriter,
 
 def cache_teacher(cfg: CacheTeacherConfig, *, on_unit: Callable[[int, int], Any] | None = None) -> Path:
     """Create or finish the store at cfg.out; under torchrun each rank writes its own units. Returns the path."""
-    from tqdm import tqdm
-
     from pipeline.core.augment import AugSpec
     from pipeline.reader.loader import ImageNet100Loader
 
@@ -188,7 +187,7 @@ def cache_teacher(cfg: CacheTeacherConfig, *, on_unit: Callable[[int, int], Any]
         desc = f"cache-teacher {cfg.teacher} ({precision_name(dtype)}, {loader.backend_name})"
         desc += f" rank {rank}/{world}" if world > 1 else ""
         skipped: list | None = [] if cfg.skip_corrupt else None
-        with tqdm(total=int(todo), unit="img", desc=desc, disable=not cfg.progress or rank != 0) as bar:
+        with progress_bar(total=int(todo), unit="img", desc=desc, enabled=cfg.progress and rank == 0) as bar:
             write_units(model, loader, writer, units, batch, dtype, bar.update, on_unit, skipped)
         if skipped is not None:
             _record_skipped(cfg.out, skipped, world, rank)
