@@ -21,14 +21,16 @@ def _error_names() -> set[str]:
 
 
 def _base_names(node: ast.ClassDef) -> set[str]:
-    return {b.id if isinstance(b, ast.Name) else b.attr for b in node.bases if isinstance(b, (ast.Name, ast.Attribute))}
+    return {b.id if isinstance(b, ast.Name) else b.attr for b in node.bases
+            if isinstance(b, (ast.Name, ast.Attribute))}
 
 
 def test_every_user_error_class_is_defined_in_errors_py():
     family = _error_names()
     assert {"KdpipeError", "NonFiniteLossError", "OptionsMismatch"} <= family
     elsewhere = [f"{p.relative_to(ROOT)}:{n.lineno} {n.name}" for p in _sources() if p != ERRORS_FILE
-                 for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, ast.ClassDef) and _base_names(n) & family]
+                 for n in ast.walk(ast.parse(p.read_text()))
+                 if isinstance(n, ast.ClassDef) and _base_names(n) & family]
     assert elsewhere == [], elsewhere
 
 

@@ -122,7 +122,8 @@ def sample_kinds(shards: str | Path, description: str | Path) -> np.ndarray:
                     kinds[int(meta["id"])] = ambiguous.get(meta["source"], {}).get("kind", "")
                     seen += 1
     if seen != len(kinds):
-        raise ShardFormatError(f"{shards}: found {seen} sample records in the train shards, manifest says {len(kinds)}")
+        raise ShardFormatError(f"{shards}: found {seen} sample records in the train shards, manifest says "
+                               f"{len(kinds)}")
     return kinds
 
 
