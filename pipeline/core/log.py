@@ -1,6 +1,6 @@
 """kdpipe's messages: one `logging` hierarchy under the "kdpipe" logger, configured only by the CLI.
 
-Each module takes `log = get_logger(__name__)` ("kdpipe.pipeline.shards.writer", ...), so one switch sets the
+Each module takes `logger = get_logger(__name__)` ("kdpipe.pipeline.shards.writer", ...), so one switch sets the
 level of all of kdpipe. `kdpipe` (trainer/cli.py) calls `configure`: INFO by default, DEBUG with -v, WARNING
 with -q, each record as its bare message on stderr, as the print() calls it replaced showed it. Library code
 configures nothing: a program that imports kdpipe sees warnings (Python's default) and chooses the rest, e.g.

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Iterator
 
 from pipeline.core.log import get_logger, quiet
 
-log = get_logger(__name__)
+logger = get_logger(__name__)
 
 PLAIN_EVERY_S = 60.0  # off a terminal: the least time between two plain progress lines
 
@@ -66,7 +66,7 @@ class PlainProgress:
 
     def _show(self) -> None:
         self._shown = self.n
-        log.info(self.line())
+        logger.info(self.line())
 
     def close(self) -> None:
         if self.enabled and self._shown is not None and self._shown != self.n:

@@ -40,7 +40,7 @@ from pipeline.core.digest import file_sha256
 from pipeline.core.procs import ordered_map, usable_cores
 from pipeline.shards.tar_io import HashProcess, TarShardWriter, dali_index_text
 
-log = get_logger(__name__)
+logger = get_logger(__name__)
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
@@ -274,7 +274,7 @@ def build_split(tree: ImageNetTree, out: Path, split: str, opts: ShardOptions, w
             report.changed.append((shard_name(split, k), rel))
             done[k] = None
     todo = [f for k, (a, b) in spans if done[k] is None for f in files[a:b]]
-    log.debug(f"shard {split}: {len(files)} files in {len(spans)} shards, {len(todo)} to write, {workers} workers")
+    logger.debug(f"shard {split}: {len(files)} files in {len(spans)} shards, {len(todo)} to write, {workers} workers")
     work = partial(prepare_many, quality=opts.quality, max_side=opts.max_side)
     paths = (root_dir + f.rel for f in todo)
     bar = progress_bar(total=len(todo), desc=f"shard {split}", unit="img", enabled=progress and bool(todo),

@@ -32,7 +32,7 @@ from trainer.engine.rundir import RunDir
 from trainer.engine.runtime import dist_info, resolve_device
 from trainer.engine.step import Distiller, StepStats, step_seed
 
-log = get_logger(__name__)
+logger = get_logger(__name__)
 
 
 class StepLog:
@@ -123,7 +123,7 @@ class Progress:
             self.bar.set_postfix_str(info, refresh=False)
             self.bar.update(steps)
         elif self.enabled and (self.done // self.every_line != before // self.every_line or self.done == self.total):
-            log.info(f"{self.desc} step {self.done}/{self.total} {info}")
+            logger.info(f"{self.desc} step {self.done}/{self.total} {info}")
 
     def close(self) -> None:
         if self.bar is not None:
@@ -261,7 +261,7 @@ def _train(cfg: TrainConfig, run: RunDir, train_loader, val_loader, classes: lis
                 if tb is not None:
                     tb.epoch(record)
                 if progress:
-                    log.info(epoch_line(record, cfg.epochs))
+                    logger.info(epoch_line(record, cfg.epochs))
             pos = Position(pos.epoch + 1, 0, pos.best, pos.teacher_val)  # the next epoch starts from nothing
             save(run.path / ck.LAST)
             if improved:
@@ -273,7 +273,7 @@ def _train(cfg: TrainConfig, run: RunDir, train_loader, val_loader, classes: lis
         for i, (name, m) in enumerate(zip(distiller.names, distiller.students)):
             ck.save_final_weights(run.path, i, name, m.state_dict(), classes)
         if progress and record is not None:
-            log.info(format_table(distiller.names, _val_of(record)))
+            logger.info(format_table(distiller.names, _val_of(record)))
     return {"stopped": False, "epochs": cfg.epochs, "final": record, "teacher_val": pos.teacher_val}
 
 

@@ -29,7 +29,7 @@ from trainer.engine.runtime import (barrier, dist_info, file_sha256, init_distri
                       precision_name, teacher_forward)
 from trainer.jobs.train import per_rank_batch
 
-log = get_logger(__name__)
+logger = get_logger(__name__)
 
 __all__ = ["CacheTeacherConfig", "cache_teacher", "epoch_unit_logits", "write_units"]
 
@@ -250,4 +250,4 @@ def _record_skipped(out: str, skipped: list[tuple[int, int]], world: int, rank: 
         if path.is_file() else set()
     rows = sorted(old | set(skipped))
     atomic_write_text(path, "epoch\tsample_id\n" + "".join(f"{e}\t{i}\n" for e, i in rows))
-    log.warning(f"cache-teacher: {len(rows)} corrupt (epoch, sample) views stored with w = 0, listed in {path}")
+    logger.warning(f"cache-teacher: {len(rows)} corrupt (epoch, sample) views stored with w = 0, listed in {path}")

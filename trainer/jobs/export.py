@@ -24,7 +24,7 @@ from trainer.engine.checkpoint import final_weights_path, load_safetensors_weigh
 from trainer.config import ExportConfig
 from trainer.engine.models import build_model
 
-log = get_logger(__name__)
+logger = get_logger(__name__)
 
 EXPORT_MARKER = ".kdpipe-export"
 
@@ -94,6 +94,6 @@ def export_run(cfg: ExportConfig) -> list[Path]:
             raise
         os.replace(tmp, path)
         written.append(path)
-        log.info(f"{path}: {name}, {len(classes)} classes, input images (batch, 3, {size}, {size}); "
+        logger.info(f"{path}: {name}, {len(classes)} classes, input images (batch, 3, {size}, {size}); "
                  f"max |onnx - torch| = {diff:.2e} on a batch of {cfg.batch_size}")
     return written
