@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import shutil
 
@@ -27,7 +28,8 @@ def _final(run) -> dict:
 
 
 @pytest.mark.slow
-def test_tiny_demo_end_to_end_seeds_and_resume(tmp_path, capsys):
+def test_tiny_demo_end_to_end_seeds_and_resume(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="kdpipe")  # the demo's "[demo] ..." lines are kdpipe's info messages
     out, runs = tmp_path / "demo", tmp_path / "demo" / "runs"
     report = run_demo(out, TINY)  # one seed, as `make demo`
     text = report.read_text()
@@ -49,11 +51,11 @@ def test_tiny_demo_end_to_end_seeds_and_resume(tmp_path, capsys):
 
     # --seeds 2 on the same directory: the shared stages and seed 0 are reused, seed 1 gets its own cache
     # (made for seed 1's views) and ladder; a lost run of seed 0 is redone identically.
-    capsys.readouterr()
+    caplog.clear()
     before = {m: _numbers(ladder_run(runs, m, 0)) for m in LADDER}
     shutil.rmtree(ladder_run(runs, "dual", 0))
     text = run_demo(out, dataclasses.replace(TINY, seeds=2)).read_text()
-    said = capsys.readouterr().out
+    said = "\n".join(r.getMessage() for r in caplog.records)
     assert said.count("finished earlier, skipped") == 1 + len(LADDER) - 1  # teacher + three seed-0 rungs
     assert "dual-s0: training mode dual" in said and "uw-kd-s1: training mode uw-kd" in said
     assert before == {m: _numbers(ladder_run(runs, m, 0)) for m in LADDER}

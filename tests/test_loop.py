@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from pipeline.core.batch import Batch
-from pipeline.core.errors import CheckpointError, ConfigError
+from pipeline.core.errors import CheckpointError, ConfigError, NonFiniteLossError
 from trainer.engine.checkpoint import BEST, LAST, load_checkpoint
 from trainer.config import lr_factor, make_config
-from trainer.engine.loop import NonFiniteLossError, run_training
+from trainer.engine.loop import run_training
 from trainer.engine.metrics import TIMING_FIELDS
 from trainer.engine.models import build_model
 from trainer.engine.rundir import CONFIG, RunDir

@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from pipeline.reader.index import INDEX_DTYPE
-from pipeline.shards.writer import OptionsMismatch, ShardOptions, build_shards, manifest_sha256, read_manifest
+from pipeline.core.errors import OptionsMismatch
+from pipeline.shards.writer import ShardOptions, build_shards, manifest_sha256, read_manifest
 from pipeline.sources.synthetic import make_imagenet_tree
 
 OPTS = ShardOptions(shard_size=5)

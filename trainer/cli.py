@@ -75,15 +75,21 @@ def _debug(ctx: click.Context) -> bool:
 @click.group(cls=KdpipeGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="kdpipe")
 @click.option("--debug", is_flag=True, help="Show the full traceback of an error (also KDPIPE_DEBUG=1).")
-def main(debug: bool) -> None:
+@click.option("-v", "--verbose", is_flag=True, help="Also show debug messages.")
+@click.option("-q", "--quiet", is_flag=True, help="Show only warnings and errors: no progress, no info messages.")
+def main(debug: bool, verbose: bool, quiet: bool) -> None:
     """kdpipe: uncertainty-aware dual-student knowledge distillation on ImageNet-100."""
     import os
 
     from pipeline.core.errors import ConfigError
+    from pipeline.core.log import configure
 
     if debug_env() is None:
         raise ConfigError(f"KDPIPE_DEBUG={os.environ.get('KDPIPE_DEBUG')!r}: give 1, true, yes or on to show "
                           f"tracebacks, or 0, false, no or off (or unset it) for one-line errors")
+    if verbose and quiet:
+        raise ConfigError("give -v/--verbose or -q/--quiet, not both")
+    configure(1 if verbose else -1 if quiet else 0)  # messages go through logging (pipeline/core/log.py)
 
 
 @main.command()
@@ -109,10 +115,7 @@ def synth(out, classes_file, num_classes, train_per_class, val_per_class, val_la
     from pipeline.core.errors import ConfigError
     from pipeline.sources.synthetic import make_imagenet_tree
 
-    try:
-        wnids = load_class_list(classes_file)
-    except ValueError as e:  # a malformed list: one line naming the file and line
-        raise ConfigError(str(e)) from e
+    wnids = load_class_list(classes_file)  # a malformed list: a ConfigError naming the file and line
     if num_classes is not None and not 1 <= num_classes <= len(wnids):
         raise ConfigError(f"--num-classes {num_classes}: the class list {classes_file or '(ImageNet-100)'} has "
                           f"{len(wnids)} classes; give 1..{len(wnids)}")
@@ -244,18 +247,13 @@ def cache_teacher_cmd(config_file, **params):
 def report(runs, out, teacher_run, low_w, learnable):
     """Write OUT/report.md (assumptions, Tables I-IV with verdicts, convergence, teacher uncertainty and its
     most/least confident views, accuracy per epoch) and PNG plots from RUNS; seeds of one mode are pooled."""
-    from pipeline.core.errors import KdpipeError
     from trainer.report.build import write_report
     from trainer.report.teacher import read_description
 
     if learnable is not None:  # a side input that cannot be read is refused before anything is written
         read_description(learnable)
-    try:  # write_report takes OUT's lock: a report into a run being trained (or another report) is refused
-        path = write_report(list(runs), out, teacher=teacher_run, low_w=low_w, learnable=learnable)
-    except KdpipeError:
-        raise
-    except (FileNotFoundError, ValueError) as e:
-        raise click.ClickException(str(e)) from e
+    # write_report takes OUT's lock: a report into a run being trained (or another report) is refused
+    path = write_report(list(runs), out, teacher=teacher_run, low_w=low_w, learnable=learnable)
     click.echo(f"wrote {path}")
 
 
@@ -370,10 +368,7 @@ def demo(out, preset, tiny, backend, device, seeds):
     cfg = PRESETS["tiny" if tiny else preset or "cpu"]
     given = {k: v for k, v in {"backend": backend, "device": device, "seeds": seeds}.items() if v is not None}
     cfg = dataclasses.replace(cfg, **given)
-    try:
-        path = run_demo(out, cfg)
-    except ValueError as e:
-        raise click.ClickException(str(e)) from e
+    path = run_demo(out, cfg)
     click.echo(f"report: {path}")
 
 

@@ -16,6 +16,7 @@ from typing import Callable, Literal
 import numpy as np
 
 from pipeline.core.digest import bytes_sha256
+from pipeline.core.errors import ConfigError
 
 CROP_TRIES = 10  # torchvision's RandomResizedCrop tries this many random crops before the fallback
 
@@ -76,7 +77,7 @@ class AugSpec:
         if self.val_resize < self.image_size:
             problems.append(f"val_resize ({self.val_resize}) must be >= image_size ({self.image_size})")
         if problems:
-            raise ValueError("invalid AugSpec: " + "; ".join(problems))
+            raise ConfigError("invalid AugSpec: " + "; ".join(problems))
 
     def fingerprint(self) -> str:
         """A stable hash of every field and the RNG version: part of every teacher-cache key."""

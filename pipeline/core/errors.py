@@ -32,6 +32,16 @@ class DataError(KdpipeError):
     """Input data (tree, shards, index, manifest, teacher cache, checkpoint) missing, malformed or damaged."""
 
 
+class OptionsMismatch(KdpipeError, ValueError):
+    """A shard output directory made with different options or inputs than this run's (`kdpipe shard`); names
+    what differs. Rerun with the same options, or with --overwrite to shard everything anew."""
+
+
+class NonFiniteLossError(KdpipeError, FloatingPointError):
+    """A training loss term became NaN or inf; names the global step, epoch, student and term, and the last good
+    checkpoint."""
+
+
 class MissingDataError(DataError, FileNotFoundError):
     """A file or directory the job needs is not there."""
 

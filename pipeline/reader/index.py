@@ -290,7 +290,7 @@ def manifest_sha256(shard_dir: str | Path) -> str:
         return fetch_manifest(shard_dir)[1]
     path = Path(shard_dir) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no manifest")
+        raise MissingDataError(f"{path}: no manifest")
     return file_sha256(path)
 
 

@@ -41,7 +41,7 @@ def dali_available() -> bool:
 def choose_backend(name: str, device: torch.device) -> str:
     """'auto' -> 'dali' when DALI is installed and the device is a CUDA GPU, else 'torch'."""
     if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {name!r}")
+        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {name!r}")
     if name == "auto":
         return "dali" if device.type == "cuda" and torch.cuda.is_available() and dali_available() else "torch"
     return name
@@ -94,11 +94,11 @@ class ImageNet100Loader:
                  view_epochs: int | None = None, shuffle_buffer: int | None = None, decode_device: str = "auto",
                  prefetch: int | None = None):
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+            raise ConfigError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if num_workers is not None and num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+            raise ConfigError(f"num_workers must be >= 0, got {num_workers}")
         dtype = check_dtype(dtype)
         if spec is not None and not isinstance(spec, AugSpec):
             raise TypeError(f"spec must be an AugSpec, got {type(spec).__name__}")
@@ -128,21 +128,21 @@ class ImageNet100Loader:
         self.drop_last = self.train if drop_last is None else drop_last
         self.normalize, self.dtype, self.skip_corrupt = normalize, dtype, skip_corrupt
         if teacher_cache is not None and not self.train:
-            raise ValueError(f"teacher_cache holds logits of training views; split {split!r} has none")
+            raise ConfigError(f"teacher_cache holds logits of training views; split {split!r} has none")
         if teacher_cache is not None:
             from pipeline.cache.store import open_cache
 
             teacher_cache = open_cache(teacher_cache)
         self.teacher_cache = teacher_cache
         if self.teacher_cache is not None and view_epochs not in (None, self.teacher_cache.epochs):
-            raise ValueError(f"view_epochs={view_epochs} disagrees with the teacher cache's "
+            raise ConfigError(f"view_epochs={view_epochs} disagrees with the teacher cache's "
                              f"{self.teacher_cache.epochs}")
         if view_epochs is not None and view_epochs < 1:
-            raise ValueError(f"view_epochs must be >= 1, got {view_epochs}")
+            raise ConfigError(f"view_epochs must be >= 1, got {view_epochs}")
         self.view_epochs = view_epochs if self.teacher_cache is None else self.teacher_cache.epochs
         cached = getattr(self.teacher_cache, "num_samples", len(self.index))
         if cached != len(self.index):
-            raise ValueError(f"teacher cache has {self.teacher_cache.num_samples} samples, "
+            raise ConfigError(f"teacher cache has {self.teacher_cache.num_samples} samples, "
                              f"split {split!r} of {shards} has {len(self.index)}")
         self.num_workers = usable_cores() if num_workers is None else num_workers
         extra = {}

@@ -29,6 +29,7 @@ from pipeline.reader.index import MANIFEST, load_index, read_manifest, shard_fil
 from pipeline.shards.image import jpeg_frame, jpeg_problem
 from pipeline.core.digest import file_sha256
 from pipeline.core.procs import ordered_map, usable_cores
+from pipeline.core.progress import progress_bar
 from pipeline.shards.tar_io import dali_index_text
 
 EXTS = ("jpg", "cls", "json", "i64")
@@ -170,9 +171,7 @@ def verify_shards(shard_dir: str | Path, workers: int | None = None, progress: b
             tasks.append((path, entry, sl, entry["first_id"]))
             result.samples += entry["count"]
     result.shards = len(tasks)
-    from tqdm import tqdm
-
     results = ordered_map(_verify_chunk, tasks, workers or usable_cores(), chunk=1, window=2)
-    for problems in tqdm(results, total=len(tasks), desc="verify", unit="shard", disable=not progress):
+    for problems in progress_bar(results, total=len(tasks), desc="verify", unit="shard", enabled=progress):
         result.problems += problems
     return result

@@ -26,8 +26,10 @@ from pipeline.core.version import __version__
 from pipeline.core.classes import load_class_list, wnid_names
 from pipeline.sources.imagenet import ImageNetTree, SourceFile, discover
 from pipeline.core.atomic import atomic_write_bytes, atomic_write_json
-from pipeline.core.errors import ConfigError, KdpipeError
+from pipeline.core.errors import ConfigError, OptionsMismatch
 from pipeline.core.locks import exclusive_lock
+from pipeline.core.log import get_logger
+from pipeline.core.progress import progress_bar
 from pipeline.core.names import tsv_text
 from pipeline.core.outdir import check_claimable, refuse_inside
 from pipeline.shards.options import ShardOptions
@@ -36,6 +38,8 @@ from pipeline.shards.image import Prepared, changed_source, prepare_many
 from pipeline.core.digest import bytes_sha256, file_sha256
 from pipeline.core.procs import ordered_map, usable_cores
 from pipeline.shards.tar_io import HashProcess, TarShardWriter, dali_index_text
+
+logger = get_logger(__name__)
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
@@ -59,10 +63,6 @@ class ShardReport:
     written: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
     changed: list[tuple[str, str]] = field(default_factory=list)  # (shard written again, a source that changed)
-
-
-class OptionsMismatch(KdpipeError, ValueError):
-    """The output directory was made with different options or inputs."""
 
 
 def shard_name(split: str, k: int) -> str:
@@ -273,12 +273,11 @@ def build_split(tree: ImageNetTree, out: Path, split: str, opts: ShardOptions, w
             report.changed.append((shard_name(split, k), rel))
             done[k] = None
     todo = [f for k, (a, b) in spans if done[k] is None for f in files[a:b]]
+    logger.debug(f"shard {split}: {len(files)} files in {len(spans)} shards, {len(todo)} to write, {workers} workers")
     work = partial(prepare_many, quality=opts.quality, max_side=opts.max_side)
     paths = (root_dir + f.rel for f in todo)
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(todo), desc=f"shard {split}", unit="img", disable=not progress or not todo,
-               dynamic_ncols=True, smoothing=0.05)
+    bar = progress_bar(total=len(todo), desc=f"shard {split}", unit="img", enabled=progress and bool(todo),
+                       dynamic_ncols=True, smoothing=0.05)
     stream = ordered_map(work, paths, workers, chunk=PREPARE_CHUNK)
     images = _counting(stream, bar)
     finisher = ThreadPoolExecutor(1, thread_name_prefix="shard-finish")

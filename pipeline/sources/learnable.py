@@ -25,6 +25,7 @@ import numpy as np
 from pipeline.core.atomic import atomic_write_json
 from pipeline.core.classes import imagenet100_wnids
 from pipeline.core.errors import ConfigError
+from pipeline.core.progress import progress_bar
 from pipeline.sources.synthetic import check_tree_args, claim_tree, jpeg_bytes
 
 SHAPES = ("disk", "square", "triangle", "ring", "cross", "dumbbell", "star", "bar", "crescent", "frame")
@@ -297,17 +298,10 @@ def _write_split(tree: LearnableTree, split: str, labels: np.ndarray, rels: list
             path.write_bytes(jpeg_bytes(img[i], quality))
         return len(lab)
 
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(labels), desc=f"learnable {split}", unit="img")
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool, \
+            progress_bar(total=len(labels), desc=f"learnable {split}", unit="img", enabled=progress) as bar:
         for done in pool.map(one_chunk, range(len(chunk_ss))):
-            if bar is not None:
-                bar.update(done)
-    if bar is not None:
-        bar.close()
+            bar.update(done)
     for i, rel in enumerate(rels):
         getattr(tree, split).setdefault(tree.wnids[labels[i]], []).append(rel)
         if kinds[i]:

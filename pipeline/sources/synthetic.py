@@ -16,6 +16,10 @@ from PIL import Image
 
 from pipeline.core.classes import default_val_labels
 from pipeline.core.errors import ConfigError
+from pipeline.core.log import get_logger
+from pipeline.core.progress import progress_bar
+
+logger = get_logger(__name__)
 
 # Kinds of odd-but-valid and broken files the generator can plant (class folder of the 1st class).
 ODDITIES = ("cmyk", "png_as_jpeg", "greyscale")
@@ -140,11 +144,8 @@ def make_imagenet_tree(
             rel = (f"val/{wnid}/ILSVRC2012_val_{wnid}_{n}.JPEG" if val_layout == "folders"
                    else f"val/{val_names[wnid][n]}")
             jobs.append(("val", wnid, rel))
-    if progress:
-        from tqdm import tqdm
-
-        jobs = tqdm(jobs, desc="synth", unit="img")
-    for split, wnid, rel in jobs:
+    logger.debug(f"synth: {len(jobs)} images of {len(wnids)} classes into {root}")
+    for split, wnid, rel in progress_bar(jobs, desc="synth", unit="img", enabled=progress):
         h, w = _size(rng, size)
         _write(root / rel, jpeg_bytes(synth_image(rng, h, w), quality))
         getattr(tree, split).setdefault(wnid, []).append(rel)

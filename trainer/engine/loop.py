@@ -8,7 +8,6 @@ step log checks for non-finite losses, feeds TensorBoard, and the timer reads th
 from __future__ import annotations
 
 import resource
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -18,7 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.core.errors import KdpipeError
+from pipeline.core.errors import KdpipeError, NonFiniteLossError
+from pipeline.core.log import get_logger
+from pipeline.core.progress import progress_bar, show_bar
 
 from trainer.engine import checkpoint as ck
 from trainer.config import TrainConfig, to_dict
@@ -30,9 +31,7 @@ from trainer.engine.rundir import RunDir
 from trainer.engine.runtime import all_gather_list, dist_info, resolve_device
 from trainer.engine.step import Distiller, StepStats, step_seed
 
-
-class NonFiniteLossError(KdpipeError, FloatingPointError):
-    """A loss term became NaN or inf; names the step and the term."""
+logger = get_logger(__name__)
 
 
 class StepLog:
@@ -106,15 +105,15 @@ class StepTimer:
 
 
 class Progress:
-    """A tqdm bar per epoch on a terminal; plain lines (about ten an epoch) otherwise; silent off rank 0."""
+    """A tqdm bar per epoch on a terminal; plain lines (about ten an epoch) otherwise, so a log file gets no
+    redraws (the terminal decision is pipeline/core/progress.py's `show_bar`); silent off rank 0 and under -q."""
 
     def __init__(self, epoch: int, epochs: int, total: int, start: int, enabled: bool):
-        self.enabled, self.tty, self.total, self.done = enabled, sys.stderr.isatty(), total, start
+        self.enabled, self.total, self.done = enabled, total, start
         self.bar = None
         self.desc = f"epoch {epoch + 1}/{epochs}"
-        if enabled and self.tty:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=start, desc=self.desc, unit="step", leave=True)
+        if show_bar(enabled):
+            self.bar = progress_bar(total=total, initial=start, desc=self.desc, unit="step", leave=True)
         self.every_line = max(1, total // 10)
 
     def update(self, steps: int, info: str) -> None:
@@ -123,7 +122,7 @@ class Progress:
             self.bar.set_postfix_str(info, refresh=False)
             self.bar.update(steps)
         elif self.enabled and (self.done // self.every_line != before // self.every_line or self.done == self.total):
-            print(f"{self.desc} step {self.done}/{self.total} {info}", file=sys.stderr, flush=True)
+            logger.info(f"{self.desc} step {self.done}/{self.total} {info}")
 
     def close(self) -> None:
         if self.bar is not None:
@@ -253,7 +252,7 @@ def _train(cfg: TrainConfig, run: RunDir, train_loader, val_loader, classes: lis
                 if tb is not None:
                     tb.epoch(record)
                 if progress:
-                    print(epoch_line(record, cfg.epochs), file=sys.stderr, flush=True)
+                    logger.info(epoch_line(record, cfg.epochs))
             pos = Position(pos.epoch + 1, 0, pos.best, pos.teacher_val)  # the next epoch starts from nothing
             save(run.path / ck.LAST)
             if improved:
@@ -265,7 +264,7 @@ def _train(cfg: TrainConfig, run: RunDir, train_loader, val_loader, classes: lis
         for i, (name, m) in enumerate(zip(distiller.names, distiller.students)):
             ck.save_final_weights(run.path, i, name, m.state_dict(), classes)
         if progress and record is not None:
-            print(format_table(distiller.names, _val_of(record)), flush=True)
+            logger.info(format_table(distiller.names, _val_of(record)))
     return {"stopped": False, "epochs": cfg.epochs, "final": record, "teacher_val": pos.teacher_val}
 
 

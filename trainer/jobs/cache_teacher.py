@@ -20,12 +20,16 @@ import torch
 from pipeline.core.atomic import atomic_write_text
 from pipeline.core.errors import CheckpointError, ConfigError
 from pipeline.core.locks import exclusive_lock
+from pipeline.core.log import get_logger
+from pipeline.core.progress import progress_bar
 from pipeline.cache.store import CacheLayout, TeacherCache, TeacherCacheWriter, cache_fingerprint
 
 from trainer.config import CacheTeacherConfig
 from trainer.engine.runtime import (all_gather_list, barrier, dist_info, file_sha256, init_distributed,
                                     load_teacher, precision_dtype, precision_name, teacher_forward)
 from trainer.jobs.train import per_rank_batch
+
+logger = get_logger(__name__)
 
 __all__ = ["CacheTeacherConfig", "cache_teacher", "epoch_unit_logits", "write_units"]
 
@@ -147,8 +151,6 @@ def write_units(model: torch.nn.Module, loader: Any, writer: TeacherCacheWriter,
 
 def cache_teacher(cfg: CacheTeacherConfig, *, on_unit: Callable[[int, int], Any] | None = None) -> Path:
     """Create or finish the store at cfg.out; under torchrun each rank writes its own units. Returns the path."""
-    from tqdm import tqdm
-
     from pipeline.core.augment import AugSpec
     from pipeline.reader.loader import ImageNet100Loader
 
@@ -185,7 +187,7 @@ def cache_teacher(cfg: CacheTeacherConfig, *, on_unit: Callable[[int, int], Any]
         desc = f"cache-teacher {cfg.teacher} ({precision_name(dtype)}, {loader.backend_name})"
         desc += f" rank {rank}/{world}" if world > 1 else ""
         skipped: list | None = [] if cfg.skip_corrupt else None
-        with tqdm(total=int(todo), unit="img", desc=desc, disable=not cfg.progress or rank != 0) as bar:
+        with progress_bar(total=int(todo), unit="img", desc=desc, enabled=cfg.progress and rank == 0) as bar:
             write_units(model, loader, writer, units, batch, dtype, bar.update, on_unit, skipped)
         if skipped is not None:
             _record_skipped(cfg.out, skipped, rank)
@@ -245,4 +247,4 @@ def _record_skipped(out: str, skipped: list[tuple[int, int]], rank: int) -> None
         if path.is_file() else set()
     rows = sorted(old | set(skipped))
     atomic_write_text(path, "epoch\tsample_id\n" + "".join(f"{e}\t{i}\n" for e, i in rows))
-    print(f"cache-teacher: {len(rows)} corrupt (epoch, sample) views stored with w = 0, listed in {path}", flush=True)
+    logger.warning(f"cache-teacher: {len(rows)} corrupt (epoch, sample) views stored with w = 0, listed in {path}")

@@ -26,8 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.core.atomic import atomic_write_json
+from pipeline.core.log import get_logger
 
 from trainer.engine.rundir import RunDir
+
+logger = get_logger(__name__)
 
 LADDER = ("hard", "kd", "uw-kd", "dual")
 
@@ -91,7 +94,7 @@ def uses_recipe_loop(cfg: DemoConfig) -> bool:
 
 
 def _say(msg: str) -> None:
-    print(f"[demo] {msg}", flush=True)
+    logger.info(f"[demo] {msg}")
 
 
 # Settings that may change between invocations on one directory: more or fewer seeds reuse the shared stages.
@@ -268,7 +271,7 @@ def _run_stages(out: Path, cfg: DemoConfig) -> Path:
     margin = teacher_margin(teacher_run, [ladder_run(runs, "hard", s) for s in seed_list(cfg)])
     atomic_write_json(out / "timings.json", {"stages": dict(timings), "total_s": total, "teacher_margin": margin})
     text = report_path[0].read_text()
-    print(text[text.index("## Table I"):text.index("## Table II")].rstrip(), flush=True)
+    logger.info(text[text.index("## Table I"):text.index("## Table II")].rstrip())
     _say(f"teacher top-1 {margin['teacher_top1']:.2f} %, best hard-label student {margin['best_hard']} "
          f"{margin['best_hard_top1']:.2f} % (mean over seeds): margin {margin['margin']:+.2f} points "
          f"(a teacher worth distilling leads by >= {MIN_TEACHER_MARGIN:g})")

@@ -18,12 +18,15 @@ import torch
 
 from pipeline.core.errors import ConfigError, KdpipeError, MissingDataError
 from pipeline.core.atomic import atomic_replace
+from pipeline.core.log import get_logger
 from pipeline.core.outdir import claim_dir
 
 from trainer.engine.checkpoint import load_safetensors_weights
 from trainer.engine.rundir import RunDir
 from trainer.config import ExportConfig
 from trainer.engine.models import rebuild_model
+
+logger = get_logger(__name__)
 
 EXPORT_MARKER = ".kdpipe-export"
 
@@ -91,6 +94,6 @@ def export_run(cfg: ExportConfig) -> list[Path]:
             raise
         atomic_replace(tmp, path)
         written.append(path)
-        print(f"{path}: {name}, {len(classes)} classes, input images (batch, 3, {size}, {size}); "
-              f"max |onnx - torch| = {diff:.2e} on a batch of {cfg.batch_size}", flush=True)
+        logger.info(f"{path}: {name}, {len(classes)} classes, input images (batch, 3, {size}, {size}); "
+                 f"max |onnx - torch| = {diff:.2e} on a batch of {cfg.batch_size}")
     return written

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.core.errors import ConfigError, KdpipeError
+from pipeline.core.log import get_logger
 
 from trainer.engine import checkpoint as ck
 from trainer.config import TrainConfig, lr_factor, to_dict
@@ -32,6 +33,8 @@ from trainer.engine.models import _Residual, build_model
 from trainer.engine.rundir import RunDir
 from trainer.engine.runtime import autocast, precision_dtype, resolve_device
 from trainer.engine.step import param_groups, step_seed
+
+logger = get_logger(__name__)
 
 RECIPE_KEY = "teacher_recipe"  # config.json: runtime.teacher_recipe.{label_smoothing, zero_init_residual}
 
@@ -143,8 +146,8 @@ def _epochs(cfg: TrainConfig, run: RunDir, train_loader, val_loader, classes: li
         record = _one_epoch(cfg, model, step, sched, train_loader, val_loader, epoch, steps, device, dtype)
         run.append_metrics(record)
         if progress:
-            print(f"[teacher] epoch {epoch + 1}/{cfg.epochs}: loss {record.students[0].loss:.3f}, val top-1 "
-                  f"{record.val_ensemble_top1:.2f} %, {record.images_per_s:.0f} img/s", flush=True)
+            logger.info(f"[teacher] epoch {epoch + 1}/{cfg.epochs}: loss {record.students[0].loss:.3f}, val top-1 "
+                     f"{record.val_ensemble_top1:.2f} %, {record.images_per_s:.0f} img/s")
         ck.atomic_torch_save({"format": ck.CHECKPOINT_FORMAT, "config": to_dict(cfg), "runtime": runtime,
                               "classes": classes, "epoch": epoch + 1, "step": 0, "best": -1.0, "teacher_val": None,
                               "accum": None, "timing": [0.0, 0.0], "skipped": [],
@@ -156,9 +159,8 @@ def _epochs(cfg: TrainConfig, run: RunDir, train_loader, val_loader, classes: li
             return {"stopped": True, "epochs": epoch + 1, "final": record}
     ck.save_final_weights(run.path, 0, name, model.state_dict(), classes)
     if progress and record is not None:
-        print(format_table([name], {"top1": [record.val_ensemble_top1], "top5": [record.val_ensemble_top5],
-                                    "ensemble_top1": None, "ensemble_top5": None, "count": record.val_images}),
-              flush=True)
+        logger.info(format_table([name], {"top1": [record.val_ensemble_top1], "top5": [record.val_ensemble_top5],
+                                       "ensemble_top1": None, "ensemble_top5": None, "count": record.val_images}))
     return {"stopped": False, "epochs": cfg.epochs, "final": record}
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.core.atomic import atomic_write_text
-from pipeline.core.errors import MissingDataError, RunFormatError
+from pipeline.core.errors import ConfigError, MissingDataError, RunFormatError
 from pipeline.sources.learnable import DESCRIPTION_FILE
 from pipeline.core.outdir import claim_dir
 
@@ -272,7 +272,7 @@ def write_report(run_dirs: list[str | Path], out: str | Path, *, teacher: str | 
 def _write_report(run_dirs: list[str | Path], out: Path, *, teacher: str | Path | None, low_w: float,
                   learnable: str | Path | None, appendix: list[str] | None, views: bool) -> Path:
     if not run_dirs:
-        raise ValueError("give at least one run directory")
+        raise ConfigError("give at least one run directory")
     paths = [Path(p) for p in run_dirs]
     if teacher is not None and Path(teacher).resolve() not in {p.resolve() for p in paths}:
         paths.insert(0, Path(teacher))

@@ -19,6 +19,7 @@ def teacher_stats(cache_path: str | Path, tau: float, low_w: float = 0.5,
     kinds: optional label per train sample id ("" = clean, else the ambiguity kind); adds a per-kind breakdown.
     """
     from pipeline.cache.store import TeacherCache
+    from pipeline.core.errors import RunFormatError
 
     with TeacherCache(cache_path, prefetch=False) as cache:
         cache.check_complete()
@@ -34,7 +35,7 @@ def teacher_stats(cache_path: str | Path, tau: float, low_w: float = 0.5,
            "log_c": math.log(c), "w": w.ravel(), "all": _summary(w, e1, et, low_w), "by_kind": {}}
     if kinds is not None:
         if len(kinds) != n:
-            raise ValueError(f"{len(kinds)} sample kinds for a cache of {n} samples")
+            raise RunFormatError(f"{cache_path}: {len(kinds)} sample kinds for a cache of {n} samples")
         for kind in sorted(set(kinds.tolist()), key=lambda k: (k != "", k)):
             sel = kinds == kind
             out["by_kind"][kind or "clean"] = _summary(w[:, sel], e1[:, sel], et[:, sel], low_w)
@@ -74,7 +75,7 @@ def sample_kinds(shards: str | Path, description: str | Path) -> np.ndarray:
     it and the shards kept their bytes, the same JPEG bytes (crc32) for the first samples."""
     import zlib
 
-    from pipeline.core.errors import RunFormatError
+    from pipeline.core.errors import RunFormatError, ShardFormatError
     from pipeline.reader.index import read_manifest
 
     from pipeline.sources.learnable import DESCRIPTION_FILE
@@ -115,7 +116,8 @@ def sample_kinds(shards: str | Path, description: str | Path) -> np.ndarray:
                     kinds[int(meta["id"])] = ambiguous.get(meta["source"], {}).get("kind", "")
                     seen += 1
     if seen != len(kinds):
-        raise ValueError(f"{shards}: found {seen} sample records in the train shards, manifest says {len(kinds)}")
+        raise ShardFormatError(f"{shards}: found {seen} sample records in the train shards, manifest says "
+                               f"{len(kinds)}")
     return kinds
 
 
