@@ -17,13 +17,15 @@ from typing import Any, Literal
 
 from pipeline.core.augment import ValResize
 from pipeline.core.errors import ConfigError
+from pipeline.reader.backends.registry import backend_choices
 from pipeline.shards.options import ShardOptions
 
 
 
 def opt(default: Any = dataclasses.MISSING, help: str = "", **meta: Any) -> Any:
     """A dataclass field with its CLI help (and options-generator hints: flag=, path=, cli=False, required=,
-    preset=, min=). `default` may be a zero-argument callable for a mutable default."""
+    preset=, min=, choices= a zero-argument callable giving the accepted values, read when used). `default` may
+    be a zero-argument callable for a mutable default."""
     kw: dict[str, Any] = {"metadata": {"help": help, **meta}}
     if callable(default):
         kw["default_factory"] = default
@@ -32,7 +34,7 @@ def opt(default: Any = dataclasses.MISSING, help: str = "", **meta: Any) -> Any:
     return field(**kw)
 
 
-Backend = Literal["auto", "dali", "torch"]
+Backend = str  # "auto" or a registered backend (pipeline/reader/backends/registry.py): choices=backend_choices
 Direction = Literal["forward", "reverse"]  # of the KL terms (trainer/engine/losses.py)
 # The per-sample weight of the teacher term: the paper's confidence (w = 1 - H/log C), none (w = 1), or its
 # opposite, entropy (w = H/log C: up-weights what the teacher is unsure of, as entropy-aware KD variants do).
@@ -141,7 +143,8 @@ class TrainConfig:
     reuse_views: bool = opt(False, "accept a teacher cache with fewer augmentation epochs than --epochs: "
                             "training epoch e then repeats the views (and logits) of epoch e mod E")
     seed: int = opt(0, "seed of augmentation, epoch order, initialisation and dropout")
-    backend: Backend = opt("auto", "loader backend (auto: DALI with a GPU when installed, else torch)")
+    backend: Backend = opt("auto", "loader backend (auto: DALI with a GPU when installed, else torch)",
+                           choices=backend_choices)
     num_workers: int | None = opt(None, "loader worker processes per rank (default: one per usable core)", min=0)
     skip_corrupt: bool = opt(False, "drop samples that fail to read or decode (counted in metrics.jsonl, listed "
                              "in RUN/skipped.tsv) instead of stopping")
@@ -182,7 +185,8 @@ class CacheTeacherConfig:
     batch_size: int = opt(256, "GLOBAL teacher batch (split evenly across ranks); never crosses a unit", min=1)
     chunk_n: int = opt(4096, "samples per store chunk and per unit of resumable, parallel work", flag="--chunk",
                        min=1)
-    backend: Backend = opt("auto", "loader backend (auto: DALI with a GPU when installed, else torch)")
+    backend: Backend = opt("auto", "loader backend (auto: DALI with a GPU when installed, else torch)",
+                           choices=backend_choices)
     num_workers: int | None = opt(None, "loader worker processes per rank (default: one per usable core)", min=0)
     skip_corrupt: bool = opt(False, "store no teacher signal (zero logits, w = 0) for samples that fail to read or "
                              "decode, list them in OUT.skipped.tsv, instead of stopping")
@@ -244,7 +248,7 @@ class EvalConfig:
     image_size: int | None = opt(None, "view side, pixels (default: the run's own)", min=1)
     val_resize: ValResize | None = opt(None, "validation resize (default: the run's own)")
     batch_size: int = opt(128, "GLOBAL evaluation batch", min=1)
-    backend: Backend = opt("auto", "loader backend")
+    backend: Backend = opt("auto", "loader backend", choices=backend_choices)
     num_workers: int | None = opt(None, "loader worker processes (default: one per usable core)", min=0)
     skip_corrupt: bool = opt(False, "drop validation samples that fail to read or decode (and say how many)")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
@@ -426,6 +430,9 @@ def build(cls: type, d: dict, where: str = "") -> Any:
             kw[name] = build(hint, value, f"{where}{name}.")
         else:
             kw[name] = _checked(tuple(value) if isinstance(value, list) else value, hint, where + name)
+            choices = fields[name].metadata.get("choices")
+            if choices is not None and kw[name] is not None and kw[name] not in choices():
+                raise ConfigError(f"config key {where}{name}: {kw[name]!r} is not one of {', '.join(choices())}")
             lo, hi = fields[name].metadata.get("min"), fields[name].metadata.get("max")
             if kw[name] is not None and ((lo is not None and kw[name] < lo) or (hi is not None and kw[name] > hi)):
                 top = "" if hi is None else hi

@@ -88,6 +88,23 @@ class PathOrURL(click.Path):
         return value if is_url(value) else super().convert(value, param, ctx)
 
 
+class LazyChoice(click.Choice):
+    """A click.Choice whose values come from a registry when used, so a backend registered after the CLI was
+    built is accepted too."""
+
+    def __init__(self, values: Callable[[], Any]):
+        self._values = values
+        super().__init__(tuple(values()))
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return tuple(self._values())
+
+    @choices.setter
+    def choices(self, _: Any) -> None:  # click.Choice.__init__ assigns it; the registry stays the source
+        pass
+
+
 def _is_pair(hint: Any) -> bool:
     """tuple[float, float]: an option that takes two numbers (LO HI)."""
     return typing.get_origin(hint) is tuple and typing.get_args(hint) == (float, float)
@@ -101,6 +118,8 @@ def _click_type(o: Option) -> tuple[Any, bool]:
         return None, True
     if _is_pair(hint):
         return click.Tuple([float, float]), False
+    if meta.get("choices") is not None:
+        return LazyChoice(meta["choices"]), False
     if typing.get_origin(hint) is Literal:
         return click.Choice([str(a) for a in typing.get_args(hint)]), False
     if hint is int:
