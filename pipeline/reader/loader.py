@@ -22,7 +22,6 @@ import torch
 from pipeline.core.augment import AugSpec, epoch_order
 from pipeline.reader.backends import registry
 from pipeline.reader.backends.base import Backend
-from pipeline.reader.backends.registry import dali_available  # noqa: F401  (kept importable from here)
 from pipeline.core.batch import Batch, host_to_device
 from pipeline.core.errors import ConfigError
 from pipeline.reader.index import ShardIndex

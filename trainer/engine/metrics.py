@@ -36,6 +36,13 @@ class StudentMetrics:
     # e.g. hard (cross-entropy with the labels), teacher (w * tau^2 * KL; 0 without a teacher term), peer
     terms: dict[str, Any] = field(default_factory=dict)
 
+    def __getattr__(self, key: str) -> Any:
+        """A loss term by name, like a field (s.hard, s.teacher), for readers such as the report's tables."""
+        terms = self.__dict__.get("terms") or {}
+        if key in terms:
+            return terms[key]
+        raise AttributeError(f"{type(self).__name__} has no field or loss term {key!r}")
+
     def to_json(self) -> dict[str, Any]:
         """The flat JSON object of one student (terms beside the fields)."""
         d = dataclasses.asdict(self)
