@@ -124,8 +124,8 @@ MODELS: dict[str, Callable[[int], nn.Module]] = ModelRegistry({
 
 
 def register_model(name: str, builder: Callable[[int], nn.Module]) -> Callable[[int], nn.Module]:
-    """Add a model: builder(num_classes) -> a freshly initialised nn.Module with that many outputs. One line per
-    model (also usable as a decorator factory's target: `register_model("x", MyNet)`); a taken name or a timm:
+    """Add a model in one line, `register_model("my_net", MyNet)`: builder(num_classes) -> a freshly initialised
+    nn.Module with that many outputs; --students and --teacher then accept the name. A taken name or a timm:
     name is an error."""
     if not name or name.startswith(TIMM_PREFIX) or dict.__contains__(MODELS, name):
         raise ValueError(f"model name {name!r} is taken or reserved")
