@@ -19,7 +19,7 @@ from pipeline.core.errors import ConfigError
 def opt(default: Any = dataclasses.MISSING, help: str = "", **meta: Any) -> Any:
     """A dataclass field with its CLI help (and options-generator hints: flag=, path=, cli=False, required=,
     preset=, min=, choices= a zero-argument callable giving the accepted values, read when used, default_text=
-    what the help shows as the default). `default` may be a zero-argument callable for a mutable default."""
+    what the help shows as the default, metavar=). `default` may be a zero-argument callable for a mutable default."""
     kw: dict[str, Any] = {"metadata": {"help": help, **meta}}
     if callable(default):
         kw["default_factory"] = default
