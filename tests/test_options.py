@@ -11,12 +11,14 @@ from click.testing import CliRunner
 
 from pipeline.core.errors import ConfigError
 from trainer.cli import main
-from trainer.config import (CacheTeacherConfig, EvalConfig, ExportConfig, ShardConfig, TrainConfig, command_config,
-                            from_dict, make_config, resolve_train, to_dict)
+from trainer.config import (CacheTeacherConfig, DemoCommandConfig, EvalConfig, ExportConfig, ReportConfig, ShardConfig,
+                            SynthConfig, TrainConfig, VerifyConfig, command_config, from_dict, make_config,
+                            resolve_train, to_dict)
 from trainer.options import fields_of, given, read_config_file
 
 COMMANDS = {"train": TrainConfig, "cache-teacher": CacheTeacherConfig, "shard": ShardConfig, "eval": EvalConfig,
-            "export": ExportConfig}
+            "export": ExportConfig, "synth": SynthConfig, "verify": VerifyConfig, "report": ReportConfig,
+            "demo": DemoCommandConfig}
 HAND_WRITTEN = {"config_file", "resume", "stop_after_steps", "help"}
 
 
@@ -109,3 +111,32 @@ def test_the_cli_builds_its_options_without_importing_torch():
 
     code = "import sys, trainer.cli; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# Every flag the hand-written options of synth, verify, report and demo had, before they were generated from
+# their dataclasses (trainer/config_commands.py): the generated ones may add --no-x, never drop a flag.
+HAND_FLAGS = {
+    "synth": ["--out", "--classes", "--num-classes", "--train-per-class", "--val-per-class", "--val-layout", "--size",
+              "--oddities", "--no-oddities", "--broken", "--no-broken", "--seed", "--learnable", "--ambiguous-share"],
+    "verify": ["--shards", "--cache", "--workers"],
+    "report": ["--out", "--teacher", "--low-w", "--learnable"],
+    "demo": ["--out", "--preset", "--tiny", "--backend", "--device", "--seeds"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(HAND_FLAGS))
+def test_generated_commands_keep_every_flag_and_default(command):
+    import re
+
+    from click.testing import CliRunner
+
+    from trainer.cli import main
+
+    out = CliRunner().invoke(main, [command, "--help"], terminal_width=200).output
+    flags = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", out))
+    assert set(HAND_FLAGS[command]) <= flags, sorted(set(HAND_FLAGS[command]) - flags)
+    defaults = {"synth": ["[default: 4]", "[default: 375 500]", "[default: folders]", "[default: 0.15]"],
+                "report": ["[default: 0.5]"], "demo": ["[default: demo]", "[default: the preset's: auto]"],
+                "verify": []}[command]
+    text = " ".join(out.split())
+    assert all(d in text for d in defaults), out

@@ -242,7 +242,7 @@ def epochs_rate(loader: ImageNet100Loader, device: torch.device, epochs: int) ->
 
 def bench_dali(shards: Path, device: torch.device, sizes: Sizes) -> dict:
     """The DALI backend's decode + augment rate, and its pixels against the torch backend's (same ids)."""
-    from pipeline.reader.loader import dali_available
+    from pipeline.reader.backends.registry import dali_available
 
     if not dali_available():
         return {"skipped": "nvidia-dali is not installed here"}

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import click
 
-from trainer.config import (CacheTeacherConfig, EvalConfig, ExportConfig, ShardConfig, TrainConfig,
-                            command_config, missing_required)
+from trainer.config import (CacheTeacherConfig, DemoCommandConfig, EvalConfig, ExportConfig, ReportConfig,
+                            ShardConfig, SynthConfig, TrainConfig, VerifyConfig, command_config, missing_required)
 from trainer.options import add_options, given, read_config_file
 
 CONFIG_FILE = click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -93,46 +93,33 @@ def main(debug: bool, verbose: bool, quiet: bool) -> None:
 
 
 @main.command()
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Directory to write the tree into.")
-@click.option("--classes", "classes_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Class list file (default: the ImageNet-100 list).")
-@click.option("--num-classes", type=int, default=None, help="Use only the first N classes of the list.")
-@click.option("--train-per-class", type=int, default=4, show_default=True)
-@click.option("--val-per-class", type=int, default=2, show_default=True)
-@click.option("--val-layout", type=click.Choice(["folders", "flat", "none"]), default="folders", show_default=True)
-@click.option("--size", type=(int, int), default=(375, 500), show_default=True, help="Image height and width.")
-@click.option("--oddities/--no-oddities", default=False, help="Add CMYK, PNG-as-JPEG and greyscale files.")
-@click.option("--broken/--no-broken", default=False, help="Add truncated, zero-byte and non-image files.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--learnable", is_flag=True, default=False,
-              help="Write the learnable dataset (drawn class families a CNN can learn; try --size 64 64) instead.")
-@click.option("--ambiguous-share", type=float, default=0.15, show_default=True,
-              help="With --learnable: share of samples made ambiguous (two-class mixes, occlusion, noise).")
-def synth(out, classes_file, num_classes, train_per_class, val_per_class, val_layout, size, oddities, broken, seed,
-          learnable, ambiguous_share):
+@add_options(SynthConfig)
+def synth(**params):
     """Write a synthetic ImageNet tree in the real ILSVRC2012 layout (for tests, demos, benchmarks)."""
     from pipeline.core.classes import load_class_list
     from pipeline.core.errors import ConfigError
     from pipeline.sources.synthetic import make_imagenet_tree
 
+    cfg = command_config(SynthConfig, given(SynthConfig, params))
+    out, classes_file, num_classes = Path(cfg.out), cfg.classes and Path(cfg.classes), cfg.num_classes
     wnids = load_class_list(classes_file)  # a malformed list: a ConfigError naming the file and line
     if num_classes is not None and not 1 <= num_classes <= len(wnids):
         raise ConfigError(f"--num-classes {num_classes}: the class list {classes_file or '(ImageNet-100)'} has "
                           f"{len(wnids)} classes; give 1..{len(wnids)}")
     wnids = wnids[:num_classes]
-    if learnable:
+    if cfg.learnable:
         from pipeline.sources.learnable import make_learnable_tree
 
-        if oddities or broken or val_layout != "folders":
+        if cfg.oddities or cfg.broken or cfg.val_layout != "folders":
             raise click.UsageError("--learnable writes val as class folders and has no oddities or broken files")
-        tree = make_learnable_tree(out, wnids, train_per_class=train_per_class, val_per_class=val_per_class,
-                                   size=size, ambiguous_share=ambiguous_share, seed=seed, progress=True)
+        tree = make_learnable_tree(out, wnids, train_per_class=cfg.train_per_class, val_per_class=cfg.val_per_class,
+                                   size=cfg.size, ambiguous_share=cfg.ambiguous_share, seed=cfg.seed, progress=True)
         click.echo(f"wrote {tree.count('train')} train and {tree.count('val')} val images of {len(wnids)} classes "
                    f"({len(tree.ambiguous)} ambiguous) to {out}")
         return
-    tree = make_imagenet_tree(out, wnids, train_per_class=train_per_class, val_per_class=val_per_class,
-                              val_layout=None if val_layout == "none" else val_layout, size=size,
-                              oddities=oddities, broken=broken, seed=seed, progress=True)
+    tree = make_imagenet_tree(out, wnids, train_per_class=cfg.train_per_class, val_per_class=cfg.val_per_class,
+                              val_layout=None if cfg.val_layout == "none" else cfg.val_layout, size=cfg.size,
+                              oddities=cfg.oddities, broken=cfg.broken, seed=cfg.seed, progress=True)
     click.echo(f"wrote {tree.count('train')} train and {tree.count('val')} val images of "
                f"{len(wnids)} classes to {out}")
 
@@ -177,16 +164,14 @@ def shard(**params):
 
 
 @main.command()
-@click.option("--shards", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Shard directory: every checksum, member, id and label; every image decodes.")
-@click.option("--cache", type=click.Path(exists=True, path_type=Path), default=None,
-              help="Teacher cache (Zarr store): every written unit against its checksums.")
-@click.option("--workers", type=click.IntRange(min=1), default=None, help="Processes (default: all cores).")
-def verify(shards, cache, workers):
+@add_options(VerifyConfig)
+def verify(**params):
     """Check shards against their manifest and index, and/or a teacher cache unit by unit. Lists every
     problem found, one a line, and exits 1 if there is any."""
-    if shards is None and cache is None:
+    cfg = command_config(VerifyConfig, given(VerifyConfig, params))
+    if cfg.shards is None and cfg.cache is None:
         raise click.UsageError("give --shards DIR, --cache STORE, or both")
+    shards, cache, workers = cfg.shards and Path(cfg.shards), cfg.cache and Path(cfg.cache), cfg.workers
     problems: dict[Path, int] = {}  # what was checked -> number of problems found
     if shards is not None:
         from pipeline.shards.writer import verify_shards
@@ -234,26 +219,21 @@ def cache_teacher_cmd(config_file, **params):
 # ---- report: the paper's tables and plots from runs' metrics (trainer/report/build.py) ----
 @main.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Directory for report.md and the PNG plots.")
-@click.option("--teacher", "teacher_run", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="The teacher's own training run (shown as the teacher row; found automatically when a run's "
-                   "--teacher-weights lie in one of the RUNS).")
-@click.option("--low-w", type=float, default=0.5, show_default=True,
-              help="Samples with teacher weight w below this count as low-confidence.")
-@click.option("--learnable", type=click.Path(exists=True, path_type=Path), default=None,
-              help="The learnable dataset the shards came from (tree or its learnable.json): split the teacher's "
-                   "statistics into clean and ambiguous samples.")
-def report(runs, out, teacher_run, low_w, learnable):
+@add_options(ReportConfig)
+def report(runs, **params):
     """Write OUT/report.md (assumptions, Tables I-IV with verdicts, convergence, teacher uncertainty and its
     most/least confident views, accuracy per epoch) and PNG plots from RUNS; seeds of one mode are pooled."""
     from trainer.report.build import write_report
     from trainer.report.teacher import read_description
 
+    cfg = command_config(ReportConfig, {**given(ReportConfig, params), "runs": tuple(str(r) for r in runs)})
+    out, learnable = Path(cfg.out), cfg.learnable and Path(cfg.learnable)
+    teacher_run = cfg.teacher and Path(cfg.teacher)
     if learnable is not None:  # a side input that cannot be read is refused before anything is written
         read_description(learnable)
     # write_report takes OUT's lock: a report into a run being trained (or another report) is refused
-    path = write_report(list(runs), out, teacher=teacher_run, low_w=low_w, learnable=learnable)
+    path = write_report([Path(r) for r in cfg.runs], out, teacher=teacher_run, low_w=cfg.low_w,
+                        learnable=learnable)
     click.echo(f"wrote {path}")
 
 
@@ -344,30 +324,20 @@ def bench_train(args):
 
 # ---- demo: the whole pipeline on the built-in learnable dataset (trainer/jobs/demo.py) ----
 @main.command()
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo"), show_default=True,
-              help="Directory for the data, shards, runs, teacher cache and report (rerun to resume).")
-@click.option("--preset", type=click.Choice(["cpu", "gpu", "tiny"]), default=None,
-              help="cpu (default): tiny stand-in models, 32 px, about 2.5 min on 2 cores; gpu: ResNet-50 -> "
-                   "ResNet-18 + MobileNetV2 at 64 px with a tuned teacher, 3 seeds, sized for <= 10 min on one H200 "
-                   "(docs/demo.md); tiny: the seconds-long chain check.")
-@click.option("--tiny", is_flag=True, help="Same as --preset tiny (5 classes, 1 epoch): checks the chain.")
-@click.option("--backend", type=click.Choice(["auto", "dali", "torch"]), default=None,
-              help="Loader backend  [default: the preset's: auto]")
-@click.option("--device", default=None, help="auto | cpu | cuda  [default: the preset's: auto; cuda for gpu]")
-@click.option("--seeds", type=click.IntRange(min=1), default=None,
-              help="Run the ladder with N seeds (data, shards and teacher shared; one teacher cache per seed); "
-                   "the report gives mean ± sd and a verdict per rung.  [default: the preset's: 1; 3 for gpu]")
-def demo(out, preset, tiny, backend, device, seeds):
+@add_options(DemoCommandConfig)
+def demo(**params):
     """Generate a learnable dataset, shard it, train a teacher, cache it, run hard -> kd -> uw-kd -> dual, report."""
     import dataclasses
 
     from trainer.jobs.demo import PRESETS, run_demo
 
+    opts = command_config(DemoCommandConfig, given(DemoCommandConfig, params))
+    out, preset, tiny = Path(opts.out), opts.preset, opts.tiny
     if tiny and preset not in (None, "tiny"):
         raise click.UsageError(f"--tiny is --preset tiny; it cannot go with --preset {preset}")
     cfg = PRESETS["tiny" if tiny else preset or "cpu"]
-    given = {k: v for k, v in {"backend": backend, "device": device, "seeds": seeds}.items() if v is not None}
-    cfg = dataclasses.replace(cfg, **given)
+    changed = {k: getattr(opts, k) for k in ("backend", "device", "seeds") if getattr(opts, k) is not None}
+    cfg = dataclasses.replace(cfg, **changed)
     path = run_demo(out, cfg)
     click.echo(f"report: {path}")
 

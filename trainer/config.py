@@ -1,7 +1,8 @@
 """Configuration of every command: frozen dataclasses with visible defaults, the single source of the CLI.
 
-Each field carries its help text (with units) in its metadata; trainer/options.py turns the fields into the
-click options of `train`, `cache-teacher`, `shard` and `eval`, so no default or choice is typed twice.
+Each field carries its help text (with units) in its metadata (`opt`, trainer/config_fields.py); trainer/options.py
+turns the fields into the click options of every command (`synth`, `verify`, `report` and `demo` have theirs in
+trainer/config_commands.py, importable from here), so no default or choice is typed twice.
 The presets are the paper's ablation ladder as one trainer: hard -> kd -> uw-kd -> dual. The resolved
 TrainConfig is written to RUN/config.json and read back by `--resume` and `--config`.
 """
@@ -9,30 +10,23 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pipeline.core.augment import ValResize
 from pipeline.core.device import Precision
 from pipeline.core.errors import ConfigError
+from pipeline.reader.backends.registry import backend_choices
 from pipeline.shards.options import ShardOptions
 
+# the command configs and the dict -> dataclass machinery live beside this module; importable from here too
+from trainer.config_base import _get, _is_number, _norm, build, opt
+from trainer.config_base import command_config as command_config, missing_required as missing_required
+from trainer.config_commands import DemoCommandConfig as DemoCommandConfig, ReportConfig as ReportConfig
+from trainer.config_commands import SynthConfig as SynthConfig, VerifyConfig as VerifyConfig
 
 
-def opt(default: Any = dataclasses.MISSING, help: str = "", **meta: Any) -> Any:
-    """A dataclass field with its CLI help (and options-generator hints: flag=, path=, cli=False, required=,
-    preset=, min=). `default` may be a zero-argument callable for a mutable default."""
-    kw: dict[str, Any] = {"metadata": {"help": help, **meta}}
-    if callable(default):
-        kw["default_factory"] = default
-    elif default is not dataclasses.MISSING:
-        kw["default"] = default
-    return field(**kw)
-
-
-Backend = Literal["auto", "dali", "torch"]
+Backend = str  # "auto" or a registered backend (pipeline/reader/backends/registry.py): choices=backend_choices
 Direction = Literal["forward", "reverse"]  # of the KL terms (trainer/engine/losses.py)
 # The per-sample weight of the teacher term: the paper's confidence (w = 1 - H/log C), none (w = 1), or its
 # opposite, entropy (w = H/log C: up-weights what the teacher is unsure of, as entropy-aware KD variants do).
@@ -106,10 +100,6 @@ class ViewConfig:
                 "brightness": self.brightness, "contrast": self.contrast, "saturation": self.saturation}
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 @dataclass(frozen=True)
 class TrainConfig:
     shards: str = opt("", "directory written by `kdpipe shard`, or its URL (http(s)://, s3://, gs://, file://, "
@@ -140,7 +130,8 @@ class TrainConfig:
     reuse_views: bool = opt(False, "accept a teacher cache with fewer augmentation epochs than --epochs: "
                             "training epoch e then repeats the views (and logits) of epoch e mod E")
     seed: int = opt(0, "seed of augmentation, epoch order, initialisation and dropout")
-    backend: Backend = opt("auto", "loader backend (auto: DALI with a GPU when installed, else torch)")
+    backend: Backend = opt("auto", "loader backend (auto: DALI with a GPU when installed, else torch)",
+                           choices=backend_choices)
     num_workers: int | None = opt(None, "loader worker processes per rank (default: one per usable core)", min=0)
     skip_corrupt: bool = opt(False, "drop samples that fail to read or decode (counted in metrics.jsonl, listed "
                              "in RUN/skipped.tsv) instead of stopping")
@@ -181,7 +172,8 @@ class CacheTeacherConfig:
     batch_size: int = opt(256, "GLOBAL teacher batch (split evenly across ranks); never crosses a unit", min=1)
     chunk_n: int = opt(4096, "samples per store chunk and per unit of resumable, parallel work", flag="--chunk",
                        min=1)
-    backend: Backend = opt("auto", "loader backend (auto: DALI with a GPU when installed, else torch)")
+    backend: Backend = opt("auto", "loader backend (auto: DALI with a GPU when installed, else torch)",
+                           choices=backend_choices)
     num_workers: int | None = opt(None, "loader worker processes per rank (default: one per usable core)", min=0)
     skip_corrupt: bool = opt(False, "store no teacher signal (zero logits, w = 0) for samples that fail to read or "
                              "decode, list them in OUT.skipped.tsv, instead of stopping")
@@ -243,7 +235,7 @@ class EvalConfig:
     image_size: int | None = opt(None, "view side, pixels (default: the run's own)", min=1)
     val_resize: ValResize | None = opt(None, "validation resize (default: the run's own)")
     batch_size: int = opt(128, "GLOBAL evaluation batch", min=1)
-    backend: Backend = opt("auto", "loader backend")
+    backend: Backend = opt("auto", "loader backend", choices=backend_choices)
     num_workers: int | None = opt(None, "loader worker processes (default: one per usable core)", min=0)
     skip_corrupt: bool = opt(False, "drop validation samples that fail to read or decode (and say how many)")
     amp: Precision | None = opt(None, "mixed precision of the forward passes (default: the run's own --amp, else "
@@ -323,43 +315,6 @@ def resolve_train(given: dict, file: dict | None = None, saved: dict | None = No
     return from_dict(merge(preset_fields(mode), file, given))
 
 
-def _get(d: dict, path: tuple[str, ...]) -> Any:
-    for key in path:
-        d = d.get(key) if isinstance(d, dict) else None
-    return d
-
-
-def _norm(v: Any) -> Any:
-    return list(v) if isinstance(v, (list, tuple)) else v
-
-
-def missing_required(cls: type, d: dict) -> list[str]:
-    """Flags of required fields that a nested config dict (files and flags combined) leaves empty."""
-    from trainer.options import fields_of
-
-    out = []
-    for o in fields_of(cls):
-        if not o.field.metadata.get("required"):
-            continue
-        value = _get(d, o.path)
-        if value is None:
-            value = None if o.field.default is dataclasses.MISSING else o.field.default
-        if value in (None, ""):
-            out.append(o.flag)
-    return out
-
-
-def command_config(cls: type, given: dict, file: dict | None = None) -> Any:
-    """A command's config from a --config file and the flags given (flags win); required fields checked."""
-    from trainer.options import merge
-
-    d = merge(file or {}, given)
-    missing = missing_required(cls, d)
-    if missing:
-        raise ConfigError(f"missing required option(s): {', '.join(missing)}")
-    return from_dict(d, cls)
-
-
 def validate(cfg: TrainConfig) -> None:
     """Raise ConfigError for settings that cannot train (before any data or model is touched)."""
     errors = []
@@ -408,63 +363,6 @@ def from_dict(d: dict, cls: type = None) -> Any:
     if cls is TrainConfig:
         validate(cfg)
     return cfg
-
-
-def build(cls: type, d: dict, where: str = "") -> Any:
-    """Instantiate dataclass `cls` from a nested dict, checking names, and coercing lists to tuples."""
-    if not isinstance(d, dict):
-        raise ConfigError(f"config section {where or cls.__name__} must be a table/object, got {type(d).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown config key(s) {', '.join(where + k for k in unknown)}; known: "
-                          f"{', '.join(sorted(fields))}")
-    kw = {}
-    hints = typing.get_type_hints(cls)
-    for name, value in d.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            kw[name] = build(hint, value, f"{where}{name}.")
-        else:
-            kw[name] = _checked(tuple(value) if isinstance(value, list) else value, hint, where + name)
-            lo, hi = fields[name].metadata.get("min"), fields[name].metadata.get("max")
-            if kw[name] is not None and ((lo is not None and kw[name] < lo) or (hi is not None and kw[name] > hi)):
-                top = "" if hi is None else hi
-                raise ConfigError(f"config key {where}{name}: {kw[name]!r} is outside [{lo}, {top}]")
-    try:
-        return cls(**kw)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"invalid config {where or cls.__name__}: {e}") from e
-
-
-def _checked(value: Any, hint: Any, name: str) -> Any:
-    """`value` if it fits the field's type (Literal choices, int/float/bool/str, tuples, optional), else a
-    ConfigError naming the key: config files are not checked by click."""
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _checked(value, inner[0], name) if len(inner) == 1 else value
-    if typing.get_origin(hint) is Literal:
-        if value not in args:
-            raise ConfigError(f"config key {name}: {value!r} is not one of {', '.join(map(str, args))}")
-        return value
-    if typing.get_origin(hint) is tuple and args == (float, float):  # a LO HI pair
-        if not isinstance(value, tuple) or len(value) != 2 or not all(_is_number(x) for x in value):
-            raise ConfigError(f"config key {name}: expected two numbers [LO, HI], got {value!r}")
-        return tuple(float(x) for x in value)
-    if typing.get_origin(hint) is tuple:
-        if not isinstance(value, tuple) or not all(isinstance(x, str) for x in value):
-            raise ConfigError(f"config key {name}: expected a list of names, got {value!r}")
-        return value
-    ok = {bool: lambda v: isinstance(v, bool), int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), str: lambda v: isinstance(v, str)}
-    if hint in ok and not ok[hint](value):
-        raise ConfigError(f"config key {name}: expected {hint.__name__}, got {value!r}")
-    return float(value) if hint is float else value
 
 
 def to_record(cfg: Any, extra: dict | None = None) -> dict:

@@ -2,8 +2,9 @@
 
 Every field becomes one option: its flag (the field name with dashes, or the `flag` metadata; nested
 dataclasses are flattened: loss.alpha is --alpha), its type and choices (int, float, str, bool as
---x/--no-x, Literal as a choice, tuple[str, ...] as a comma-separated list, tuple[float, float] as two
-numbers (--crop-scale 0.9 1.0), paths checked for existence;
+--x/--no-x, Literal (or `choices=`, read from a registry when used) as a choice, tuple[str, ...] as a
+comma-separated list, tuple[float, float] or tuple[int, int] as two numbers (--crop-scale 0.9 1.0, --size 64 64),
+paths checked for existence;
 url=True on a path field also accepts a URL), its help and displayed default from the metadata. Every
 generated option defaults to None ("not given"), so a command can layer: dataclass defaults < --mode preset
 < --config FILE (or a run's config.json) < the flags actually given.
@@ -64,6 +65,8 @@ def fields_of(cls: type, prefix: tuple[str, ...] = ()) -> list[Option]:
 
 def _default_text(o: Option) -> str | None:
     f = o.field
+    if f.metadata.get("default_text"):
+        return f.metadata["default_text"]
     if f.metadata.get("preset"):
         return "the --mode preset's"
     if f.default is not dataclasses.MISSING:
@@ -88,9 +91,26 @@ class PathOrURL(click.Path):
         return value if is_url(value) else super().convert(value, param, ctx)
 
 
+class LazyChoice(click.Choice):
+    """A click.Choice whose values come from a registry when used, so a backend registered after the CLI was
+    built is accepted too."""
+
+    def __init__(self, values: Callable[[], Any]):
+        self._values = values
+        super().__init__(tuple(values()))
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return tuple(self._values())
+
+    @choices.setter
+    def choices(self, _: Any) -> None:  # click.Choice.__init__ assigns it; the registry stays the source
+        pass
+
+
 def _is_pair(hint: Any) -> bool:
-    """tuple[float, float]: an option that takes two numbers (LO HI)."""
-    return typing.get_origin(hint) is tuple and typing.get_args(hint) == (float, float)
+    """tuple[float, float] or tuple[int, int]: an option that takes two numbers (LO HI, or height width)."""
+    return typing.get_origin(hint) is tuple and typing.get_args(hint) in ((float, float), (int, int))
 
 
 def _click_type(o: Option) -> tuple[Any, bool]:
@@ -100,7 +120,9 @@ def _click_type(o: Option) -> tuple[Any, bool]:
     if hint is bool:
         return None, True
     if _is_pair(hint):
-        return click.Tuple([float, float]), False
+        return click.Tuple(list(typing.get_args(hint))), False
+    if meta.get("choices") is not None:
+        return LazyChoice(meta["choices"]), False
     if typing.get_origin(hint) is Literal:
         return click.Choice([str(a) for a in typing.get_args(hint)]), False
     if hint is int:
@@ -139,7 +161,7 @@ def add_options(cls: type, exclude: tuple[str, ...] = ()) -> Callable:
                 name = o.flag.lstrip("-")
                 fn = click.option(f"--{name}/--no-{name}", o.param, default=None, help=help_)(fn)
             else:
-                metavar = "LO HI" if _is_pair(o.hint) else None
+                metavar = o.field.metadata.get("metavar") or ("LO HI" if _is_pair(o.hint) else None)
                 fn = click.option(o.flag, o.param, type=ctype, default=None, help=help_, metavar=metavar)(fn)
         return fn
 
@@ -156,7 +178,7 @@ def given(cls: type, params: dict[str, Any]) -> dict[str, Any]:
             continue
         hint, _ = _unwrap_optional(o.hint)
         if _is_pair(hint):
-            value = tuple(float(x) for x in value)
+            value = tuple(typing.get_args(hint)[0](x) for x in value)
         elif typing.get_origin(hint) is tuple:
             value = tuple(x.strip() for x in str(value).split(",") if x.strip())
         elif isinstance(value, Path):

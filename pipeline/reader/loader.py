@@ -12,7 +12,6 @@ Shards behind a URL (`pipeline.core.remote.is_url`) are streamed: their order co
 """
 from __future__ import annotations
 
-import importlib.util
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from pipeline.core.augment import AugSpec, epoch_order
+from pipeline.reader.backends import registry
 from pipeline.reader.backends.base import Backend
 from pipeline.core.batch import Batch, host_to_device
 from pipeline.core.device import check_dtype, resolve_device
@@ -30,21 +30,12 @@ from pipeline.reader.prefetch import prefetch
 from pipeline.core.remote import is_url
 from pipeline.core.procs import usable_cores
 
-BACKENDS = ("auto", "torch", "dali")
-
-
-def dali_available() -> bool:
-    """True when nvidia.dali can be imported (checked without importing it)."""
-    return importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
 
 
 def choose_backend(name: str, device: torch.device) -> str:
-    """'auto' -> 'dali' when DALI is installed and the device is a CUDA GPU, else 'torch'."""
-    if name not in BACKENDS:
-        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {name!r}")
-    if name == "auto":
-        return "dali" if device.type == "cuda" and torch.cuda.is_available() and dali_available() else "torch"
-    return name
+    """'auto' -> the registry's pick for the device (DALI when installed and the device is a CUDA GPU, else
+    torch); another name -> itself, when registered (pipeline/reader/backends/registry.py)."""
+    return registry.choose(name, cuda=device.type == "cuda" and torch.cuda.is_available())
 
 
 DECODE_DEVICES = ("auto", "cpu", "cuda")
@@ -69,13 +60,7 @@ def choose_decode_device(name: str, device: torch.device, cores: int) -> str:
 
 def backend_class(name: str) -> type[Backend]:
     """The class for a concrete backend name (imported lazily: DALI is optional)."""
-    if name == "dali":
-        from pipeline.reader.backends.dali_backend import DaliBackend
-
-        return DaliBackend
-    from pipeline.reader.backends.torch_backend import TorchBackend
-
-    return TorchBackend
+    return registry.backend_entry(name).load()
 
 
 class ImageNet100Loader:
@@ -153,7 +138,7 @@ class ImageNet100Loader:
             self.decode_device = "cpu"  # streamed pixels are the CPU workers' (pipeline/reader/stream.py)
         else:
             backend_cls = backend_class(self.backend_name)
-            if self.backend_name == "torch":
+            if registry.backend_entry(self.backend_name).decode_device:
                 self.decode_device = self._decode_device(decode_device)
                 extra["decode_device"] = self.decode_device
         if prefetch is not None and prefetch < 0:

@@ -24,7 +24,7 @@ from pipeline.core.progress import progress_bar, show_bar
 from trainer.engine import checkpoint as ck
 from trainer.config import TrainConfig, to_dict
 from trainer.engine.evaluate import evaluate, format_table
-from trainer.engine.losses import TERMS
+from trainer.engine.losses import term_keys
 from trainer.engine.metrics import EpochMetrics, StudentMetrics
 from trainer.engine.models import build_model
 from trainer.engine.rundir import RunDir
@@ -40,8 +40,8 @@ class StepLog:
     copy per step; and hands the host rows to TensorBoard."""
 
     def __init__(self, names: list[str], device: torch.device, capacity: int):
-        self.names, self.capacity = names, capacity
-        self.rows = torch.zeros(capacity, len(names) * len(TERMS), device=device)
+        self.names, self.capacity, self.terms = names, capacity, term_keys()
+        self.rows = torch.zeros(capacity, len(names) * len(self.terms), device=device)
         self.steps: list[int] = []
         self.lrs: list[float] = []
 
@@ -61,9 +61,9 @@ class StepLog:
         bad = ~np.isfinite(rows)
         if bad.any():
             first = int(np.flatnonzero(bad.any(axis=1))[0])
-            step, flags = steps[first], bad[first].reshape(len(self.names), len(TERMS))
-            where = [f"student {i} ({self.names[i]}) term '{TERMS[j]}'" for i in range(len(self.names))
-                     for j in range(len(TERMS)) if flags[i, j]]
+            step, flags = steps[first], bad[first].reshape(len(self.names), len(self.terms))
+            where = [f"student {i} ({self.names[i]}) term '{self.terms[j]}'" for i in range(len(self.names))
+                     for j in range(len(self.terms)) if flags[i, j]]
             kept = run / ck.LAST
             raise NonFiniteLossError(
                 f"non-finite loss at step {step} (epoch {step // steps_per_epoch}, step {step % steps_per_epoch} "
@@ -347,7 +347,7 @@ def _finish_epoch(cfg: TrainConfig, distiller: Distiller, val_loader, pos: Posit
     s = distiller.summarize(pos.stats)
     val = evaluate(distiller.students, val_loader, device, amp_dtype=distiller.dtype,
                    channels_last=cfg.channels_last)
-    students = [StudentMetrics(**x, val_top1=val["top1"][i], val_top5=val["top5"][i])
+    students = [StudentMetrics.from_json({**x, "val_top1": val["top1"][i], "val_top5": val["top5"][i]})
                 for i, x in enumerate(s["students"])]
     peak, kind = _peak_memory_mb(device)
     total = pos.data_s + pos.compute_s

@@ -21,17 +21,38 @@ TIMING_FIELDS = ("epoch_time_s", "images_per_s", "data_time_s", "compute_time_s"
 @dataclass
 class StudentMetrics:
     """One student's epoch: per-sample means of its loss terms over the epoch's training batches, training
-    accuracy on the augmented batches, and validation accuracy after the epoch."""
+    accuracy on the augmented batches, and validation accuracy after the epoch.
+
+    The terms are a mapping by name (trainer/engine/losses.py's registry: hard, teacher, peer, ...), flat beside
+    the other keys on disk; any key of a line that is not a field here is read into `terms`, so files written
+    with more or other terms read too."""
 
     name: str
     loss: float
-    hard: float  # cross-entropy with the labels
-    teacher: float  # w * tau^2 * KL to the teacher (0 without a teacher term)
-    peer: float  # tau^2 * KL to the other students (0 without a peer term)
     w: float | None  # mean teacher weight used (None: no teacher term)
     train_acc: float
     val_top1: float | None = None
     val_top5: float | None = None
+    # e.g. hard (cross-entropy with the labels), teacher (w * tau^2 * KL; 0 without a teacher term), peer
+    terms: dict[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, key: str) -> Any:
+        """A loss term by name, like a field (s.hard, s.teacher), for readers such as the report's tables."""
+        terms = self.__dict__.get("terms") or {}
+        if key in terms:
+            return terms[key]
+        raise AttributeError(f"{type(self).__name__} has no field or loss term {key!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        """The flat JSON object of one student (terms beside the fields)."""
+        d = dataclasses.asdict(self)
+        return {**d.pop("terms"), **d}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "StudentMetrics":
+        known = {f.name for f in dataclasses.fields(cls)} - {"terms"}
+        return cls(**{k: v for k, v in d.items() if k in known},
+                   terms={k: v for k, v in d.items() if k not in known and k != "terms"})
 
 
 @dataclass
@@ -61,8 +82,8 @@ class EpochMetrics:
     def to_json(self) -> dict[str, Any]:
         """The flat JSON object of a metrics line (students as "s0", "s1", ...)."""
         d = dataclasses.asdict(self)
-        students = d.pop("students")
-        return {**d, **{f"s{i}": s for i, s in enumerate(students)}}
+        d.pop("students")
+        return {**d, **{f"s{i}": s.to_json() for i, s in enumerate(self.students)}}
 
     def to_line(self) -> str:
         return json.dumps(self.to_json(), sort_keys=True)
@@ -71,11 +92,9 @@ class EpochMetrics:
     def from_json(cls, d: dict[str, Any]) -> "EpochMetrics":
         """Parse a metrics line (lines written before a field existed get its default)."""
         known = {f.name for f in dataclasses.fields(cls)} - {"students"}
-        student_fields = {f.name for f in dataclasses.fields(StudentMetrics)}
         students, i = [], 0
         while f"s{i}" in d:
-            s = d[f"s{i}"]
-            students.append(StudentMetrics(**{k: v for k, v in s.items() if k in student_fields}))
+            students.append(StudentMetrics.from_json(d[f"s{i}"]))
             i += 1
         return cls(students=students, **{k: v for k, v in d.items() if k in known})
 

@@ -123,6 +123,21 @@ MODELS: dict[str, Callable[[int], nn.Module]] = ModelRegistry({
 })
 
 
+def register_model(name: str, builder: Callable[[int], nn.Module]) -> Callable[[int], nn.Module]:
+    """Add a model in one line, `register_model("my_net", MyNet)`: builder(num_classes) -> a freshly initialised
+    nn.Module with that many outputs; --students and --teacher then accept the name. A taken name or a timm:
+    name is an error."""
+    if not name or name.startswith(TIMM_PREFIX) or dict.__contains__(MODELS, name):
+        raise ValueError(f"model name {name!r} is taken or reserved")
+    MODELS[name] = builder
+    return builder
+
+
+def unregister_model(name: str) -> None:
+    """Remove a model added with `register_model` (tests add toy models and take them away again)."""
+    dict.pop(MODELS, name)
+
+
 def check_model_names(names: tuple[str, ...] | list[str], flag: str = "--students") -> None:
     """ConfigError naming the registry's models when a name is not one of them (before any data is read)."""
     if not names or any(name not in MODELS for name in names):

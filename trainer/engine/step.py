@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from trainer.config import TrainConfig, lr_factor
 from trainer.engine.graphed import GraphedStep, graphs_wanted
-from trainer.engine.losses import TERMS, dual_student_loss, entropy, teacher_weight
+from trainer.engine.losses import distill_loss, entropy, teacher_weight, term_keys
 from trainer.engine.runtime import autocast, dist_info, precision_dtype, teacher_forward
 
 
@@ -40,10 +40,10 @@ def set_dropout(model: nn.Module, p: float | None) -> nn.Module:
 
 @dataclass
 class StepStats:
-    """Sums over steps, on the device: per student the loss terms (TERMS order) times the batch size and the
+    """Sums over steps, on the device: per student the loss terms (term_keys() order) times the batch size and the
     correct count; the teacher entropies at tau = 1 and at tau (summed over samples); the sample count."""
 
-    terms: torch.Tensor  # (students, len(TERMS))
+    terms: torch.Tensor  # (students, len(term_keys()))
     correct: torch.Tensor  # (students,)
     entropy: torch.Tensor  # (2,): tau = 1, tau
     count: torch.Tensor  # ()
@@ -51,7 +51,7 @@ class StepStats:
     @classmethod
     def zeros(cls, students: int, device: torch.device) -> "StepStats":
         z = torch.zeros
-        return cls(z(students, len(TERMS), device=device), z(students, device=device), z(2, device=device),
+        return cls(z(students, len(term_keys()), device=device), z(students, device=device), z(2, device=device),
                    z((), device=device))
 
     def add_(self, other: "StepStats") -> "StepStats":
@@ -139,15 +139,13 @@ class Distiller:
         # no autocast weight cache: each weight is cast once per step anyway, and a cache must not outlive a capture
         with autocast(self.device, self.dtype, cache=False):
             logits = [m(images) for m in self.forward]
-        rows, total = [], 0.0
+        rows, total, keys = [], 0.0, term_keys()
         for i, z in enumerate(logits):
             peers = [p for j, p in enumerate(logits) if j != i] if lc.gamma != 0.0 else None
-            t = dual_student_loss(z, peers, teacher_logits, labels, alpha=lc.alpha, beta=lc.beta, gamma=lc.gamma,
-                                  tau=lc.tau, weight_fn=lc.weight_fn, direction=lc.direction,
-                                  entropy_tau=lc.entropy_tau, weight=weight)
+            t = distill_loss(z, peers, teacher_logits, labels, lc, weight=weight)
             scaler = self.scalers[i]
             total = total + (scaler.scale(t["loss"]) if scaler is not None else t["loss"])
-            rows.append(torch.stack([t[k].detach() for k in TERMS]))
+            rows.append(torch.stack([t[k].detach() for k in keys]))
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         # The peer targets are detached and the teacher has no grad, so d(sum L_i)/d(theta_i) = dL_i/d(theta_i):
@@ -170,7 +168,7 @@ class Distiller:
         count = stats.count.item()
         n = max(count, 1.0)
         teacher = self.cfg.uses_teacher
-        students = [{"name": name, **{t: terms[i][j] / n for j, t in enumerate(TERMS)},
+        students = [{"name": name, **{t: terms[i][j] / n for j, t in enumerate(term_keys())},
                      "train_acc": 100.0 * correct[i] / n} for i, name in enumerate(self.names)]
         if not teacher:  # no teacher term: there is no weight to report
             for s in students:

@@ -9,7 +9,7 @@ import numpy as np
 
 from pipeline.core.errors import ConfigError
 
-from trainer.engine.losses import TERMS
+from trainer.engine.losses import term_keys
 from trainer.engine.metrics import EpochMetrics
 
 
@@ -24,11 +24,12 @@ class TensorBoard:
         self.writer = SummaryWriter(str(Path(run) / "tb"))
 
     def steps(self, global_steps: list[int], rows: np.ndarray, lrs: list[float]) -> None:
-        """rows[k] = the TERMS of every student at global_steps[k] (students x TERMS, flattened)."""
+        """rows[k] = the term_keys() of every student at global_steps[k] (students x terms, flattened)."""
+        terms = term_keys()
         for step, row, lr in zip(global_steps, rows, lrs):
-            per = row.reshape(len(self.names), len(TERMS))
+            per = row.reshape(len(self.names), len(terms))
             for i, name in enumerate(self.names):
-                for j, term in enumerate(TERMS):
+                for j, term in enumerate(terms):
                     if term != "w" or i == 0:
                         self.writer.add_scalar(f"train/{term}/{name}" if term != "w" else "train/w", per[i, j], step)
             self.writer.add_scalar("train/lr", lr, step)

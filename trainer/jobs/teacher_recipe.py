@@ -214,9 +214,9 @@ def _one_epoch(cfg: TrainConfig, model: nn.Module, step, sched, loader, val_load
                           f"teacher's lr or lengthen its warm-up ({cfg.out})")
     val = evaluate([model], val_loader, device, amp_dtype=dtype, channels_last=cfg.channels_last)
     count = max(count, 1.0)
-    student = StudentMetrics(cfg.students[0], loss=objective / count, hard=hard / count, teacher=0.0, peer=0.0,
-                             w=None, train_acc=100.0 * correct / count, val_top1=val["top1"][0],
-                             val_top5=val["top5"][0])
+    student = StudentMetrics(cfg.students[0], loss=objective / count, w=None, train_acc=100.0 * correct / count,
+                             val_top1=val["top1"][0], val_top5=val["top5"][0],
+                             terms={"hard": hard / count, "teacher": 0.0, "peer": 0.0})
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     lr = sched.optimizer.param_groups[0]["lr"]
     return EpochMetrics(epoch=epoch, lr=lr, images=int(count), students=[student],

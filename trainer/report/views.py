@@ -56,7 +56,7 @@ def teacher_views_section(cache_path: str | Path, shards: str | Path, png: Path,
     """Markdown (and the PNG) of the k most and k least confident training views of the cache."""
     from pipeline.core.augment import AugSpec
     from pipeline.reader.index import read_manifest
-    from pipeline.reader.loader import dali_available
+    from pipeline.reader.backends.registry import backend_entry, backend_names
     from pipeline.reader.index import manifest_sha256
     from pipeline.cache.store import TeacherCache
 
@@ -79,9 +79,9 @@ def teacher_views_section(cache_path: str | Path, shards: str | Path, png: Path,
                       f"(spec {fp.get('aug_fingerprint')}, rebuilt {spec.fingerprint()}).", ""]
     backend = str(fp.get("backend", "torch"))
     note = ""
-    if backend == "dali" and not dali_available():
-        backend, note = "torch", " The cache was made with DALI, which is not installed: drawn with the torch " \
-                                 "backend (same crops and flips, colours within a few grey levels)."
+    entry = backend_entry(backend) if backend in backend_names() else None
+    if entry is not None and entry.stand_in and not entry.available():  # e.g. DALI not installed: torch draws
+        backend, note = entry.stand_in, " " + entry.stand_in_note
     pixels, labels = render_views(shards, int(fp["seed"]), spec, backend, most + least)
     names = [c.get("name", c["wnid"]).split(",")[0] for c in read_manifest(shards)["classes"]]
     picks = [("most confident", e, i) for e, i in most] + [("least confident", e, i) for e, i in least]
