@@ -1,7 +1,7 @@
 """Low-level pieces of the shard writer: a byte-reproducible tar writer, DALI index files and the hashing
-process (image preparation is in `shard_image.py`, the process map in `procs.py`).
+process (image preparation is in `image.py`, the process map in `pipeline/core/procs.py`).
 
-Kept apart from `shards.py` (the plan, resume and manifest logic) so each file stays readable.
+Kept apart from `writer.py` (the plan, resume and manifest logic) so each file stays readable.
 """
 from __future__ import annotations
 

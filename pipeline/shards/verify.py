@@ -2,7 +2,7 @@
 
 Per shard: present, size and sha256 as recorded; members in the contract's order with the expected
 ids; every image decodes to RGB or greyscale with the recorded size and passes the acceptance rule of
-`kdpipe shard` (`shard_image.jpeg_problem`: baseline 8-bit, no EXIF rotation, within the pixel limit);
+`kdpipe shard` (`pipeline.shards.image.jpeg_problem`: baseline 8-bit, no EXIF rotation, within the pixel limit);
 label, id, crc32 and JSON agree with the index; the DALI index matches the tar. Problems name the shard and
 the sample id.
 

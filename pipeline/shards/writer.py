@@ -2,7 +2,7 @@
 
 How a run works: the split's file list is ordered (train: seeded shuffle of the path-sorted list;
 val: sorted by label then path); shard k takes list positions [k*S, (k+1)*S). Worker processes read
-and prepare images (`shard_image.prepare_image`) in order with bounded in-flight work; this process
+and prepare images (`image.prepare_image`) in order with bounded in-flight work; this process
 writes each shard sequentially to a temp name, fsyncs and renames it, then writes a small sidecar
 (`.kdpipe-shard/<shard>.json`: count, bytes, sha256, index rows, rejections). Resume finds finished
 shards by their sidecars, so a killed run (kill -9 included) rewrites only what is missing and ends

@@ -41,7 +41,7 @@ class TinyCNN(nn.Module):
         return self.fc(self.dropout(torch.flatten(self.pool(self.features(x)), 1)))
 
 
-class _Residual(nn.Module):
+class Residual(nn.Module):
     def __init__(self, width: int):
         super().__init__()
         self.body = nn.Sequential(_conv_bn(width, width), nn.Conv2d(width, width, 3, 1, 1, bias=False),
@@ -58,8 +58,8 @@ class TinyResNet(TinyCNN):
     def __init__(self, num_classes: int, width: int = 16):
         super().__init__(num_classes, width)
         w = width
-        self.features = nn.Sequential(_conv_bn(3, w, 2), _conv_bn(w, 2 * w, 2), _Residual(2 * w),
-                                      _conv_bn(2 * w, 4 * w, 2), _Residual(4 * w))
+        self.features = nn.Sequential(_conv_bn(3, w, 2), _conv_bn(w, 2 * w, 2), Residual(2 * w),
+                                      _conv_bn(2 * w, 4 * w, 2), Residual(4 * w))
 
 
 class TinyMobileNet(TinyCNN):

@@ -29,7 +29,7 @@ from trainer.config import TrainConfig, lr_factor, to_dict
 from trainer.engine.evaluate import evaluate, format_table
 from trainer.engine.graphed import GraphedStep, graphs_wanted
 from trainer.engine.metrics import EpochMetrics, StudentMetrics
-from trainer.engine.models import _Residual, build_model
+from trainer.engine.models import Residual, build_model
 from trainer.engine.rundir import RunDir
 from trainer.engine.runtime import autocast, precision_dtype, resolve_device
 from trainer.engine.step import param_groups, step_seed
@@ -41,7 +41,7 @@ RECIPE_KEY = "teacher_recipe"  # config.json: runtime.teacher_recipe.{label_smoo
 
 def residual_gammas(model: nn.Module) -> list[nn.BatchNorm2d]:
     """The last BatchNorm of each residual branch: torchvision's Bottleneck.bn3 and BasicBlock.bn2 (what
-    resnet50(zero_init_residual=True) zeros) and the tiny models' _Residual."""
+    resnet50(zero_init_residual=True) zeros) and the tiny models' Residual."""
     from torchvision.models.resnet import BasicBlock, Bottleneck
 
     out = []
@@ -50,7 +50,7 @@ def residual_gammas(model: nn.Module) -> list[nn.BatchNorm2d]:
             out.append(m.bn3)
         elif isinstance(m, BasicBlock):
             out.append(m.bn2)
-        elif isinstance(m, _Residual):
+        elif isinstance(m, Residual):
             out.append(m.body[-1])
     return out
 

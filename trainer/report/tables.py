@@ -1,5 +1,5 @@
 """The report's tables (markdown lines) from loaded runs (trainer.report.build.Run): Tables I-IV, convergence,
-accuracy per epoch. Runs of one mode are pooled by seed; cells and verdicts come from report_stats."""
+accuracy per epoch. Runs of one mode are pooled by seed; cells and verdicts come from stats.py."""
 from __future__ import annotations
 
 from collections.abc import Callable
