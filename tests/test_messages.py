@@ -63,6 +63,8 @@ def test_user_arguments_of_the_loader_and_report_are_config_errors(tmp_path):
         ImageNet100Loader(tmp_path, "train", 4, num_workers=-1)
     with pytest.raises(errors.ConfigError, match="invalid AugSpec: flip_p"):
         AugSpec(flip_p=2.0)
+    with pytest.raises(errors.ConfigError, match="backend must be one of auto, dali, torch, got 'nope'"):
+        ImageNet100Loader(tmp_path, "train", 4, backend="nope")
     with pytest.raises(errors.ConfigError, match="give at least one run directory"):
         write_report([], tmp_path / "rep")
     with pytest.raises(errors.MissingDataError, match="manifest.json: no manifest"):

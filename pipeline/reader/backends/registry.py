@@ -11,6 +11,8 @@ import importlib.util
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from pipeline.core.errors import ConfigError
+
 AUTO = "auto"  # not a backend: the loader's choice among the entries with `auto_rank`
 
 
@@ -67,9 +69,9 @@ def backend_choices() -> tuple[str, ...]:
 
 
 def backend_entry(name: str) -> BackendEntry:
-    """The entry of a registered backend; ValueError naming the choices otherwise."""
+    """The entry of a registered backend; a ConfigError naming the choices otherwise (the name is a user's)."""
     if name not in _REGISTRY:
-        raise ValueError(f"backend must be one of {', '.join(backend_choices())}, got {name!r}")
+        raise ConfigError(f"backend must be one of {', '.join(backend_choices())}, got {name!r}")
     return _REGISTRY[name]
 
 
@@ -80,7 +82,7 @@ def choose(name: str, cuda: bool) -> str:
         return backend_entry(name).name
     fits = [e for e in _REGISTRY.values() if e.auto_rank is not None and (cuda or not e.cuda_only) and e.available()]
     if not fits:
-        raise ValueError("no registered backend can be chosen by 'auto'")
+        raise ConfigError("no registered backend can be chosen by 'auto'")
     return min(fits, key=lambda e: e.auto_rank).name
 
 
