@@ -70,14 +70,15 @@ def test_precision_has_one_home():
 # ------------------------------------------------------------------------------------ collectives
 
 def test_collectives_live_in_runtime_and_are_no_ops_without_a_group():
-    from trainer.engine.runtime import all_gather_list, all_reduce_sum_, dist_info
+    from trainer.engine.runtime import all_gather_list, all_reduce_sum_, broadcast_from_rank0_, dist_info
 
     t = torch.tensor([1.0, 2.0])
     all_reduce_sum_(t)
+    broadcast_from_rank0_(t)
     assert dist_info() == (0, 1) and t.tolist() == [1.0, 2.0] and all_gather_list([(1, "x")]) == [(1, "x")]
-    users = {f for f, text in sources("trainer").items() if "all_gather_object" in text or "all_reduce(" in text}
-    # step.py sums its own StepStats and broadcasts BatchNorm buffers (always inside a process group)
-    assert users <= {"trainer/engine/runtime.py", "trainer/engine/step.py"}, users
+    users = {f for f, text in sources("trainer").items()
+             if any(call in text for call in ("all_gather_object", "all_reduce(", "broadcast("))}
+    assert users == {"trainer/engine/runtime.py"}, users
 
 
 # ------------------------------------------------------------------------------------ rebuilding a model

@@ -50,6 +50,13 @@ def all_reduce_sum_(*tensors: torch.Tensor) -> None:
             dist.all_reduce(t)
 
 
+def broadcast_from_rank0_(*tensors: torch.Tensor) -> None:
+    """Rank 0's values of each tensor on every rank, in place; nothing without a process group."""
+    if distributed():
+        for t in tensors:
+            dist.broadcast(t, 0)
+
+
 def all_gather_list(local: list) -> list:
     """Every rank's list of picklable items, concatenated in rank order (on every rank); `local` itself without a
     process group."""

@@ -10,14 +10,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from trainer.config import TrainConfig, lr_factor
 from trainer.engine.graphed import GraphedStep, graphs_wanted
 from trainer.engine.losses import distill_loss, entropy, teacher_weight, term_keys
-from trainer.engine.runtime import autocast, dist_info, precision_dtype, teacher_forward
+from trainer.engine.runtime import (all_reduce_sum_, autocast, broadcast_from_rank0_, dist_info, precision_dtype,
+                                    teacher_forward)
 
 
 def step_seed(seed: int, global_step: int, rank: int = 0) -> int:
@@ -60,8 +60,7 @@ class StepStats:
         return self
 
     def all_reduce_(self) -> "StepStats":
-        for f in fields(self):
-            dist.all_reduce(getattr(self, f.name))
+        all_reduce_sum_(*(getattr(self, f.name) for f in fields(self)))
         return self
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -180,9 +179,7 @@ class Distiller:
     def sync_buffers(self) -> None:
         """Rank 0's BatchNorm statistics everywhere: DDP broadcasts buffers before each forward, so after
         the last step each rank holds its own; evaluation and checkpoints must see one model."""
-        for m in self.students:
-            for b in m.buffers():
-                dist.broadcast(b, 0)
+        broadcast_from_rank0_(*(b for m in self.students for b in m.buffers()))
 
     def lr(self) -> float:
         return self.optimizers[0].param_groups[0]["lr"]

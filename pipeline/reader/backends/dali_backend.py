@@ -27,7 +27,7 @@ import torch
 
 from pipeline.core.augment import AugSpec, sample_params, val_geometry
 from pipeline.core.batch import IMAGENET_MEAN_255, IMAGENET_STD_255, host_to_device
-from pipeline.core.device import resolve_device
+from pipeline.core.device import check_dtype, resolve_device
 from pipeline.core.errors import CorruptSampleError
 from pipeline.reader.backends.base import GREY, SkipLog, saturation_matrices
 
@@ -186,9 +186,7 @@ class DaliBackend:
         self.index, self.spec, self.seed, self.train = index, spec, int(seed), bool(train)
         self.device = resolve_device(device, flag="device")
         self.gpu = self.device.type == "cuda"
-        if normalize and dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise ValueError(f"normalised output must be float16, bfloat16 or float32, not {dtype}")
-        self.normalize, self.dtype = bool(normalize), (dtype if normalize else torch.uint8)
+        self.normalize, self.dtype = bool(normalize), (check_dtype(dtype) if normalize else torch.uint8)
         self.num_threads = max(1, int(num_workers) if num_workers else (os.cpu_count() or 1))
         self.skip_corrupt = bool(skip_corrupt)
         self._log = SkipLog(self.skip_corrupt)
