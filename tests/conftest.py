@@ -58,6 +58,21 @@ def build_tiny_shards(root: Path, wnids: list[str], *, train_per_class: int, val
     return root / "shards"
 
 
+def flip_jpeg_byte(shard_dir: Path, sample_id: int) -> Path:
+    """Flip one bit in the middle of a train JPEG's entropy-coded data (it still decodes, but its crc32 no
+    longer matches the index); its shard's path."""
+    from pipeline.reader.index import ShardIndex
+
+    idx = ShardIndex(shard_dir, "train", check_crc=False)
+    path, offset, size = idx.shard_path(sample_id), int(idx.rows["offset"][sample_id]), int(idx.rows["size"][sample_id])
+    with open(path, "r+b") as f:
+        f.seek(offset + size // 2)
+        byte = f.read(1)[0]
+        f.seek(offset + size // 2)
+        f.write(bytes([byte ^ 0x04]))
+    return path
+
+
 @pytest.fixture(scope="session")
 def shared_shards(tmp_path_factory):
     """`shared_shards(wnids=..., train_per_class=..., ...)`: the shard directory of `build_tiny_shards` for those

@@ -19,9 +19,8 @@ import pytest
 import torch
 import zarr
 
-from pipeline.reader.index import ShardIndex
-
 from clitools import cli, error_line
+from conftest import flip_jpeg_byte
 
 WNIDS = ["n02869837", "n01749939", "n02488291", "n02107142"]
 TRAIN = ["--students", "tiny_cnn", "--epochs", "1", "--image-size", "32", "--batch-size", "8", "--backend", "torch",
@@ -38,18 +37,6 @@ def built(shared_shards) -> Path:
 def shards(built, tmp_path) -> Path:
     """A private copy of the finished shards, free to damage."""
     return Path(shutil.copytree(built / "shards", tmp_path / "shards", symlinks=True))
-
-
-def flip_jpeg_byte(shard_dir: Path, sample_id: int) -> Path:
-    """Flip one bit in the middle of a train JPEG's entropy-coded data (it still decodes); its shard's path."""
-    idx = ShardIndex(shard_dir, "train", check_crc=False)
-    path, offset, size = idx.shard_path(sample_id), int(idx.rows["offset"][sample_id]), int(idx.rows["size"][sample_id])
-    with open(path, "r+b") as f:
-        f.seek(offset + size // 2)
-        byte = f.read(1)[0]
-        f.seek(offset + size // 2)
-        f.write(bytes([byte ^ 0x04]))
-    return path
 
 
 # ---------------------------------------------------------------- item 3: a flipped byte in a JPEG

@@ -6,7 +6,6 @@ code, exactly one `Error:` line naming the culprit, no traceback, no "DataLoader
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 import subprocess
@@ -21,6 +20,7 @@ from pipeline.core.errors import CacheMismatchError, CorruptSampleError
 from trainer.cli import main
 
 from clitools import cli, error_line
+from conftest import flip_jpeg_byte
 
 WNIDS = ["n02869837", "n01749939", "n02488291", "n02107142"]
 TRAIN = ["--mode", "hard", "--students", "tiny_cnn", "--epochs", "1", "--image-size", "24", "--batch-size", "8",
@@ -77,21 +77,6 @@ def test_a_worker_error_comes_back_as_the_same_class_message_and_attributes():
     dl = torch.utils.data.DataLoader(CarryErrors(_Raises(KeyError("bug"))), batch_size=None, num_workers=1)
     with pytest.raises(KeyError, match="DataLoader worker"):
         list(map(raise_carried, dl))
-
-
-def flip_jpeg_byte(shard_dir: Path, sample_id: int) -> Path:
-    """Flip one bit in a train JPEG (its crc32 no longer matches); its shard's path."""
-    from pipeline.reader.index import ShardIndex
-
-    idx = ShardIndex(shard_dir, "train", check_crc=False)
-    path, row = idx.shard_path(sample_id), idx.rows[sample_id]
-    offset, size = int(row["offset"]), int(row["size"])
-    with open(path, "r+b") as f:
-        f.seek(offset + size // 2)
-        byte = f.read(1)[0]
-        f.seek(offset + size // 2)
-        f.write(bytes([byte ^ 0x04]))
-    return path
 
 
 @pytest.mark.parametrize("command", ["train", "cache-teacher"])
