@@ -97,3 +97,23 @@ def test_a_toy_model_is_one_register_line(shards, tmp_path):
     assert (tmp_path / "run" / "student0-toy_net.safetensors").is_file()
     assert RunDir(tmp_path / "run").read_metrics()[0].students[0].name == "toy_net"
     assert "toy_net" not in MODELS
+
+
+def test_auto_picks_torch_everywhere_until_dali_has_run_on_a_gpu(monkeypatch):
+    """`auto` is the lowest available auto_rank that fits the device: torch on CPU and CUDA alike (DALI, even
+    installed, only by name), and a registered entry with a lower rank and its device wins."""
+    from dataclasses import replace
+
+    from pipeline.reader.backends import registry
+
+    dali = registry.backend_entry("dali")
+    monkeypatch.setitem(registry._REGISTRY, "dali", replace(dali, available=lambda: True))  # as if installed
+    assert registry.choose("auto", cuda=False) == "torch"
+    assert registry.choose("auto", cuda=True) == "torch"
+    assert registry.choose("dali", cuda=True) == "dali"
+    registry.register(registry.BackendEntry("fast", object, auto_rank=1, cuda_only=True))
+    try:
+        assert registry.choose("auto", cuda=True) == "fast"
+        assert registry.choose("auto", cuda=False) == "torch"
+    finally:
+        registry.unregister("fast")

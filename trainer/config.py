@@ -130,7 +130,7 @@ class TrainConfig:
     reuse_views: bool = opt(False, "accept a teacher cache with fewer augmentation epochs than --epochs: "
                             "training epoch e then repeats the views (and logits) of epoch e mod E")
     seed: int = opt(0, "seed of augmentation, epoch order, initialisation and dropout")
-    backend: Backend = opt("auto", "loader backend (auto: DALI with a GPU when installed, else torch)",
+    backend: Backend = opt("auto", "loader backend (auto: torch; dali by name, not yet run on a GPU)",
                            choices=backend_choices)
     num_workers: int | None = opt(None, "loader worker processes per rank (default: one per usable core)", min=0)
     skip_corrupt: bool = opt(False, "drop samples that fail to read or decode (counted in metrics.jsonl, listed "
@@ -172,7 +172,7 @@ class CacheTeacherConfig:
     batch_size: int = opt(256, "GLOBAL teacher batch (split evenly across ranks); never crosses a unit", min=1)
     chunk_n: int = opt(4096, "samples per store chunk and per unit of resumable, parallel work", flag="--chunk",
                        min=1)
-    backend: Backend = opt("auto", "loader backend (auto: DALI with a GPU when installed, else torch)",
+    backend: Backend = opt("auto", "loader backend (auto: torch; dali by name, not yet run on a GPU)",
                            choices=backend_choices)
     num_workers: int | None = opt(None, "loader worker processes per rank (default: one per usable core)", min=0)
     skip_corrupt: bool = opt(False, "store no teacher signal (zero logits, w = 0) for samples that fail to read or "

@@ -33,8 +33,8 @@ from pipeline.core.procs import usable_cores
 
 
 def choose_backend(name: str, device: torch.device) -> str:
-    """'auto' -> the registry's pick for the device (DALI when installed and the device is a CUDA GPU, else
-    torch); another name -> itself, when registered (pipeline/reader/backends/registry.py)."""
+    """'auto' -> the registry's pick for the device (today torch everywhere: DALI is opt-in until it has run on a
+    GPU); another name -> itself, when registered (pipeline/reader/backends/registry.py)."""
     return registry.choose(name, cuda=device.type == "cuda" and torch.cuda.is_available())
 
 

@@ -87,8 +87,11 @@ def choose(name: str, cuda: bool) -> str:
 
 
 # The built-in backends: a new one is its module plus one line here.
+# DALI has no auto_rank: its GPU graph has never executed on a GPU (docs/dali.md "Speed"), while the torch backend
+# ran and was measured on an H200; `auto` moves to DALI (auto_rank=0) only once a GPU run shows it correct and
+# faster. `--backend dali` chooses it explicitly.
 register(BackendEntry("dali", "pipeline.reader.backends.dali_backend:DaliBackend", available=dali_available,
-                      auto_rank=0, cuda_only=True, stand_in="torch",
+                      auto_rank=None, cuda_only=True, stand_in="torch",
                       stand_in_note="The cache was made with DALI, which is not installed: drawn with the torch "
                                     "backend (same crops and flips, colours within a few grey levels)."))
 register(BackendEntry("torch", "pipeline.reader.backends.torch_backend:TorchBackend", auto_rank=100,
