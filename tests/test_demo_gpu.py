@@ -179,3 +179,21 @@ def test_recipe_teacher_resumes_exactly(scaled, tmp_path):
         shutil.copytree(tmp_path / "cut", tmp_path / "other")
         train_teacher(dataclasses.replace(cut, out=str(tmp_path / "other")), label_smoothing=0.2,
                       zero_init_residual=True, progress=False)
+
+
+@pytest.mark.slow
+def test_gpu_preset_with_the_papers_models_runs_on_the_cpu(tmp_path):
+    """The preset's own models (ResNet-50 teacher through the recipe loop, ResNet-18 + MobileNetV2 through all
+    four rungs) at a few images and 32 px, so nothing architecture-specific waits for a GPU to surface."""
+    cfg = dataclasses.replace(GPU, num_classes=4, train_per_class=8, val_per_class=2, image_px=40, crop_px=32,
+                              teacher_epochs=1, teacher_batch_size=8, teacher_warmup_epochs=0.5, epochs=1,
+                              cache_epochs=1, batch_size=8, shard_size=16, device="cpu", threads=2, seeds=1)
+    text = run_demo(tmp_path / "demo", cfg).read_text()
+    runs = tmp_path / "demo" / "runs"
+    teacher = json.loads((runs / "teacher" / "config.json").read_text())
+    assert teacher["students"] == ["resnet50"] and teacher["runtime"]["teacher_recipe"]["zero_init_residual"]
+    for mode in LADDER:
+        metrics = json.loads((ladder_run(runs, mode, 0) / "metrics.jsonl").read_text().splitlines()[-1])
+        assert [metrics[k]["name"] for k in ("s0", "s1")] == ["resnet18", "mobilenet_v2"]
+        assert all(math.isfinite(metrics[k]["loss"]) for k in ("s0", "s1"))
+    assert "| resnet50 | teacher | — | 23.516 |" in text and "| mobilenet_v2 | student | — | 2.229 |" in text
