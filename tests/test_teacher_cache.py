@@ -228,7 +228,7 @@ def test_create_never_clobbers_a_foreign_path_nor_leaves_a_half_store(tmp_path, 
 
 # ---------------------------------------------------------------- integrity: per-unit checksums
 
-def chunk_file(store, name: str, coords: tuple) -> "Path":
+def chunk_file(store, name: str, coords: tuple):
     from pathlib import Path
 
     g = zarr.open_group(str(store), mode="r")

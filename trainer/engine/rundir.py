@@ -20,7 +20,7 @@ from pipeline.core.outdir import check_claimable, claim_dir
 from trainer.engine.checkpoint import BEST, LAST, final_weights_path, load_checkpoint
 from trainer.config import TrainConfig, config_diff, to_record
 from trainer.engine.inputs import check_inputs, recorded_inputs
-from trainer.engine.metrics import EpochMetrics, read_metrics_file, read_metrics_path
+from trainer.engine.metrics import EpochMetrics, read_metrics_path
 
 CONFIG, METRICS, SKIPPED, LOCK, MARKER = "config.json", "metrics.jsonl", "skipped.tsv", ".kdpipe.lock", ".kdpipe-run"
 WHAT = "a training run"
