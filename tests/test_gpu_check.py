@@ -31,3 +31,17 @@ def test_gpu_check_quick_runs_and_reports(tmp_path):
     est = r["estimate"]["4"]
     assert abs(est["minutes_50_epochs"] * est["images_per_s"] * 60 - 50 * 126_689) < 1.0
     assert "total" in proc.stdout and "ERROR" not in proc.stdout
+
+
+def test_compile_rows_build_the_trainers_compiled_students(monkeypatch):
+    """gpu_check --compile MODES goes through `--compile MODE` of the trainer (torch.compile recorded, not run)."""
+    import torch
+
+    from tools import gpu_measure as gm
+
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda m, mode=None: modes.append(mode) or m)
+    r = gm.bench_compile(4, torch.device("cpu"), gm.QUICK, ["max-autotune-no-cudagraphs", "default"])
+    assert modes == ["max-autotune-no-cudagraphs"] * 4 + [None] * 4  # 2 students x 2 batch sizes, per mode
+    assert set(r) == {"max-autotune-no-cudagraphs/8", "max-autotune-no-cudagraphs/4", "default/8", "default/4"}
+    assert all(x["images_per_s"] > 0 and "graphs_images_per_s" not in x for x in r.values())  # graphs: CUDA only

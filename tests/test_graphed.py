@@ -18,10 +18,13 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
     ({"device": CPU}, False),
     ({"dtype": torch.float16}, False),
     ({"world_size": 2}, False),
-    ({"compiled": True}, False),
+    ({"compile_mode": "reduce-overhead"}, False),
+    ({"compile_mode": "max-autotune"}, False),
+    ({"compile_mode": "default"}, True),  # Inductor's kernels inside the step's graph
+    ({"compile_mode": "max-autotune-no-cudagraphs"}, True),
 ])
 def test_auto_takes_graphs_only_where_they_apply(kw, expected):
-    args = {"device": CUDA, "dtype": torch.bfloat16, "world_size": 1, "compiled": False, **kw}
+    args = {"device": CUDA, "dtype": torch.bfloat16, "world_size": 1, "compile_mode": "off", **kw}
     assert graphs_wanted("auto", **args) is expected
     assert graphs_wanted("off", **args) is False
     if expected:
@@ -33,12 +36,13 @@ def test_auto_takes_graphs_only_where_they_apply(kw, expected):
 
 def test_unknown_choice_is_a_config_error():
     with pytest.raises(ConfigError, match="--cuda-graphs must be one of auto, on, off"):
-        graphs_wanted("yes", device=CUDA, dtype=torch.bfloat16, world_size=1, compiled=False)
+        graphs_wanted("yes", device=CUDA, dtype=torch.bfloat16, world_size=1)
 
 
-def _distiller(graphs: str, device: torch.device, students=("tiny_cnn", "tiny_mobilenet"), classes: int = 5):
+def _distiller(graphs: str, device: torch.device, students=("tiny_cnn", "tiny_mobilenet"), classes: int = 5,
+               **fields):
     cfg = make_config("dual", students, batch_size=8, epochs=1, device=str(device), cuda_graphs=graphs,
-                      image_size=24)
+                      image_size=24, **fields)
     torch.manual_seed(0)
     return Distiller(cfg, [build_model(n, classes) for n in cfg.students], teacher=None, device=device,
                      steps_per_epoch=20)
@@ -61,11 +65,11 @@ def _batches(n: int, device: torch.device, classes: int = 5, size: int = 24, bat
     return out
 
 
-def _train(graphs: str, device: torch.device, students) -> tuple[list, list, Distiller]:
+def _train(graphs: str, device: torch.device, students, steps: int = 12, **fields) -> tuple[list, list, Distiller]:
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    d = _distiller(graphs, device, students)
+    d = _distiller(graphs, device, students, **fields)
     losses = []
-    for k, (x, y, t) in enumerate(_batches(12, device)):
+    for k, (x, y, t) in enumerate(_batches(steps, device)):
         torch.manual_seed(step_seed(0, k))
         d.lr_before_last_step = d.lr()
         s = d.step(x, y, t)
@@ -89,6 +93,36 @@ def test_graphed_steps_equal_eager_steps(students):
     # the last replay ran at the scheduler's lr of that step (set before it; the scheduler steps after it)
     lrs = [float(t) for t in dg.graphed._lrs[0]]
     assert lrs == pytest.approx([dg.lr_before_last_step] * len(lrs)) and dg.lr_before_last_step != dg.lr()
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_compiled_students_inside_the_graph_equal_compiled_eager_steps():
+    """--compile max-autotune-no-cudagraphs with --cuda-graphs on: Inductor's kernels replayed from one graph."""
+    students = ("resnet18", "mobilenet_v2")
+    le, we, _ = _train("off", CUDA, students, compile="max-autotune-no-cudagraphs")
+    lg, wg, dg = _train("on", CUDA, students, compile="max-autotune-no-cudagraphs")
+    assert dg.graphed is not None and dg.graphed.replays >= 7
+    for a, b in zip(le, lg):
+        assert a == pytest.approx(b, rel=2e-2, abs=1e-3)
+    for se, sg in zip(we, wg):
+        for k, a in se.items():
+            assert torch.allclose(a, sg[k], rtol=2e-2, atol=2e-3), k
+
+
+@pytest.mark.slow
+def test_a_compiled_step_equals_the_eager_step_on_the_cpu():
+    """--compile default on the CPU (Inductor's C++ kernels): the same losses and weights as eager steps (without
+    dropout: Inductor draws its own masks, from the same per-step seed)."""
+    students = ("tiny_cnn", "tiny_mobilenet")
+    le, we, _ = _train("off", CPU, students, steps=3, dropout=0.0)
+    lc, wc, dc = _train("off", CPU, students, steps=3, dropout=0.0, compile="default")
+    assert all(hasattr(m, "_orig_mod") for m in dc.forward)  # really compiled
+    for a, b in zip(le, lc):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
+    for se, sc in zip(we, wc):
+        for k, a in se.items():
+            assert torch.allclose(a, sc[k], rtol=1e-4, atol=1e-5), k
 
 
 @pytest.mark.gpu

@@ -104,6 +104,19 @@ def test_legacy_uncertainty_flag_maps_to_the_weight_function():
     assert from_dict(old).loss.weight_fn == "confidence"
 
 
+def test_compile_takes_a_mode_and_old_runs_bool_still_loads():
+    for old, mode in ((True, "default"), (False, "off")):  # config.json of runs from before the modes
+        assert from_dict({**to_dict(make_config("kd")), "compile": old}).compile == mode
+        assert resolve_train({}, saved={**to_dict(make_config("kd")), "compile": old}).compile == mode
+    cfg = resolve_train({"compile": "max-autotune-no-cudagraphs"}, saved={**to_dict(make_config("kd")),
+                                                                            "compile": True})
+    assert cfg.compile == "max-autotune-no-cudagraphs"  # a resumed run may change it: numbers stay the model's
+    with pytest.raises(ConfigError, match="compile"):
+        from_dict({**to_dict(make_config("kd")), "compile": "fast"})
+    res = CliRunner().invoke(main, ["train", "--shards", ".", "--out", "x", "--compile", "fast"])
+    assert res.exit_code == 2 and "'fast' is not one of 'off', 'default', 'max-autotune-no-cudagraphs'" in res.output
+
+
 def test_the_cli_builds_its_options_without_importing_torch():
     """`kdpipe --help` stays fast: the config dataclasses (and so every option) load without torch."""
     import subprocess

@@ -2,7 +2,7 @@
 # Download the small wheels the GPU machine lacks (Python 3.12 there; no network there) into .whl/
 # (git-ignored), so `run` can carry them: carry=[".whl"]. zarr and its needs for the teacher cache,
 # webdataset for the readback path, nvImageCodec (25 MB) for the CPU workers' ROI decode.
-# DALI (199+ MB) is too large for one call: tools/carry_dali.sh sends it in parts.
+# DALI (199+ MB) is too large for one call: tools/carry_dali.py sends it in parts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .whl

@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--only", default="", help=f"comma-separated stages ({','.join(STAGES)})")
     ap.add_argument("--profile", action="store_true", help="also the kernel profile (eager vs graphed)")
     ap.add_argument("--compile", default="", help="also torch.compile in these modes, e.g. reduce-overhead,"
-                                                  "max-autotune-no-cudagraphs (minutes of compilation each)")
+                                                  "max-autotune-no-cudagraphs (minutes of compilation each; "
+                                                  "default and max-autotune-no-cudagraphs also inside the graph)")
     args = ap.parse_args(argv)
     sizes = gm.QUICK if args.quick else gm.Sizes()
     device = torch.device("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
@@ -166,7 +167,9 @@ def print_table(r: dict) -> None:
         print(f"   {kern['ms_per_step']:6.2f} ms {100 * kern['share']:4.1f} %  {kern['name']}")
     for k, c in (r.get("compile") or {}).items():
         if isinstance(c, dict) and "images_per_s" in c:
-            print(f"torch.compile {k}: first step {c['first_step_s']:.0f} s, then {c['images_per_s']:.0f} img/s")
+            graphed = f", {c['graphs_images_per_s']:.0f} inside the step's graph" if "graphs_images_per_s" in c else ""
+            print(f"torch.compile {k}: first step {c['first_step_s']:.0f} s, then {c['images_per_s']:.0f} img/s"
+                  f"{graphed}")
     eq, lf, geo = r.get("equal") or {}, r.get("loss_falls") or {}, r.get("geometry") or {}
     print(f"checks: geometry ok={geo.get('ok')} (MAD {_f(geo.get('mean_abs_diff_grey_levels'), '.2f')}), "
           f"loss falls ok={lf.get('ok')}, eager==graphs ok={eq.get('ok', eq.get('skipped'))} "

@@ -96,14 +96,14 @@ def make_data(root: Path, sizes: Sizes) -> dict[str, Path]:
 # ---------------------------------------------------------------- models and steps
 
 def distiller(num_classes: int, batch: int, device: torch.device, sizes: Sizes, *, online_teacher: bool,
-              graphs: str = "off", mode: str = "dual"):
+              graphs: str = "off", mode: str = "dual", compile: str = "off"):
     from trainer.config import make_config
     from trainer.engine.models import build_model
     from trainer.engine.step import Distiller
 
     cfg = make_config(mode, ("resnet18", "mobilenet_v2"), batch_size=batch, epochs=1, device=str(device),
                       amp="bf16" if device.type == "cuda" else "fp32", image_size=sizes.image_size,
-                      cuda_graphs=graphs)
+                      cuda_graphs=graphs, compile=compile)
     torch.manual_seed(0)
     students = [build_model(n, num_classes) for n in cfg.students]
     teacher = build_model("resnet50", num_classes) if online_teacher else None
@@ -383,19 +383,28 @@ def profile_step(num_classes: int, device: torch.device, sizes: Sizes, batch: in
 
 
 def bench_compile(num_classes: int, device: torch.device, sizes: Sizes, modes: list[str]) -> dict:
-    """torch.compile of both students in each mode: first-step seconds (compilation) and steady img/s."""
+    """torch.compile of both students in each mode (`kdpipe train --compile MODE`): first-step seconds
+    (compilation) and steady img/s; for the modes without CUDA graphs of their own also inside the step's graph
+    (`--cuda-graphs on`), the combination that can fuse BatchNorm and drop the host's launches at once."""
+    from trainer.engine.graphed import COMPILE_OWN_GRAPHS
+
     out = {}
     for mode in modes:
         for batch in sizes.batches:
             images, labels, logits = fake_batch(batch, num_classes, sizes.image_size, device)
-            d = distiller(num_classes, batch, device, sizes, online_teacher=False)
-            d.forward = [torch.compile(m, mode=mode) for m in d.forward]
+            d = distiller(num_classes, batch, device, sizes, online_teacher=False, compile=mode)
             t0 = time.perf_counter()
             d.step(images, labels, logits)
             sync(device)
             first = time.perf_counter() - t0
             t = timed(lambda: d.step(images, labels, logits), device, sizes.warmup_steps, sizes.steps)
-            out[f"{mode}/{batch}"] = {"first_step_s": first, "images_per_s": batch / t}
+            row = {"first_step_s": first, "images_per_s": batch / t}
+            if device.type == "cuda" and mode not in COMPILE_OWN_GRAPHS:
+                with_graphs(d, True)
+                t = timed(lambda: d.step(images, labels, logits), device, sizes.warmup_steps, sizes.steps)
+                row["graphs_images_per_s"] = batch / t
+                with_graphs(d, False)
+            out[f"{mode}/{batch}"] = row
             del d
     return out
 

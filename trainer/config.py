@@ -33,6 +33,8 @@ Direction = Literal["forward", "reverse"]  # of the KL terms (trainer/engine/los
 WeightFn = Literal["confidence", "none", "entropy"]
 CudaGraphs = Literal["auto", "on", "off"]
 DecodeDevice = Literal["auto", "cpu", "cuda"]
+# torch.compile modes (trainer/engine/graphed.py says which combine with the step's own CUDA graph)
+CompileMode = Literal["off", "default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune"]
 
 
 @dataclass(frozen=True)
@@ -138,10 +140,12 @@ class TrainConfig:
     amp: Precision = opt("auto", "mixed precision: auto (bf16 on CUDA, fp32 on the CPU); fp16 uses one "
                          "GradScaler per student")
     channels_last: bool = opt(True, "channels_last memory format for models and images")
-    compile: bool = opt(False, "torch.compile each student")
+    compile: CompileMode = opt(
+        "off", "torch.compile each student in this mode: default and max-autotune-no-cudagraphs (fused BatchNorm) "
+        "run inside the step's CUDA graph; reduce-overhead and max-autotune make their own graphs instead")
     cuda_graphs: CudaGraphs = opt(
         "auto", "capture the whole step in a CUDA graph and replay it (auto: on CUDA with one process and bf16/fp32, "
-        "without --compile; the host then no longer limits the step: docs/train.md)")
+        "unless --compile makes its own graphs; the host then no longer limits the step: docs/train.md)")
     decode_device: DecodeDevice = opt(
         "auto", "where the torch backend decodes JPEGs on a CUDA machine: cpu (worker processes, uint8 crops copied "
         "to the GPU), cuda (nvJPEG in a prefetch thread on its own stream), auto (docs/loader.md)")
@@ -343,9 +347,11 @@ def to_dict(cfg: Any) -> dict:
 
 def _legacy(d: dict) -> dict:
     """config.json files of earlier versions: loss.uncertainty (bool) became loss.weight_fn; a run from before
-    the view options trained ImageNet's view (their defaults)."""
+    the view options trained ImageNet's view (their defaults); compile (bool) became a mode (true: "default")."""
     if "view" not in d:
         d = {**d, "view": to_dict(ViewConfig())}
+    if isinstance(d.get("compile"), bool):
+        d = {**d, "compile": "default" if d["compile"] else "off"}
     loss = d.get("loss")
     if isinstance(loss, dict) and "uncertainty" in loss:
         loss = dict(loss)

@@ -13,7 +13,10 @@ How (the recipe of torch.cuda.graphs' whole-network capture):
 - a step whose inputs differ in shape, dtype or presence (a short batch after skipped corrupt samples) runs
   eagerly on the same parameters and optimizer state, so the schedule and the results stay those of eager steps;
 - what must not be captured is refused before capture: fp16 (the GradScaler's step decisions are made on the
-  host), DDP (its hooks synchronise across processes), a CPU device.
+  host), DDP (its hooks synchronise across processes), a CPU device, and torch.compile modes that make CUDA graphs
+  of their own (reduce-overhead, max-autotune). Compiled students in the other modes (default,
+  max-autotune-no-cudagraphs: Inductor's kernels, BatchNorm fused with its neighbours) are captured like eager
+  ones: compilation happens in the eager warm-up steps, the capture records the compiled kernels.
 Results equal eager steps' up to the order of floating-point reductions (tests/test_graphed.py, marker `gpu`).
 """
 from __future__ import annotations
@@ -26,11 +29,14 @@ import torch
 from pipeline.core.errors import ConfigError
 
 GRAPH_CHOICES = ("auto", "on", "off")
+COMPILE_OWN_GRAPHS = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs themselves
 
 
-def graphs_wanted(choice: str, *, device: torch.device, dtype: torch.dtype, world_size: int, compiled: bool) -> bool:
+def graphs_wanted(choice: str, *, device: torch.device, dtype: torch.dtype, world_size: int,
+                  compile_mode: str = "off") -> bool:
     """Whether the step is captured: `on` refuses an impossible combination in one line, `auto` takes graphs
-    wherever they apply (CUDA, one process, bf16 or fp32, no torch.compile), `off` never."""
+    wherever they apply (CUDA, one process, bf16 or fp32, no torch.compile mode with graphs of its own), `off`
+    never."""
     if choice not in GRAPH_CHOICES:
         raise ConfigError(f"--cuda-graphs must be one of {', '.join(GRAPH_CHOICES)}, got {choice!r}")
     why_not = None
@@ -40,8 +46,9 @@ def graphs_wanted(choice: str, *, device: torch.device, dtype: torch.dtype, worl
         why_not = "--amp fp16 steps through GradScalers whose decisions are made on the host; use bf16 or fp32"
     elif world_size > 1:
         why_not = "under torchrun DDP's hooks synchronise processes inside the step"
-    elif compiled:
-        why_not = "--compile manages its own graphs (mode reduce-overhead); use one or the other"
+    elif compile_mode in COMPILE_OWN_GRAPHS:
+        why_not = (f"--compile {compile_mode} captures CUDA graphs of its own; use --compile default or "
+                   f"max-autotune-no-cudagraphs inside the step's graph")
     if choice == "on" and why_not is not None:
         raise ConfigError(f"--cuda-graphs on: {why_not} (use --cuda-graphs auto or off)")
     return choice != "off" and why_not is None

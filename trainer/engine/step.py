@@ -84,8 +84,9 @@ class Distiller:
         _, world = dist_info()
         self.forward = [DDP(m, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else m
                         for m in self.students]
-        if cfg.compile:
-            self.forward = [torch.compile(m) for m in self.forward]
+        if cfg.compile != "off":
+            mode = None if cfg.compile == "default" else cfg.compile
+            self.forward = [torch.compile(m, mode=mode) for m in self.forward]
         o = cfg.optim
         # fused SGD on CUDA: one kernel per step, and GradScaler hands it found_inf instead of syncing on it
         fused = True if device.type == "cuda" else None
@@ -99,7 +100,7 @@ class Distiller:
         self.scalers = [torch.amp.GradScaler(device.type) if fp16 else None for _ in self.students]
         # the whole step as one CUDA graph where it applies (trainer/engine/graphed.py); None: eager steps
         self.graphed = GraphedStep(self._compute, self.optimizers, device) if graphs_wanted(
-            cfg.cuda_graphs, device=device, dtype=self.dtype, world_size=world, compiled=cfg.compile) else None
+            cfg.cuda_graphs, device=device, dtype=self.dtype, world_size=world, compile_mode=cfg.compile) else None
 
     def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
         return teacher_forward(self.teacher, images, self.dtype)

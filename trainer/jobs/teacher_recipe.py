@@ -139,7 +139,7 @@ def _epochs(cfg: TrainConfig, run: RunDir, train_loader, val_loader, classes: li
         start = int(state["epoch"])
         run.truncate_metrics(start)
     step = _step(model, opt, scaler, device, dtype, label_smoothing)
-    if graphs_wanted(cfg.cuda_graphs, device=device, dtype=dtype, world_size=1, compiled=False):
+    if graphs_wanted(cfg.cuda_graphs, device=device, dtype=dtype, world_size=1):
         step = GraphedStep(step, [opt], device)  # the trainer's whole-step CUDA graph (trainer/engine/graphed.py)
     record = None
     for epoch in range(start, cfg.epochs):

@@ -53,7 +53,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
         batch = per_rank_batch(cfg.batch_size, world)
         # resolved now: `--cuda-graphs on` where graphs cannot apply is refused before any data is read
         graphs = graphs_wanted(cfg.cuda_graphs, device=device, dtype=precision_dtype(cfg.amp, device),
-                               world_size=world, compiled=cfg.compile)
+                               world_size=world, compile_mode=cfg.compile)
         spec = AugSpec(image_size=cfg.image_size, val_resize_mode=cfg.val_resize, **cfg.view.spec_fields())
         common = dict(seed=cfg.seed, backend=cfg.backend, device=device, spec=spec, rank=rank, world_size=world,
                       num_workers=cfg.num_workers, skip_corrupt=cfg.skip_corrupt, decode_device=cfg.decode_device)
