@@ -258,6 +258,73 @@ def test_device_decode_path_bad_input(shards, tmp_path):
     assert len([i for b in loader for i in b.ids.tolist()]) == 23 and [i for i, _ in loader.skipped] == [victim]
 
 
+def _hw_on_the_cpu(loader):
+    """The cuda-hw path's code (gpu_jpeg.HardwareJpegDecoder, then the torch-op augmentation) on nvImageCodec's
+    CPU backend."""
+    from pipeline.reader.backends.gpu_jpeg import HardwareJpegDecoder
+
+    loader.backend.device_decode = True
+    loader.backend.hw_decoder = HardwareJpegDecoder(torch.device("cpu"), backends=("cpu",))
+    return loader
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_hardware_decode_path_on_the_cpu(shards, split):
+    pytest.importorskip("nvidia.nvimgcodec")
+    hw = _hw_on_the_cpu(make(shards, split, batch_size=5, drop_last=False))
+    assert _mean_abs_diff(hw, make(shards, split, batch_size=5, drop_last=False)) < 1.0
+    tv = make(shards, split, batch_size=5, drop_last=False)
+    tv.backend.device_decode = True  # torchvision's decoder through the same augmentation: libjpeg-turbo both
+    assert _mean_abs_diff(_hw_on_the_cpu(make(shards, split, batch_size=5, drop_last=False)), tv) == 0.0
+
+
+def test_hardware_decode_path_bad_input(shards, tmp_path):
+    pytest.importorskip("nvidia.nvimgcodec")
+    bad, victim = _corrupt_copy(shards, tmp_path, "garbage")
+    with pytest.raises(CorruptSampleError, match=rf"train sample {victim} in shard .*train-000001\.tar"):
+        list(_hw_on_the_cpu(make(bad, batch_size=4, drop_last=False)))
+    loader = _hw_on_the_cpu(make(bad, batch_size=4, drop_last=False, skip_corrupt=True))
+    assert len([i for b in loader for i in b.ids.tolist()]) == 23 and [i for i, _ in loader.skipped] == [victim]
+
+
+def test_hardware_decoder_falls_back_per_image_and_keeps_the_order(shards):
+    """What the first backend refuses goes to the next; the result is in the order of the input."""
+    pytest.importorskip("nvidia.nvimgcodec")
+    from pipeline.reader.backends.gpu_jpeg import HardwareJpegDecoder
+    from pipeline.reader.index import ShardIndex
+
+    index = ShardIndex(shards, "train")
+    datas = [index.read(i) for i in range(6)] + [b"not a jpeg"]
+    dec = HardwareJpegDecoder(torch.device("cpu"), backends=("cpu", "cpu"))
+    whole = dec(datas)
+    first, calls = dec.decoders[0], []
+
+    class Picky:  # refuses every other image, as the hardware engines refuse progressive JPEGs
+        def decode(self, streams, **kw):
+            calls.append(len(streams))
+            return [img if k % 2 == 0 else None for k, img in enumerate(first.decode(streams, **kw))]
+
+    dec.decoders[0] = Picky()
+    mixed = dec(datas)
+    assert calls == [7] and whole[6] is None and mixed[6] is None  # the non-JPEG: None from every backend
+    for a, b in zip(whole[:6], mixed[:6]):
+        assert torch.equal(a, b) and a.shape[0] == 3
+
+
+@pytest.mark.gpu
+def test_hardware_decode_on_the_gpu_is_close_and_independent_of_the_batch(shards):
+    """decode_device='cuda-hw': close to the CPU workers' pixels, and a sample's pixels do not depend on the
+    batch it came in (each image's decoder is chosen by its bytes, never by its position)."""
+    pytest.importorskip("nvidia.nvimgcodec")
+    hw = make(shards, batch_size=5, device="cuda", decode_device="cuda-hw", drop_last=False)
+    assert hw.decode_device == "cuda-hw" and hw.backend.hw_decoder is not None
+    assert _mean_abs_diff(hw, make(shards, batch_size=5, drop_last=False)) < 2.5
+    a = {i: x for b in hw for i, x in zip(b.ids.tolist(), b.images.cpu())}
+    other = make(shards, batch_size=3, device="cuda", decode_device="cuda-hw", drop_last=False)
+    b = {i: x for batch in other for i, x in zip(batch.ids.tolist(), batch.images.cpu())}
+    assert a.keys() == b.keys() and all(torch.equal(a[i], b[i]) for i in a)
+
+
 def test_import_pipeline_stays_light():
     import subprocess
     import sys

@@ -71,6 +71,11 @@ def test_decode_device_choice():
     assert choose_decode_device("auto", CUDA, CPU_DECODE_MIN_CORES) == "cpu"
     assert choose_decode_device("auto", CUDA, CPU_DECODE_MIN_CORES - 1) == "cuda"
     assert choose_decode_device("cuda", CUDA, 64) == "cuda"
+    # the hardware JPEG engines only when asked (not yet measured on a GPU), and only for a CUDA output
+    assert choose_decode_device("cuda-hw", CUDA, 2) == "cuda-hw"
+    assert {choose_decode_device("auto", CUDA, n) for n in (1, 64)} == {"cpu", "cuda"}
+    with pytest.raises(ConfigError, match="decode_device 'cuda-hw' needs a CUDA output device"):
+        choose_decode_device("cuda-hw", CPU, 2)
 
 
 @pytest.fixture(scope="module")

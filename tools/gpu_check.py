@@ -1,8 +1,9 @@
 """One GPU check for the whole path, in a single short call (tools/gpu_check.sh runs it on the device).
 
 Measures on one GPU in one process (tools/gpu_measure.py has one function per row), warm-up excluded:
-  - decode + 224 training augmentation, torch backend: nvJPEG on the GPU vs CPU worker processes (and DALI when
-    installed: its rate and its pixels against the torch backend's);
+  - decode + 224 training augmentation, torch backend: nvJPEG on the GPU vs CPU worker processes vs the GPU's
+    hardware JPEG engines (nvImageCodec, when installed), and DALI when installed (its rate and its pixels against
+    the torch backend's);
   - dual-student steps (ResNet-18 + MobileNetV2, bf16, channels_last) at batch 256 and 64, eager vs one CUDA graph,
     with cached logits (the ceiling) and with the online ResNet-50 teacher; the host's enqueue time beside each;
   - eager == graphed after N steps (losses, weights, BatchNorm statistics), and a few steps lower the loss;
@@ -37,6 +38,8 @@ STAGES = ("decode", "dali", "geometry", "equal", "loss_falls", "steps", "cache_t
 def run_stages(args, sizes: gm.Sizes, device: torch.device, results: dict, out: Path) -> None:
     cuda = device.type == "cuda"
     decoders = ("cuda", "cpu") if cuda else ("cpu",)
+    # the GPU's hardware JPEG engines (nvImageCodec, which .whl/ carries): decode and loop rows, not cache-teacher's
+    loop_decoders = decoders + (("cuda-hw",) if cuda and gm.nvimgcodec_installed() else ())
     wanted = set(args.only.split(",")) if args.only else set(STAGES) - {"compile"} - ({"profile"} if not args.profile
                                                                                        else set())
     if args.compile:
@@ -49,7 +52,7 @@ def run_stages(args, sizes: gm.Sizes, device: torch.device, results: dict, out: 
         print(f"  data: {results['data_seconds']:.1f} s", flush=True)
         stages = [
             ("decode", lambda: {d: gm.bench_decode(data["big"], device, sizes, d, sizes.decode_epochs)
-                                for d in decoders}),
+                                for d in loop_decoders}),
             ("dali", lambda: gm.bench_dali(data["small"], device, sizes)),
             ("geometry", lambda: gm.check_geometry(data["small"], device, sizes)),
             ("equal", lambda: gm.check_graph_equal(sizes.classes, device, sizes)),
@@ -59,7 +62,7 @@ def run_stages(args, sizes: gm.Sizes, device: torch.device, results: dict, out: 
                                        for d in decoders}),
             ("train_loop", lambda: [gm.bench_train_loop(data["big"], results["cache_teacher"][decoders[0]]["cache"],
                                                         work, device, sizes, b, d, "auto")
-                                    for b in sizes.batches for d in decoders]),
+                                    for b in sizes.batches for d in loop_decoders]),
             ("profile", lambda: gm.profile_step(sizes.classes, device, sizes, min(sizes.batches))),
             ("compile", lambda: gm.bench_compile(sizes.classes, device, sizes, args.compile.split(","))),
         ]
@@ -127,7 +130,7 @@ def print_table(r: dict) -> None:
           f"({'QUICK CPU smoke test, not a measurement' if r['quick'] else 'measured'}) ==")
     for d, row in (r.get("decode") or {}).items():
         if "images_per_s" in row:
-            print(f"decode+augment, torch backend, decode {d:<4} {row['images_per_s']:8.0f} img/s "
+            print(f"decode+augment, torch backend, decode {d:<7} {row['images_per_s']:8.0f} img/s "
                   f"(batch {row['batch']}, {row['workers']} workers)")
     dali = r.get("dali") or {}
     print(f"DALI: {dali.get('skipped') or dali.get('error') or ''}" if "images_per_s" not in dali else
@@ -152,7 +155,7 @@ def print_table(r: dict) -> None:
         if isinstance(row, dict) and "images_per_s" in row:
             ceiling = (r.get("steps") or {}).get(str(row["batch"]), {}).get("cached_graphs_images_per_s")
             rel = f"{row['images_per_s'] / ceiling:.2f} of the graphed step" if ceiling else ""
-            print(f"train loop b{row['batch']:<4} decode {row['decode_device']:<4}: {row['images_per_s']:7.0f} img/s, "
+            print(f"train loop b{row['batch']:<4} decode {row['decode_device']:<7}: {row['images_per_s']:7.0f} img/s, "
                   f"data {100 * (row['data_share'] or 0):.1f} % of step, {rel}")
     for b, e in (r.get("estimate") or {}).items():
         print(f"50 epochs of ImageNet-100 at batch {b}: {e['minutes_50_epochs']:.1f} min ({e['from']}), "
@@ -171,7 +174,9 @@ def print_table(r: dict) -> None:
             print(f"torch.compile {k}: first step {c['first_step_s']:.0f} s, then {c['images_per_s']:.0f} img/s"
                   f"{graphed}")
     eq, lf, geo = r.get("equal") or {}, r.get("loss_falls") or {}, r.get("geometry") or {}
-    print(f"checks: geometry ok={geo.get('ok')} (MAD {_f(geo.get('mean_abs_diff_grey_levels'), '.2f')}), "
+    hw = geo.get("hw") or {}
+    hw_text = f"; hardware decode ok={hw.get('ok')} (MAD {_f(hw.get('mean_abs_diff_grey_levels'), '.2f')})" if hw else ""
+    print(f"checks: geometry ok={geo.get('ok')} (MAD {_f(geo.get('mean_abs_diff_grey_levels'), '.2f')}{hw_text}), "
           f"loss falls ok={lf.get('ok')}, eager==graphs ok={eq.get('ok', eq.get('skipped'))} "
           f"(loss {_f(eq.get('max_rel_loss_diff'), '.1e')}, weights {_f(eq.get('max_rel_weight_diff'), '.1e')}, "
           f"BN {_f(eq.get('max_rel_bn_stat_diff'), '.1e')})")

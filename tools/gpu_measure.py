@@ -44,6 +44,13 @@ QUICK = Sizes(classes=4, unique_per_class=2, per_class=4, big_per_class=4, image
               batches=(8, 4), warmup_steps=1, steps=1, loader_epochs=1, cache_epochs=2, equal_steps=5, loss_steps=3)
 
 
+def nvimgcodec_installed() -> bool:
+    """nvImageCodec is importable (the `cuda-hw` decode rows need it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.nvimgcodec") is not None
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -262,19 +269,30 @@ def bench_dali(shards: Path, device: torch.device, sizes: Sizes) -> dict:
 
 
 def check_geometry(shards: Path, device: torch.device, sizes: Sizes) -> dict:
-    """Same (seed, epoch, id) on the CPU path and on `device`'s nvJPEG path: colour off, only decoders differ."""
+    """Same (seed, epoch, id) on the CPU path and on `device`'s nvJPEG path (and its hardware JPEG engines when
+    nvImageCodec is installed, under "hw"): colour off, only decoders differ."""
     spec = AugSpec(image_size=sizes.image_size, brightness=0.0, contrast=0.0, saturation=0.0)
+    cuda = device.type == "cuda"
+    runs = [("ref", "cpu", "cpu"), ("dev", str(device), "cuda" if cuda else "cpu")]
+    if cuda and nvimgcodec_installed():
+        runs.append(("hw", str(device), "cuda-hw"))
     got = {}
-    for key, dev, decode in (("ref", "cpu", "cpu"), ("dev", str(device), "cuda" if device.type == "cuda" else "cpu")):
+    for key, dev, decode in runs:
         loader = ImageNet100Loader(shards, "train", 16, backend="torch", device=dev, spec=spec, normalize=False,
                                    num_workers=1, decode_device=decode)
         loader.set_epoch(0)
         b = next(iter(loader))
         got[key] = (b.ids.cpu(), b.images.cpu().float())
-    (ids_a, a), (ids_b, b) = got.values()
-    mad = float((a - b).abs().mean())
-    return {"same_ids": bool(torch.equal(ids_a, ids_b)), "mean_abs_diff_grey_levels": mad,
-            "ok": bool(torch.equal(ids_a, ids_b)) and mad < 3.0}
+
+    def versus_ref(key: str) -> dict:
+        (ids_a, a), (ids_b, b) = got["ref"], got[key]
+        same, mad = bool(torch.equal(ids_a, ids_b)), float((a - b).abs().mean())
+        return {"same_ids": same, "mean_abs_diff_grey_levels": mad, "ok": same and mad < 3.0}
+
+    out = versus_ref("dev")
+    if "hw" in got:
+        out["hw"] = versus_ref("hw")
+    return out
 
 
 # ---------------------------------------------------------------- teacher cache at scale

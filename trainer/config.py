@@ -32,7 +32,7 @@ Direction = Literal["forward", "reverse"]  # of the KL terms (trainer/engine/los
 # opposite, entropy (w = H/log C: up-weights what the teacher is unsure of, as entropy-aware KD variants do).
 WeightFn = Literal["confidence", "none", "entropy"]
 CudaGraphs = Literal["auto", "on", "off"]
-DecodeDevice = Literal["auto", "cpu", "cuda"]
+DecodeDevice = Literal["auto", "cpu", "cuda", "cuda-hw"]
 # torch.compile modes (trainer/engine/graphed.py says which combine with the step's own CUDA graph)
 CompileMode = Literal["off", "default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune"]
 
@@ -148,7 +148,8 @@ class TrainConfig:
         "unless --compile makes its own graphs; the host then no longer limits the step: docs/train.md)")
     decode_device: DecodeDevice = opt(
         "auto", "where the torch backend decodes JPEGs on a CUDA machine: cpu (worker processes, uint8 crops copied "
-        "to the GPU), cuda (nvJPEG in a prefetch thread on its own stream), auto (docs/loader.md)")
+        "to the GPU), cuda (nvJPEG in a prefetch thread on its own stream), cuda-hw (the GPU's hardware JPEG "
+        "engines via nvImageCodec, not yet run on a GPU), auto (docs/loader.md)")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     log_every: int = opt(20, "steps between progress updates (each one syncs the host with the device)", min=1)
     tensorboard: bool = opt(False, "also write per-step loss terms, lr and w, and per-epoch accuracy to RUN/tb "
@@ -184,7 +185,7 @@ class CacheTeacherConfig:
     precision: Precision = opt("auto", "teacher precision: auto (bf16 on CUDA, fp32 on the CPU)")
     decode_device: DecodeDevice = opt(
         "auto", "where the torch backend decodes JPEGs on a CUDA machine: cpu (worker processes), cuda (nvJPEG in a "
-        "prefetch thread), auto (docs/loader.md)")
+        "prefetch thread), cuda-hw (the GPU's hardware JPEG engines, not yet run on a GPU), auto (docs/loader.md)")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     progress: bool = opt(True, "progress bar", cli=False)
 

@@ -38,7 +38,7 @@ def choose_backend(name: str, device: torch.device) -> str:
     return registry.choose(name, cuda=device.type == "cuda" and torch.cuda.is_available())
 
 
-DECODE_DEVICES = ("auto", "cpu", "cuda")
+DECODE_DEVICES = ("auto", "cpu", "cuda", "cuda-hw")  # cuda-hw: the GPU's JPEG engines (backends/gpu_jpeg.py)
 # auto decodes on the CPU workers when a CUDA machine has at least this many usable cores (docs/loader.md: on
 # the H200 machine's 16 cores the workers out-ran nvJPEG sharing the GPU with the step); fewer cores: nvJPEG
 CPU_DECODE_MIN_CORES = 12
@@ -46,12 +46,13 @@ CPU_DECODE_MIN_CORES = 12
 
 def choose_decode_device(name: str, device: torch.device, cores: int) -> str:
     """Where the torch backend decodes: the CPU when the output device is the CPU; on CUDA as asked, or for
-    'auto' the CPU workers when there are at least CPU_DECODE_MIN_CORES of them, else nvJPEG on the GPU."""
+    'auto' the CPU workers when there are at least CPU_DECODE_MIN_CORES of them, else nvJPEG on the GPU ('auto'
+    never picks 'cuda-hw', the hardware JPEG engines, until a GPU run has measured them)."""
     if name not in DECODE_DEVICES:
         raise ConfigError(f"decode_device must be one of {', '.join(DECODE_DEVICES)}, got {name!r}")
     if device.type != "cuda":
-        if name == "cuda":
-            raise ConfigError(f"decode_device 'cuda' needs a CUDA output device, got {device}")
+        if name in ("cuda", "cuda-hw"):
+            raise ConfigError(f"decode_device {name!r} needs a CUDA output device, got {device}")
         return "cpu"
     if name == "auto":
         return "cpu" if cores >= CPU_DECODE_MIN_CORES else "cuda"

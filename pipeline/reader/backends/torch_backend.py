@@ -5,8 +5,9 @@ path of `cpu_views` (ROI decode when nvImageCodec is installed, uint8 antialiase
 float32 numpy colour rounded straight into the batch's shared-memory slot) and send one uint8 NHWC
 tensor per batch; the main process only normalises (on the target device). Workers die with the main
 process (PR_SET_PDEATHSIG), so a kill -9 leaves no orphans.
-CUDA: `decode_jpeg(list, device="cuda")` decodes a batch at once on the GPU; crop, resize and colour
-run there as batched torch ops (`augment_decoded`, which the CPU tests also exercise).
+CUDA: `decode_jpeg(list, device="cuda")` decodes a batch at once on the GPU (or, with decode_device
+"cuda-hw", nvImageCodec on the GPU's hardware JPEG engines: gpu_jpeg.py); crop, resize and colour run there as
+batched torch ops (`augment_decoded`, which the CPU tests also exercise).
 The pixel definition all backends follow is in docs/loader.md.
 """
 from __future__ import annotations
@@ -302,9 +303,16 @@ class TorchBackend:
         self._log = SkipLog(skip_corrupt)
         self._pool: WorkerPool | None = None  # CPU worker processes, made on first use, kept across epochs
         # "cuda": batched nvJPEG decode + torch ops on the GPU, in this process (the loader's prefetch thread);
+        # "cuda-hw": the same, decoded by the GPU's hardware JPEG engines (nvImageCodec, made on first use);
         # "cpu": worker processes, uint8 crops copied to the device and normalised there. None: cuda on CUDA.
-        # (Tests set device_decode on the CPU to run the GPU code with torchvision's CPU decoder.)
-        self.device_decode = (decode_device or self.device.type) == "cuda"
+        # (Tests set device_decode on the CPU to run the GPU code with torchvision's CPU decoder, and
+        # hw_decoder to a HardwareJpegDecoder on nvImageCodec's CPU backend.)
+        self.device_decode = (decode_device or self.device.type) in ("cuda", "cuda-hw")
+        self.hw_decoder = None
+        if decode_device == "cuda-hw":
+            from pipeline.reader.backends.gpu_jpeg import HardwareJpegDecoder
+
+            self.hw_decoder = HardwareJpegDecoder(self.device)
 
     @property
     def skipped(self) -> list[tuple[int, str]]:
@@ -366,16 +374,25 @@ class TorchBackend:
 
     def _decode_on_device(self, datas: list[torch.Tensor], keep: list[int]) -> tuple[list[torch.Tensor], np.ndarray]:
         """One batched decode on the device; on failure, image by image to name (or skip) the bad one."""
-        try:
-            imgs, ok = (decode(datas, self.device) if datas else []), list(keep)
-        except RuntimeError:
+        if self.hw_decoder is not None:  # per image None where neither nvImageCodec decoder could decode it
             imgs, ok = [], []
-            for sid, data in zip(keep, datas):
-                try:
-                    imgs.append(decode(data, self.device))
+            for sid, img in zip(keep, self.hw_decoder([d.numpy().tobytes() for d in datas])):
+                if img is None:
+                    self._log.bad(self.index, sid, "not a decodable JPEG (nvImageCodec, hardware and CUDA decoders)")
+                else:
+                    imgs.append(img)
                     ok.append(sid)
-                except RuntimeError as e:
-                    self._log.bad(self.index, sid, e)
+        else:
+            try:
+                imgs, ok = (decode(datas, self.device) if datas else []), list(keep)
+            except RuntimeError:
+                imgs, ok = [], []
+                for sid, data in zip(keep, datas):
+                    try:
+                        imgs.append(decode(data, self.device))
+                        ok.append(sid)
+                    except RuntimeError as e:
+                        self._log.bad(self.index, sid, e)
         good = [(img, sid) for img, sid in zip(imgs, ok) if self._size_ok(img, sid)]
         return [g[0] for g in good], np.asarray([g[1] for g in good], dtype=np.int64)
 
