@@ -142,10 +142,10 @@ class TrainConfig:
     channels_last: bool = opt(True, "channels_last memory format for models and images")
     compile: CompileMode = opt(
         "off", "torch.compile each student in this mode: default and max-autotune-no-cudagraphs (fused BatchNorm) "
-        "run inside the step's CUDA graph; reduce-overhead and max-autotune make their own graphs instead")
+        "run inside the step's CUDA graph with --cuda-graphs on; reduce-overhead and max-autotune make their own")
     cuda_graphs: CudaGraphs = opt(
         "auto", "capture the whole step in a CUDA graph and replay it (auto: on CUDA with one process and bf16/fp32, "
-        "unless --compile makes its own graphs; the host then no longer limits the step: docs/train.md)")
+        "without --compile; the host then no longer limits the step: docs/train.md)")
     decode_device: DecodeDevice = opt(
         "auto", "where the torch backend decodes JPEGs on a CUDA machine: cpu (worker processes, uint8 crops copied "
         "to the GPU), cuda (nvJPEG in a prefetch thread on its own stream), cuda-hw (the GPU's hardware JPEG "

@@ -34,9 +34,9 @@ COMPILE_OWN_GRAPHS = ("reduce-overhead", "max-autotune")  # torch.compile modes 
 
 def graphs_wanted(choice: str, *, device: torch.device, dtype: torch.dtype, world_size: int,
                   compile_mode: str = "off") -> bool:
-    """Whether the step is captured: `on` refuses an impossible combination in one line, `auto` takes graphs
-    wherever they apply (CUDA, one process, bf16 or fp32, no torch.compile mode with graphs of its own), `off`
-    never."""
+    """Whether the step is captured: `on` refuses an impossible combination in one line (compiled students in
+    the modes without graphs of their own are possible), `auto` takes graphs wherever they apply and were measured
+    (CUDA, one process, bf16 or fp32, no torch.compile), `off` never."""
     if choice not in GRAPH_CHOICES:
         raise ConfigError(f"--cuda-graphs must be one of {', '.join(GRAPH_CHOICES)}, got {choice!r}")
     why_not = None
@@ -51,6 +51,8 @@ def graphs_wanted(choice: str, *, device: torch.device, dtype: torch.dtype, worl
                    f"max-autotune-no-cudagraphs inside the step's graph")
     if choice == "on" and why_not is not None:
         raise ConfigError(f"--cuda-graphs on: {why_not} (use --cuda-graphs auto or off)")
+    if choice == "auto" and compile_mode != "off":
+        return False  # compiled students join the graph when asked (`on`) until a GPU run has compared them
     return choice != "off" and why_not is None
 
 
