@@ -16,7 +16,8 @@ How (the recipe of torch.cuda.graphs' whole-network capture):
   host), DDP (its hooks synchronise across processes), a CPU device, and torch.compile modes that make CUDA graphs
   of their own (reduce-overhead, max-autotune). Compiled students in the other modes (default,
   max-autotune-no-cudagraphs: Inductor's kernels, BatchNorm fused with its neighbours) are captured like eager
-  ones: compilation happens in the eager warm-up steps, the capture records the compiled kernels.
+  ones with `--cuda-graphs on` (`auto` waits for a GPU run to compare them): compilation happens in the eager
+  warm-up steps, the capture records the compiled kernels.
 Results equal eager steps' up to the order of floating-point reductions (tests/test_graphed.py, marker `gpu`).
 """
 from __future__ import annotations

@@ -303,7 +303,7 @@ class TorchBackend:
         self._log = SkipLog(skip_corrupt)
         self._pool: WorkerPool | None = None  # CPU worker processes, made on first use, kept across epochs
         # "cuda": batched nvJPEG decode + torch ops on the GPU, in this process (the loader's prefetch thread);
-        # "cuda-hw": the same, decoded by the GPU's hardware JPEG engines (nvImageCodec, made on first use);
+        # "cuda-hw": the same, decoded by the GPU's hardware JPEG engines (nvImageCodec's decoders, made here);
         # "cpu": worker processes, uint8 crops copied to the device and normalised there. None: cuda on CUDA.
         # (Tests set device_decode on the CPU to run the GPU code with torchvision's CPU decoder, and
         # hw_decoder to a HardwareJpegDecoder on nvImageCodec's CPU backend.)
