@@ -286,6 +286,10 @@ def test_cli_cache_teacher_and_train_from_urls(shards, serve, tmp_path):
     recs = [r.to_json() for r in RunDir(tmp_path / "run").read_metrics()]
     assert [r["images"] for r in recs] == [40, 40] and recs[0]["val_images"] == 8
     assert "(8 validation images)" in cli("eval", "--run", tmp_path / "run", "--shards", url)
+    cli("report", tmp_path / "run", "--out", tmp_path / "report")  # the run's cache and shards are URLs
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert f"From the teacher cache `{(tmp_path / 'local.zarr').as_uri()}`" in report
+    assert f"are a URL ({url}); the picture reads local shards only" in report
 
 
 @pytest.mark.slow

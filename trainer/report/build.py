@@ -150,11 +150,14 @@ def check_one_dataset(runs: list[Run]) -> None:
 
 
 def _cache_of(runs: list[Run]) -> tuple[str, float, str] | None:
-    """The teacher cache of the lowest seed that a run names and that still exists, with that run's tau and
-    shards (with several seeds the statistics and the picture come from that one cache)."""
+    """The teacher cache of the lowest seed that a run names and that still exists (or is a URL: reading it says
+    whether it does), with that run's tau and shards (with several seeds the statistics and the picture come from
+    that one cache)."""
+    from pipeline.core.remote import is_url
+
     for r in sorted(runs, key=lambda r: r.seed):
         c = r.config.get("teacher_cache")
-        if c and Path(c).exists():
+        if c and (is_url(c) or Path(c).exists()):
             return c, float(r.config.get("loss", {}).get("tau", 4.0)), str(r.config.get("shards", ""))
     return None
 

@@ -66,6 +66,11 @@ def teacher_views_section(cache_path: str | Path, shards: str | Path, png: Path,
         w = np.stack([cache.lookup(e, np.arange(cache.num_samples))[1] for e in range(cache.epochs)])
         most, least = pick_extremes(w, k)
         top = {(e, i): int(np.argmax(cache.lookup(e, np.array([i]))[0][0])) for e, i in most + least}
+    from pipeline.core.remote import is_url
+
+    if is_url(shards):  # the views are rendered by random access into local shards
+        return out + [f"Not drawn: the shards of the run that used `{cache_path}` are a URL ({shards}); the picture "
+                      "reads local shards only (give the report a run trained on a local copy).", ""]
     if not shards or not (Path(shards) / "manifest.json").is_file():
         return out + [f"Not drawn: the shards of the run that used `{cache_path}` ({shards or 'unknown'}) are "
                       "not there.", ""]
