@@ -116,6 +116,22 @@ def test_ordered_map_worker_errors_and_early_close():
     assert not [p for p in multiprocessing.active_children() if p.is_alive()]
 
 
+def test_ordered_map_starts_no_more_processes_than_chunks_or_its_cap(monkeypatch):
+    import multiprocessing
+
+    from pipeline.core import procs
+
+    it = procs.ordered_map(_double_chunk, range(12), workers=50, chunk=4)  # 3 chunks: 3 processes, not 50
+    assert next(it) == 0
+    assert len(multiprocessing.active_children()) == 3
+    assert [0] + list(it) == [2 * i for i in range(12)]
+    monkeypatch.setattr(procs, "usable_cores", lambda: 1)  # cap: WORKERS_PER_CORE a core
+    it = procs.ordered_map(_double_chunk, range(400), workers=50, chunk=4)
+    assert next(it) == 0
+    assert len(multiprocessing.active_children()) == procs.WORKERS_PER_CORE
+    assert [0] + list(it) == [2 * i for i in range(400)]
+
+
 def test_hash_process_matches_file_hash(tmp_path):
     from pipeline.core.digest import file_sha256
     from pipeline.shards.tar_io import HashProcess

@@ -205,16 +205,48 @@ def test_a_resumed_shard_run_writes_again_a_finished_shard_whose_source_changed(
     assert "samples OK" in cli("verify", "--shards", tmp_path / "a", "--workers", "1")
 
 
-def test_a_change_that_shifts_later_finished_shards_is_refused_in_one_line(tmp_path):
+def test_a_change_that_shifts_later_finished_shards_writes_them_again(tmp_path):
     tree = tree_with_rotated(tmp_path / "tree")
-    args = ["shard", "--imagefolder", tree, "--shard-size", "2", "--workers", "1", "--out", tmp_path / "a"]
-    cli(*args)
-    killed_after(tmp_path / "a", keep=2)
+    args = ["--imagefolder", tree, "--shard-size", "2", "--workers", "1"]
+    cli("shard", *args, "--out", tmp_path / "a")
+    killed_after(tmp_path / "a", keep=3)
     (tree / source_in_shard(tmp_path / "a", 0)).write_bytes(b"no longer an image")  # shard 0: one sample less
-    out = cli(*args, code=1)
-    line = [ln for ln in out.splitlines() if ln.startswith("Error: ")]
-    assert len(line) == 1 and "train-000001.tar: first id 2 on disk, 1 expected: a source file changed" in line[0]
-    assert "--overwrite" in line[0]
+    res = CliRunner().invoke(main, ["shard", *map(str, args), "--out", str(tmp_path / "a")])
+    assert res.exit_code == 0, res.output
+    assert "train-000001.tar and the shards after it: written again" in res.stderr
+    cli("shard", *args, "--out", tmp_path / "b")  # a clean run over today's files: the same bytes
+    names = sorted(p.name for p in (tmp_path / "b").iterdir() if p.is_file())
+    assert names == sorted(p.name for p in (tmp_path / "a").iterdir() if p.is_file())
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert "samples OK" in cli("verify", "--shards", tmp_path / "a", "--workers", "1")
+
+
+def test_the_shifted_shards_are_found_before_any_of_them_is_touched(tmp_path, monkeypatch):
+    """Killed right after the changed shard was written again: the rerun finds the shift on the next
+    shard, and a finished run's output again equals a clean one's."""
+    from pipeline.shards import writer
+
+    tree = tree_with_rotated(tmp_path / "tree")
+    args = ["--imagefolder", tree, "--shard-size", "2", "--workers", "1"]
+    cli("shard", *args, "--out", tmp_path / "a")
+    (tree / source_in_shard(tmp_path / "a", 0)).write_bytes(b"no longer an image")
+    real = writer._write_pass
+
+    def killed_in_second_pass(*a, **k):
+        metas, shifted = real(*a, **k)
+        if shifted is not None:
+            raise KeyboardInterrupt
+        return metas, shifted
+
+    monkeypatch.setattr(writer, "_write_pass", killed_in_second_pass)
+    assert CliRunner().invoke(main, ["shard", *map(str, args), "--out", str(tmp_path / "a")]).exit_code != 0
+    monkeypatch.setattr(writer, "_write_pass", real)
+    res = CliRunner().invoke(main, ["shard", *map(str, args), "--out", str(tmp_path / "a")])
+    assert res.exit_code == 0 and "train-000001.tar and the shards after it: written again" in res.stderr
+    cli("shard", *args, "--out", tmp_path / "b")
+    for name in ["manifest.json", "train.index.npy", "train-000001.tar", "train-000002.tar"]:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
 
 # ---------------------------------------------------------------- names with tabs, newlines, non-UTF-8 bytes

@@ -155,6 +155,9 @@ def shard(**params):
     click.echo(f"{out}: {counts} (wrote {len(report.written)} shards, {len(report.reused)} found finished)")
     for name, src in report.changed:
         click.echo(f"{name}: written again: its source {printable(src)} changed since the earlier run", err=True)
+    for name in report.shifted:
+        click.echo(f"{name} and the shards after it: written again: the shards before them now hold another "
+                   "number of samples, so their sample ids shifted", err=True)
     if report.rejected:
         click.echo(f"rejected {len(report.rejected)} files (listed in {out / 'rejected.tsv'}):", err=True)
         for split, src, reason in report.rejected[:10]:

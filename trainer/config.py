@@ -215,7 +215,8 @@ class ShardConfig:
     val_labels: str | None = opt(None, "labels of a flat val/: 'file<TAB>wnid' or LOC_val_solution.csv (default: "
                                  "the shipped ILSVRC2012 labels)", path="file")
     options: ShardOptions = opt(ShardOptions, "")
-    workers: int | None = opt(None, "processes (default: all usable cores)", min=1)
+    workers: int | None = opt(None, "processes (default: all usable cores; at most 4 a core and one per chunk of work)",
+                              min=1)
     strict: bool = opt(False, "exit nonzero if any file was rejected")
     overwrite: bool = opt(False, "replace an output made with different options or inputs")
 

@@ -42,7 +42,7 @@ class VerifyConfig:
                              path="dir")
     cache: str | None = opt(None, "Teacher cache (Zarr store): every written unit against its checksums.",
                             path="any")
-    workers: int | None = opt(None, "Processes (default: all cores).", min=1)
+    workers: int | None = opt(None, "Processes (default: all cores; at most 4 a core, one per shard).", min=1)
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,12 @@ from __future__ import annotations
 import os
 import signal
 import traceback
-from itertools import islice
+from itertools import chain, islice
 from typing import Callable, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+WORKERS_PER_CORE = 4  # file reads can wait on a slow disk, so a little over one a core still helps
 
 
 # ---------------------------------------------------------------------------------- process pool
@@ -29,6 +30,11 @@ def usable_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def workers_cap() -> int:
+    """The most worker processes a pool starts: beyond a few per core they only cost memory (each is a fork)."""
+    return WORKERS_PER_CORE * usable_cores()
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -70,8 +76,11 @@ def ordered_map(fn: Callable[[list[T]], list[R]], items: Iterable[T], workers: i
     GIL: each task submission cost ~2 ms of waiting). At most workers*window chunks are in flight, so
     memory stays bounded however fast the workers are.
     """
+    todo = _chunks(items, chunk)
+    first = list(islice(todo, min(workers, workers_cap()) * window))
+    workers = min(workers, workers_cap(), len(first))  # a process per chunk at most: `--workers 100000` forks few
     if workers <= 1:
-        for c in _chunks(items, chunk):
+        for c in chain(first, todo):
             yield from fn(c)
         return
     import multiprocessing as mp
@@ -89,9 +98,8 @@ def ordered_map(fn: Callable[[list[T]], list[R]], items: Iterable[T], workers: i
             child.close()
             conns.append(parent)
             procs.append(proc)
-        todo = _chunks(items, chunk)
         sent = received = 0
-        for c in islice(todo, workers * window):
+        for c in first:
             conns[sent % workers].send(c)
             sent += 1
         while received < sent:

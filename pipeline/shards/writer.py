@@ -63,6 +63,7 @@ class ShardReport:
     written: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
     changed: list[tuple[str, str]] = field(default_factory=list)  # (shard written again, a source that changed)
+    shifted: list[str] = field(default_factory=list)  # first shard written again because the ids before it shifted
 
 
 def shard_name(split: str, k: int) -> str:
@@ -261,17 +262,41 @@ def write_shard(out: Path, root: Path, name: str, first_id: int, files: Sequence
 
 def build_split(tree: ImageNetTree, out: Path, split: str, opts: ShardOptions, workers: int,
                 progress: bool, report: ShardReport, hasher: Callable[[Path], str] = file_sha256) -> list[dict]:
-    """Write (or find finished) every shard of one split; returns their sidecars in order."""
+    """Write (or find finished) every shard of one split; returns their sidecars in order.
+
+    A finished shard whose sources changed is written again; if that changes how many samples it holds, the
+    finished shards after it would carry the wrong ids, so a second pass writes them again too (found on the
+    first that no longer lines up, before anything of it is touched)."""
     files = ordered_files(tree.splits[split], split, opts.seed)
     size = opts.shard_size
     spans = [(k, (k * size, min(len(files), (k + 1) * size))) for k in range((len(files) + size - 1) // size)]
-    done = {k: load_sidecar(out, shard_name(split, k), span) for k, span in spans}
     root_dir = os.path.join(str(tree.root), "")
-    for k, (a, b) in spans:  # a source that changed since its shard was written: the shard is written again
-        if done[k] is not None and (rel := changed_source(done[k].get("sources"), root_dir,
-                                                          [f.rel for f in files[a:b]])) is not None:
-            report.changed.append((shard_name(split, k), rel))
-            done[k] = None
+    written: set[str] = set()
+    stale_from = len(spans)  # shards from this one on hold ids that shifted: written again
+    while True:
+        done = {k: load_sidecar(out, shard_name(split, k), span) if k < stale_from else None for k, span in spans}
+        for k, (a, b) in spans:  # a source that changed since its shard was written: the shard is written again
+            if done[k] is not None and (rel := changed_source(done[k].get("sources"), root_dir,
+                                                              [f.rel for f in files[a:b]])) is not None:
+                report.changed.append((shard_name(split, k), rel))
+                done[k] = None
+        metas, shifted = _write_pass(out, tree, split, files, spans, done, root_dir, opts, workers, progress,
+                                     hasher, written)
+        if shifted is None:
+            break
+        report.shifted.append(shard_name(split, shifted))
+        stale_from = shifted
+    names = [shard_name(split, k) for k, _ in spans]
+    report.written += [n for n in names if n in written]
+    report.reused += [n for n in names if n not in written]
+    return metas
+
+
+def _write_pass(out: Path, tree: ImageNetTree, split: str, files: list[SourceFile], spans: list, done: dict,
+                root_dir: str, opts: ShardOptions, workers: int, progress: bool, hasher: Callable[[Path], str],
+                written: set[str]) -> tuple[list[dict], int | None]:
+    """One pass over the shards: (their sidecars, None), or (partial, k) where finished shard k's first id no
+    longer follows the shards before it (nothing of shard k or later is written then)."""
     todo = [f for k, (a, b) in spans if done[k] is None for f in files[a:b]]
     logger.debug(f"shard {split}: {len(files)} files in {len(spans)} shards, {len(todo)} to write, {workers} workers")
     work = partial(prepare_many, quality=opts.quality, max_side=opts.max_side)
@@ -282,30 +307,30 @@ def build_split(tree: ImageNetTree, out: Path, split: str, opts: ShardOptions, w
     images = _counting(stream, bar)
     finisher = ThreadPoolExecutor(1, thread_name_prefix="shard-finish")
     metas: list[dict | Future] = []
-    next_id = 0
+    next_id, shifted = 0, None
     try:
         for k, span in spans:
             name, meta = shard_name(split, k), done[k]
-            if meta is not None and meta["first_id"] == next_id:
-                report.reused.append(name)
+            if meta is not None and meta["first_id"] != next_id:
+                logger.debug(f"{out / name}: first id {meta['first_id']} on disk, {next_id} now: the samples before "
+                            "it changed count, so it and the shards after it are written again")
+                shifted = k
+                break
+            if meta is not None:
                 metas.append(_compact(meta))
                 next_id += meta["count"]
                 continue
-            if meta is not None:
-                raise OptionsMismatch(f"{out / name}: first id {meta['first_id']} on disk, {next_id} expected: a "
-                                      "source file changed since the earlier run and a shard before this one now "
-                                      "holds another count; rerun with --overwrite to shard everything anew")
             count, finish = write_shard(out, tree.root, name, next_id, files[span[0]:span[1]], images, span,
                                         hasher)
             metas.append(finisher.submit(finish))
-            report.written.append(name)
+            written.add(name)
             next_id += count
     finally:
         finisher.shutdown(wait=True)  # a started shard is always finished (or its temp file removed)
         images.close()
         stream.close()  # stops the worker pool if a write failed
         bar.close()
-    return [m.result() if isinstance(m, Future) else m for m in metas]
+    return [m.result() if isinstance(m, Future) else m for m in metas], shifted
 
 
 def _compact(meta: dict) -> dict:
