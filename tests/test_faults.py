@@ -249,7 +249,9 @@ def test_verify_cache_refuses_a_store_from_before_checksums(cached, tmp_path):
     (["--num-classes", "101"], "--num-classes 101: the class list (ImageNet-100) has 100 classes"),
     (["--num-classes", "-2"], "--num-classes -2"),
     (["--learnable", "--num-classes", "1"], "need at least 2 classes (--num-classes), got 1"),
-    (["--learnable", "--size", "8", "8"], "sides >= 16 px"),
+    (["--learnable", "--size", "8", "8"], "sides of 16..4096 px"),
+    (["--size", "100000", "100000"], "(100000, 100000) is too small, too large or malformed"),
+    (["--learnable", "--size", "64", "5000"], "sides of 16..4096 px"),
 ])
 def test_synth_refuses_arguments_that_would_write_an_empty_or_truncated_tree(tmp_path, args, expect):
     line = error_line(cli("synth", "--out", tmp_path / "tree", *args, code=2))

@@ -263,3 +263,27 @@ def test_a_learnable_file_that_is_not_a_description_is_named(stopped_run, tmp_pa
     line = error_line(cli("report", stopped_run, "--out", tmp_path / "rep", "--learnable", tmp_path, code=2))
     assert f"--learnable {tmp_path / 'learnable.json'}" in line
     assert not (tmp_path / "rep").exists()
+
+
+def test_a_train_split_with_no_samples_or_one_class_is_one_line_before_any_model(tmp_path):
+    from PIL import Image
+
+    one = tmp_path / "one" / "train" / "cats"
+    one.mkdir(parents=True)
+    for i in range(8):
+        Image.new("RGB", (32, 32), (30 * i, 0, 0)).save(one / f"{i}.jpg")
+    empty = tmp_path / "empty" / "train" / "cats"
+    empty.mkdir(parents=True)
+    (empty / "zero.jpg").write_bytes(b"")  # rejected by `shard`: the split ends with 0 samples
+    cli("shard", "--imagefolder", tmp_path / "one", "--out", tmp_path / "s1", "--val-share", "0.25", "--workers", "1")
+    cli("shard", "--imagefolder", tmp_path / "empty", "--out", tmp_path / "s0", "--workers", "1")
+    torch.save(torch.nn.Linear(1, 1).state_dict(), tmp_path / "t.pt")  # never loaded: the shards are refused first
+    cache = ["--teacher", "tiny_cnn", "--teacher-weights", tmp_path / "t.pt", "--epochs", "1", "--image-size", "24",
+             "--batch-size", "2", "--chunk", "4", "--device", "cpu", "--num-workers", "0"]
+    for shards, text in ((tmp_path / "s1", "the shards hold 1 class; a classifier"),
+                         (tmp_path / "s0", "the train split has 0 samples (see its rejected.tsv")):
+        line = error_line(cli("cache-teacher", "--shards", shards, "--out", tmp_path / "c.zarr", *cache, code=1))
+        assert f"{shards}: {text}" in line
+        assert not (tmp_path / "c.zarr").exists()
+    line = error_line(cli("train", "--shards", tmp_path / "s1", "--out", tmp_path / "run", *TRAIN, code=1))
+    assert f"{tmp_path / 's1'}: the shards hold 1 class" in line

@@ -64,11 +64,14 @@ def jpeg_bytes(img: np.ndarray | Image.Image, quality: int = 90, mode: str | Non
     return buf.getvalue()
 
 
+MAX_SIDE = 4096  # a drawn image takes ~40 bytes a pixel while it is made: 4096 x 4096 is ~0.7 GB
+
+
 def check_tree_args(root: str | Path, wnids: list[str], train_per_class: int, val_per_class: int,
                     size: tuple[int, ...], min_side: int = 1, min_classes: int = 1) -> None:
     """Refuse arguments that would write nothing, a truncated tree or a crash halfway (ConfigError naming
     the argument): a root that is a file, too few or repeated classes, counts below 1 train / 0 val per
-    class, image sides below min_side (size is (h, w) or, for make_imagenet_tree, (hmin, hmax, wmin, wmax))."""
+    class, image sides below min_side or over MAX_SIDE (size is (h, w) or, for make_imagenet_tree, (hmin, hmax, wmin, wmax))."""
     if Path(root).exists() and not Path(root).is_dir():
         raise ConfigError(f"{root} is a file, not a directory: give a directory (new or existing) for the tree")
     if len(wnids) < min_classes:
@@ -79,9 +82,10 @@ def check_tree_args(root: str | Path, wnids: list[str], train_per_class: int, va
     if train_per_class < 1 or val_per_class < 0:
         raise ConfigError(f"need train_per_class (--train-per-class) >= 1 and val_per_class (--val-per-class) >= 0 "
                           f"images per class, got {train_per_class} and {val_per_class}")
-    if len(size) not in (2, 4) or min(size) < min_side or (len(size) == 4 and (size[0] > size[1] or size[2] > size[3])):
-        raise ConfigError(f"size (--size) {tuple(size)} is too small or malformed: need (height, width) or "
-                          f"(hmin, hmax, wmin, wmax) with sides >= {min_side} px")
+    if len(size) not in (2, 4) or min(size) < min_side or max(size) > MAX_SIDE or (
+            len(size) == 4 and (size[0] > size[1] or size[2] > size[3])):
+        raise ConfigError(f"size (--size) {tuple(size)} is too small, too large or malformed: need (height, width) "
+                          f"or (hmin, hmax, wmin, wmax) with sides of {min_side}..{MAX_SIDE} px")
 
 
 SYNTH_MARKER = ".kdpipe-synth"

@@ -81,6 +81,17 @@ def require_val_samples(loader, shards: str | Path) -> None:
                         f"every class keeps at least one validation image")
 
 
+def require_train_samples(loader, shards: str | Path) -> None:
+    """Refuse a train split that cannot teach a classifier, before any model or store exists: no samples (a
+    shard run that rejected every file) or one class (w = 1 - H / log C needs C >= 2)."""
+    if loader.num_samples == 0:
+        raise DataError(f"{shards}: the train split has 0 samples (see its rejected.tsv for the files `kdpipe shard` "
+                        f"could not use); shard a tree with readable training images")
+    if len(loader.classes) < 2:
+        raise DataError(f"{shards}: the shards hold {len(loader.classes)} class; a classifier (and the teacher's "
+                        f"confidence w = 1 - H / log C) needs at least 2: shard a tree with 2 or more classes")
+
+
 def load_students(path: Path) -> tuple[list[dict], list[str], dict, dict]:
     """(entries {"name", "model"}, classes, the run's config, the inputs it recorded) of a kdpipe checkpoint or
     final-weights file (.pt or .safetensors). Final weights inside a run directory take the run's config.json

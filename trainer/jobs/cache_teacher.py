@@ -154,6 +154,8 @@ def cache_teacher(cfg: CacheTeacherConfig, *, on_unit: Callable[[int, int], Any]
     from pipeline.core.augment import AugSpec
     from pipeline.reader.loader import ImageNet100Loader
 
+    from trainer.engine.evaluate import require_train_samples
+
     device, created = init_distributed(cfg.device)
     stack = ExitStack()  # rank 0's job lock
     try:
@@ -164,6 +166,7 @@ def cache_teacher(cfg: CacheTeacherConfig, *, on_unit: Callable[[int, int], Any]
         loader = ImageNet100Loader(cfg.shards, "train", batch, seed=cfg.seed, backend=cfg.backend, device=device,
                                    spec=spec, normalize=True, num_workers=cfg.num_workers,
                                    skip_corrupt=cfg.skip_corrupt, decode_device=cfg.decode_device)
+        require_train_samples(loader, cfg.shards)
         classes = loader.classes
         if cfg.topk >= len(classes):
             raise ConfigError(f"--topk {cfg.topk} must be below the shards' class count {len(classes)} (0 stores "

@@ -38,7 +38,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
     from pipeline.reader.loader import ImageNet100Loader
     from pipeline.core.outdir import refuse_inside
 
-    from trainer.engine.evaluate import require_val_samples
+    from trainer.engine.evaluate import require_train_samples, require_val_samples
     from trainer.engine.inputs import absolute_paths, input_record
     from trainer.engine.rundir import RunDir
 
@@ -68,6 +68,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
         train_loader = ImageNet100Loader(cfg.shards, "train", batch, **common,
                                          teacher_cache=cache if cfg.uses_teacher else None,
                                          view_epochs=cache_epochs)
+        require_train_samples(train_loader, cfg.shards)
         teacher = None
         if cfg.uses_teacher and cache is None:
             if not cfg.teacher_weights:
