@@ -68,9 +68,10 @@ def test_toml_and_json_config_files(tmp_path):
 
 
 @pytest.mark.parametrize("text,match", [
-    ('epochs = "5"', "config key epochs: expected int"),
-    ("epochs = 0", r"config key epochs: 0 is outside"),
-    ('amp = "fp8"', "config key amp: 'fp8' is not one of"),
+    ('epochs = "5"', r"config key epochs \(--epochs\): expected int"),
+    ("epochs = 0", r"config key epochs \(--epochs\): 0 is outside"),
+    ('amp = "fp8"', r"config key amp \(--amp\): 'fp8' is not one of"),
+    ("[optim]\nlr = inf", r"config key optim.lr \(--lr\): expected a finite number, got inf"),
     ("nope = 1", "unknown config key"),
     ("[loss]\nzeta = 1", r"unknown config key\(s\) loss.zeta"),
     ("epochs = ", "not valid TOML"),

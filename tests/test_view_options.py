@@ -88,8 +88,11 @@ def test_the_pixels_follow_the_flip_option(data):
     (["--crop-ratio", "0", "1"], "--crop-ratio 0 1: need 0 < LO <= HI"),
     (["--crop-ratio", "2", "1"], "--crop-ratio 2 1: need 0 < LO <= HI"),
     (["--flip-p", "1.5"], "--flip-p 1.5: need 0 <= P <= 1"),
-    (["--brightness", "-0.1"], "--brightness -0.1: need >= 0"),
-    (["--saturation", "nan"], "--saturation nan: need >= 0"),
+    (["--brightness", "-0.1"], "--brightness -0.1: need a finite number >= 0"),
+    (["--saturation", "nan"], "config key view.saturation (--saturation): expected a finite number, got nan"),
+    (["--brightness", "inf"], "config key view.brightness (--brightness): expected a finite number, got inf"),
+    (["--crop-ratio", "1", "inf"], "view.crop_ratio (--crop-ratio): expected two finite numbers [LO, HI], got (1.0, "
+                                   "inf)"),
 ])
 def test_impossible_view_values_are_one_line_naming_the_option(data, tmp_path, flags, text):
     for cmd in (["train", "--shards", data / "shards", "--out", tmp_path / "run", *TRAIN],
@@ -104,7 +107,17 @@ def test_a_config_file_view_is_checked_like_the_flags(data, tmp_path):
     conf.write_text(json.dumps({"view": {"crop_scale": [0.5]}}))
     line = error_line(cli("train", "--config", conf, "--shards", data / "shards", "--out", tmp_path / "run", *TRAIN,
                           code=2))
-    assert "view.crop_scale: expected two numbers [LO, HI], got (0.5,)" in line
+    assert "view.crop_scale (--crop-scale): expected two finite numbers [LO, HI], got (0.5,)" in line
+
+
+def test_a_view_built_in_python_is_checked_like_the_flags():
+    from pipeline.core.errors import ConfigError
+    from trainer.config import ViewConfig
+
+    with pytest.raises(ConfigError, match="--brightness inf: need a finite number >= 0"):
+        ViewConfig(brightness=float("inf"))
+    with pytest.raises(ConfigError, match="--crop-ratio takes two finite numbers LO HI"):
+        ViewConfig(crop_ratio=(1.0, float("inf")))
 
 
 def test_a_cache_made_with_other_view_values_is_refused_naming_the_field(data, tmp_path):

@@ -81,7 +81,7 @@ class ViewConfig:
         for name, flag in (("crop_scale", "--crop-scale"), ("crop_ratio", "--crop-ratio")):
             pair = getattr(self, name)
             if len(pair) != 2 or not all(_is_number(x) for x in pair):
-                raise ConfigError(f"{flag} takes two numbers LO HI, got {pair!r}")
+                raise ConfigError(f"{flag} takes two finite numbers LO HI, got {pair!r}")
             object.__setattr__(self, name, tuple(float(x) for x in pair))
         (s_lo, s_hi), (r_lo, r_hi) = self.crop_scale, self.crop_ratio
         if not 0 < s_lo <= s_hi <= 1:
@@ -90,9 +90,8 @@ class ViewConfig:
             problems.append(f"--crop-ratio {r_lo:g} {r_hi:g}: need 0 < LO <= HI")
         if not 0 <= self.flip_p <= 1:
             problems.append(f"--flip-p {self.flip_p:g}: need 0 <= P <= 1")
-        problems += [f"--{name} {getattr(self, name):g}: need >= 0" for name in ("brightness", "contrast",
-                                                                                 "saturation")
-                     if not getattr(self, name) >= 0]
+        problems += [f"--{name} {getattr(self, name):g}: need a finite number >= 0" for name in
+                     ("brightness", "contrast", "saturation") if not 0 <= getattr(self, name) < float("inf")]
         if problems:
             raise ConfigError("invalid view: " + "; ".join(problems))
 

@@ -82,14 +82,15 @@ def build(cls: type, d: dict, where: str = "") -> Any:
         if dataclasses.is_dataclass(hint):
             kw[name] = build(hint, value, f"{where}{name}.")
         else:
-            kw[name] = _checked(tuple(value) if isinstance(value, list) else value, hint, where + name)
+            key = _key(where + name, fields[name])
+            kw[name] = _checked(tuple(value) if isinstance(value, list) else value, hint, key)
             choices = fields[name].metadata.get("choices")
             if choices is not None and kw[name] is not None and kw[name] not in choices():
-                raise ConfigError(f"config key {where}{name}: {kw[name]!r} is not one of {', '.join(choices())}")
+                raise ConfigError(f"{key}: {kw[name]!r} is not one of {', '.join(choices())}")
             lo, hi = fields[name].metadata.get("min"), fields[name].metadata.get("max")
             if kw[name] is not None and ((lo is not None and kw[name] < lo) or (hi is not None and kw[name] > hi)):
                 top = "" if hi is None else hi
-                raise ConfigError(f"config key {where}{name}: {kw[name]!r} is outside [{lo}, {top}]")
+                raise ConfigError(f"{key}: {kw[name]!r} is outside [{lo}, {top}]")
     try:
         return cls(**kw)
     except ConfigError:
@@ -98,9 +99,17 @@ def build(cls: type, d: dict, where: str = "") -> Any:
         raise ConfigError(f"invalid config {where or cls.__name__}: {e}") from e
 
 
+def _key(path: str, f: dataclasses.Field) -> str:
+    """How messages name a field: its config key and, where it has one, the flag the user may have typed."""
+    if not f.metadata.get("cli", True):
+        return f"config key {path}"
+    return f"config key {path} ({f.metadata.get('flag') or '--' + f.name.replace('_', '-')})"
+
+
 def _checked(value: Any, hint: Any, name: str) -> Any:
     """`value` if it fits the field's type (Literal choices, int/float/bool/str, tuples, optional), else a
-    ConfigError naming the key: config files are not checked by click."""
+    ConfigError naming the key (`name`, as _key writes it): config files are not checked by click, and click
+    takes `inf` and `nan` for a float."""
     args = typing.get_args(hint)
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -109,25 +118,27 @@ def _checked(value: Any, hint: Any, name: str) -> Any:
         return _checked(value, inner[0], name) if len(inner) == 1 else value
     if typing.get_origin(hint) is Literal:
         if value not in args:
-            raise ConfigError(f"config key {name}: {value!r} is not one of {', '.join(map(str, args))}")
+            raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, args))}")
         return value
     if typing.get_origin(hint) is tuple and args == (float, float):  # a LO HI pair
         if not isinstance(value, tuple) or len(value) != 2 or not all(_is_number(x) for x in value):
-            raise ConfigError(f"config key {name}: expected two numbers [LO, HI], got {value!r}")
+            raise ConfigError(f"{name}: expected two finite numbers [LO, HI], got {value!r}")
         return tuple(float(x) for x in value)
     if typing.get_origin(hint) is tuple and args == (int, int):  # e.g. an image's height and width
         if not isinstance(value, tuple) or len(value) != 2 or not all(isinstance(x, int) and not isinstance(x, bool)
                                                                       for x in value):
-            raise ConfigError(f"config key {name}: expected two integers, got {value!r}")
+            raise ConfigError(f"{name}: expected two integers, got {value!r}")
         return value
     if typing.get_origin(hint) is tuple:
         if not isinstance(value, tuple) or not all(isinstance(x, str) for x in value):
-            raise ConfigError(f"config key {name}: expected a list of names, got {value!r}")
+            raise ConfigError(f"{name}: expected a list of names, got {value!r}")
         return value
     ok = {bool: lambda v: isinstance(v, bool), int: lambda v: isinstance(v, int) and not isinstance(v, bool),
           float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), str: lambda v: isinstance(v, str)}
     if hint in ok and not ok[hint](value):
-        raise ConfigError(f"config key {name}: expected {hint.__name__}, got {value!r}")
+        raise ConfigError(f"{name}: expected {hint.__name__}, got {value!r}")
+    if hint is float and not math.isfinite(value):
+        raise ConfigError(f"{name}: expected a finite number, got {value!r}")
     return float(value) if hint is float else value
 
 
