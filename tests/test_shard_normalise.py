@@ -162,6 +162,29 @@ def test_sixteen_bit_png_and_the_pixel_limit(tmp_path, monkeypatch):
     assert p.reason == "" and (p.height, p.width) == (20, 24)
 
 
+def test_an_image_over_twice_pils_bound_is_named_by_its_size_and_max_side_downscales_it(tmp_path, monkeypatch):
+    """PIL refuses images over twice its bound at open ("not an image") and warns above it; kdpipe names the size,
+    and --max-side decodes such a JPEG at a reduced scale instead."""
+    import warnings
+
+    import pipeline.shards.image as si
+
+    save(tmp_path / "a.jpg", Image.fromarray(synth_image(np.random.default_rng(0), 96, 128)), format="JPEG")
+    save(tmp_path / "a.png", Image.fromarray(synth_image(np.random.default_rng(0), 96, 128)))
+    monkeypatch.setattr(si, "MAX_PIXELS", 1000)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 96 x 128 is over twice PIL's bound too
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no DecompressionBombWarning reaches the user
+        p = si.prepare_image(tmp_path / "a.jpg")
+        assert p.reason.startswith("96x128 pixels, over the limit of 1000") and "--max-side" in p.reason
+        p = si.prepare_image(tmp_path / "a.jpg", max_side=24)
+        assert p.reason == "" and (p.height, p.width) == (18, 24) and p.reencoded == "downscaled"
+        assert si.prepare_image(tmp_path / "a.png", max_side=24).reason.endswith("--max-side downscales only "
+                                                                                 "JPEGs over 2000 pixels (decoded "
+                                                                                 "at a reduced scale)")
+    assert Image.MAX_IMAGE_PIXELS == 1000  # PIL's own bound is back for everyone else
+
+
 # ---------------------------------------------------------------- resume after a source changed
 
 

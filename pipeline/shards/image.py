@@ -8,6 +8,7 @@ PIL's header parse; its bytes are not shipped back to the writer, which reads th
 from __future__ import annotations
 
 import io
+import math
 import os
 import re
 import zlib
@@ -183,10 +184,22 @@ def encode_rgb_jpeg(im: Image.Image, quality: int, max_side: int | None) -> tupl
     return buf.getvalue(), im.height, im.width
 
 
+def _open_header(data: bytes) -> Image.Image:
+    """PIL's lazy open (the header only) without its decompression-bomb check, which refuses images over twice
+    its bound with an error that reads "not an image" and warns on stderr above it: `_with_pil` applies
+    MAX_PIXELS itself, naming the size, and lets --max-side downscale such an image."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # a worker process prepares one image at a time
+    try:
+        return Image.open(io.BytesIO(data))
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
 def _with_pil(data: bytes, quality: int, max_side: int | None) -> Prepared:
     """The general path: PIL identifies the file; odd JPEGs and other formats are decoded and re-encoded."""
     try:
-        im = Image.open(io.BytesIO(data))
+        im = _open_header(data)
         fmt, mode, (width, height) = im.format, im.mode, im.size
     except UnidentifiedImageError:
         return Prepared(None, reason="not an image: format not recognised")
@@ -195,6 +208,13 @@ def _with_pil(data: bytes, quality: int, max_side: int | None) -> Prepared:
     too_big = max_side is not None and max(width, height) > max_side
     if width * height > MAX_PIXELS and not too_big:
         return Prepared(None, reason=f"{too_many_pixels(height, width)}; --max-side downscales such images")
+    if width * height > MAX_PIXELS:  # and --max-side shrinks it: never hold the whole image in memory
+        if fmt != "JPEG" and width * height > 2 * MAX_PIXELS:
+            return Prepared(None, reason=f"{too_many_pixels(height, width)}; --max-side downscales only JPEGs "
+                                         f"over {2 * MAX_PIXELS} pixels (decoded at a reduced scale)")
+        if fmt == "JPEG":  # decode at 1/2, 1/4 or 1/8 scale, still at least max_side on the long side
+            scale = max_side / max(width, height)
+            im.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
     problem = jpeg_problem(jpeg_frame(data)) if fmt == "JPEG" else f"{fmt}"
     if fmt == "JPEG" and mode in PASS_THROUGH_MODES and not problem and not too_big:
         try:  # no EOI at the end: accept only if it fully decodes (trailing bytes after EOI are harmless)
