@@ -291,6 +291,10 @@ def test_empty_or_unsafe_teacher_weights_are_one_clear_line(shards, tmp_path):
     (tmp_path / "evil.pt").write_bytes(pickle.dumps(_Evil()))
     out = one_line_error(cli(*args, "--teacher-weights", tmp_path / "evil.pt"))
     assert "refused as unsafe" in out and "weights_only=False" not in out
+    for name, data in (("text.pt", b"hello world\n"), ("jpeg.pt", b"\xff\xd8\xff\xe0 JFIF")):  # never "unsafe"
+        (tmp_path / name).write_bytes(data)
+        out = one_line_error(cli(*args, "--teacher-weights", tmp_path / name))
+        assert f"teacher weights {tmp_path / name} is not a torch file" in out and "refused" not in out, out
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ from pipeline.core.errors import CheckpointError, MissingDataError, one_line
 CHECKPOINT_FORMAT = "kdpipe-checkpoint"
 WEIGHTS_FORMAT = "kdpipe-weights"
 LAST, BEST = "checkpoint-last.pt", "checkpoint-best.pt"
+TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive; a legacy file's pickle protocol byte
 
 
 def atomic_torch_save(obj: object, path: str | Path) -> None:
@@ -37,6 +38,11 @@ def load_torch_file(path: str | Path, what: str = "checkpoint") -> object:
         raise MissingDataError(f"{what} not found: {path}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{what} {path} is empty (0 bytes): an interrupted copy? Use another file")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head.startswith(TORCH_FILE_STARTS):
+        raise CheckpointError(f"{what} {path} is not a torch file (it starts with {head!r}, not a zip archive's or "
+                              f"a pickle's header): give the file torch.save wrote")
     try:
         with warnings.catch_warnings():  # torch warns about odd pickle protocols before refusing them
             warnings.simplefilter("ignore", UserWarning)
