@@ -162,3 +162,17 @@ def test_the_trainers_progress_line_off_a_terminal(capsys, kdpipe_logger):
     bar.close()
     err = capsys.readouterr().err
     assert "\r" not in err and err.splitlines()[0] == "epoch 1/2 step 2/20 loss 1.0" and len(err.splitlines()) == 10
+
+
+def test_the_cli_prints_kdpipe_warnings_as_one_line_and_others_as_python_does():
+    import subprocess
+    import sys
+
+    code = ("import warnings; from pipeline.core.log import configure; configure(); "
+            f"warnings.warn_explicit('teacher cache c.zarr: recomputing 2 damaged units', UserWarning, "
+            f"{str(ROOT / 'pipeline' / 'cache' / 'store.py')!r}, 235); "
+            "warnings.warn_explicit('from elsewhere', UserWarning, '/elsewhere/lib.py', 7)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    lines = res.stderr.splitlines()
+    assert res.returncode == 0 and lines[0] == "warning: teacher cache c.zarr: recomputing 2 damaged units"
+    assert lines[1] == "/elsewhere/lib.py:7: UserWarning: from elsewhere"

@@ -4,12 +4,15 @@ Each module takes `logger = get_logger(__name__)` ("kdpipe.pipeline.shards.write
 level of all of kdpipe. `kdpipe` (trainer/cli.py) calls `configure`: INFO by default, DEBUG with -v, WARNING
 with -q, each record as its bare message on stderr, as the print() calls it replaced showed it. Library code
 configures nothing: a program that imports kdpipe sees warnings (Python's default) and chooses the rest, e.g.
-`logging.basicConfig(level=logging.INFO)` or `configure()`.
+`logging.basicConfig(level=logging.INFO)` or `configure()` (which also prints kdpipe's own warnings as one line).
 """
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import warnings
+from pathlib import Path
 
 ROOT = "kdpipe"
 LEVELS = {-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}  # -q, default, -v
@@ -45,7 +48,22 @@ def configure(verbosity: int = 0) -> logging.Logger:
     handler.setFormatter(logging.Formatter("%(message)s"))
     root.addHandler(handler)
     root.setLevel(LEVELS[max(-1, min(1, verbosity))])
+    warnings.showwarning = _show_warning
     return root
+
+
+# kdpipe's own packages (pipeline/ and its sibling trainer/): their warnings are messages to the user
+_OURS = tuple(str(Path(__file__).resolve().parents[2] / pkg) + os.sep for pkg in ("pipeline", "trainer"))
+_python_showwarning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning kdpipe raises, as one `warning: ...` line through its logger (Python's format adds the file,
+    line and source text, which say nothing to a user); other libraries' warnings keep Python's format."""
+    if str(filename).startswith(_OURS):
+        logging.getLogger(ROOT).warning(f"warning: {message}")
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
 
 
 def quiet() -> bool:
