@@ -91,3 +91,40 @@ def test_batches_held_by_the_caller_are_never_overwritten(tmp_path, normalize):
     for a, b in zip(held, ref):
         assert torch.equal(a.ids, b.ids) and torch.equal(a.images, b.images)
         assert a.images.is_contiguous(memory_format=torch.channels_last)
+
+
+AFTER_ERROR = textwrap.dedent("""
+    import sys
+    from pipeline.core.augment import AugSpec
+    from pipeline.core.errors import CorruptSampleError
+    from pipeline.reader.loader import ImageNet100Loader
+
+    def epoch(**kw):
+        loader = ImageNet100Loader(sys.argv[1], "train", 4, backend="torch", device="cpu", num_workers=2,
+                                   spec=AugSpec(image_size=16), **kw)
+        return [len(b.ids) for b in loader]
+
+    for _ in range(2):  # new workers are forked while failed loaders await the garbage collector
+        try:
+            epoch()
+        except CorruptSampleError:
+            print("named", flush=True)
+        print(sum(epoch(skip_corrupt=True)), flush=True)
+""")
+
+
+@pytest.mark.slow  # a fresh Python with torch, ~5-10 s
+def test_a_loader_that_failed_leaves_no_worker_behind_to_print_tracebacks(tmp_path):
+    from conftest import flip_jpeg_byte
+
+    wnids = ["n02869837", "n01749939"]
+    make_imagenet_tree(tmp_path / "tree", wnids, train_per_class=8, val_per_class=0, val_layout=None,
+                       size=(24, 32, 24, 32))
+    build_shards(tmp_path / "tree", tmp_path / "shards", classes=wnids, options=ShardOptions(shard_size=8),
+                 workers=1, progress=False)
+    flip_jpeg_byte(tmp_path / "shards", 5)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1])] + sys.path))
+    res = subprocess.run([sys.executable, "-c", AFTER_ERROR, str(tmp_path / "shards")], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert res.returncode == 0 and res.stdout.split() == ["named", "15"] * 2, res.stdout + res.stderr
+    assert "Traceback" not in res.stderr and "can only test a child process" not in res.stderr, res.stderr

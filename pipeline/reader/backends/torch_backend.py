@@ -203,6 +203,15 @@ class WorkerPool:
     def image(self, item: dict) -> torch.Tensor:
         return self.slots[item["slot"]][:item["count"]]
 
+    def close(self) -> None:
+        """Stop the workers now. After an error the pool is dropped; left to the garbage collector, its live
+        DataLoader iterator could be inherited by the next loader's forked workers, whose clean-up of it prints
+        "AssertionError: can only test a child process" tracebacks."""
+        it = getattr(self._dl, "_iterator", None)
+        if it is not None:
+            it._shutdown_workers()  # idempotent; marks the iterator shut down, so no copy of it acts again
+            self._dl._iterator = None
+
 
 def worker_init(_: int, parent_pid: int) -> None:
     """DataLoader worker set-up of every kdpipe loader (also the streamed one)."""
@@ -346,6 +355,18 @@ class TorchBackend:
         """Worker items -> (images, labels, ids) on the device. uint8 crosses from the workers (4x fewer bytes
         than float32); the target device normalises. Batches handed out are copies (or the normalised result),
         never a slot a worker will refill."""
+        this_pass = pool.passes if pool is not None else 0
+        try:
+            yield from self._batches(items, pool)
+        except Exception:
+            if pool is not None and pool.passes == this_pass:  # not a stale pass's error: the new one reads on
+                pool.close()
+                if self._pool is pool:
+                    self._pool = None  # the next pass forks fresh workers
+            raise
+
+    def _batches(self, items: Iterator[dict], pool: WorkerPool | None
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         for item in map(raise_carried, items):  # a worker's KdpipeError is raised here as itself (one line)
             self._log.skipped.extend(item["skipped"])
             x = item["images"] if pool is None else pool.image(item)
