@@ -52,10 +52,12 @@ def test_a_flipped_jpeg_byte_stops_training_naming_the_sample_and_verify_lists_i
 
     from pipeline.reader.loader import ImageNet100Loader
 
-    loader = ImageNet100Loader(shards, "train", 8, backend="torch", device="cpu", num_workers=0, drop_last=False,
-                               skip_corrupt=True)
-    seen = torch.cat([b.ids for b in loader]).tolist()
-    assert sorted(seen) == [i for i in range(32) if i != 13] and [i for i, _ in loader.skipped] == [13]
+    for workers in (0, 2):  # the same record whether a worker process or this one dropped the sample
+        loader = ImageNet100Loader(shards, "train", 8, backend="torch", device="cpu", num_workers=workers,
+                                   drop_last=False, skip_corrupt=True)
+        seen = torch.cat([b.ids for b in loader]).tolist()
+        assert sorted(seen) == [i for i in range(32) if i != 13] and [i for i, _ in loader.skipped] == [13]
+        assert type(loader.skipped[0]) is tuple and "crc32" in loader.skipped[0][1]
 
 
 # ---------------------------------------------------------------- items 4, 5 and verify: damage never crashes

@@ -61,6 +61,11 @@ def test_user_arguments_of_the_loader_and_report_are_config_errors(tmp_path):
         ImageNet100Loader(tmp_path, "train", 0)
     with pytest.raises(errors.ConfigError, match="num_workers must be >= 0"):
         ImageNet100Loader(tmp_path, "train", 4, num_workers=-1)
+    for kw, text in (({"batch_size": 2.5}, "batch_size must be a whole number, got 2.5"),
+                     ({"batch_size": "4"}, "batch_size must be a whole number, got '4'"),
+                     ({"batch_size": 4, "seed": 1.5}, "seed must be a whole number, got 1.5")):
+        with pytest.raises(errors.ConfigError, match=text):
+            ImageNet100Loader(tmp_path, "train", **kw)
     with pytest.raises(errors.ConfigError, match="invalid AugSpec: flip_p"):
         AugSpec(flip_p=2.0)
     with pytest.raises(errors.ConfigError, match="backend must be one of auto, dali, torch, got 'nope'"):

@@ -79,6 +79,10 @@ class ImageNet100Loader:
                  teacher_cache: Any = None, skip_corrupt: bool = False, check_crc: bool = True,
                  view_epochs: int | None = None, shuffle_buffer: int | None = None, decode_device: str = "auto",
                  prefetch: int | None = None):
+        for name, value in (("batch_size", batch_size), ("seed", seed), ("rank", rank), ("world_size", world_size),
+                            ("num_workers", num_workers), ("view_epochs", view_epochs), ("prefetch", prefetch)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
+                raise ConfigError(f"{name} must be a whole number, got {value!r}")
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:

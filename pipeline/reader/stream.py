@@ -339,7 +339,7 @@ class StreamBackend:
                 reader.start()
                 batches = (decode[item] for item in _drain(q, failed))
             for out in batches:
-                self.skipped.extend(out["skipped"])
+                self.skipped.extend(map(tuple, out["skipped"]))  # a worker's pairs come back as lists
                 x = out["images"].to(self.device, non_blocking=True)
                 x = normalize_nhwc(x, self.dtype) if self.normalize else x.permute(0, 3, 1, 2)
                 yield x, host_to_device(out["labels"], self.device), host_to_device(out["ids"], self.device)

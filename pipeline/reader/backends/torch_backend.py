@@ -368,7 +368,7 @@ class TorchBackend:
     def _batches(self, items: Iterator[dict], pool: WorkerPool | None
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         for item in map(raise_carried, items):  # a worker's KdpipeError is raised here as itself (one line)
-            self._log.skipped.extend(item["skipped"])
+            self._log.skipped.extend(map(tuple, item["skipped"]))  # a worker's pairs come back as lists
             x = item["images"] if pool is None else pool.image(item)
             labels, ids = host_to_device(item["labels"], self.device), host_to_device(item["ids"], self.device)
             if self.device.type == "cuda":  # pinned and without blocking; pin_memory() copies out of the slot
