@@ -223,7 +223,10 @@ def test_create_never_clobbers_a_foreign_path_nor_leaves_a_half_store(tmp_path, 
     with pytest.raises(FileExistsError, match="is not a teacher cache"):
         TeacherCacheWriter.create(tmp_path / "taken", layout, FP)
     TeacherCacheWriter.create(tmp_path / "c.zarr", layout, FP)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.zarr", "taken"]  # no temp dir left behind
+    (tmp_path / "empty").mkdir()  # an empty directory made for it is taken, like `shard --out`
+    TeacherCacheWriter.create(tmp_path / "empty", layout, FP)
+    assert (tmp_path / "empty" / "zarr.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.zarr", "empty", "taken"]  # no temp dir left behind
 
 
 # ---------------------------------------------------------------- integrity: per-unit checksums

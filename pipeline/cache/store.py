@@ -184,7 +184,7 @@ class TeacherCacheWriter:
             for stale in Path(path).rglob("*.partial"):  # zarr's temp files from a killed write
                 stale.unlink(missing_ok=True)
             return writer
-        if Path(path).exists():
+        if Path(path).exists() and not (Path(path).is_dir() and not any(Path(path).iterdir())):
             raise OutputExistsError(f"{path} exists and is not a teacher cache; choose another --out")
         attrs = {"format": FORMAT, "layout_version": LAYOUT_VERSION, **layout.attrs(),
                  "fingerprint": _jsonable(fingerprint)}
@@ -210,7 +210,7 @@ class TeacherCacheWriter:
         array(CHECKSUM, (e, layout.chunks_per_epoch, a), "uint32", ("epoch", "chunk", "array"), (1, 1, a),
               compress=False)
         array("done", (e, layout.chunks_per_epoch), "uint8", ("epoch", "chunk"), (1, 1), compress=False)
-        os.rename(tmp, path)  # atomic; fails if another process created `path` meanwhile
+        os.rename(tmp, path)  # atomic (replaces an empty directory); fails if `path` gained files meanwhile
         return cls(path)
 
     def done_mask(self) -> np.ndarray:
