@@ -196,3 +196,25 @@ def test_tar_writer_feeds_the_hasher_and_stays_byte_identical(tmp_path, monkeypa
     assert len(fed) >= 5 and fed == sorted(fed) and fed[-1] < nbytes
     assert sha == hashlib.sha256((tmp_path / "fed.tar").read_bytes()).hexdigest()
     assert (tmp_path / "fed.tar").read_bytes() == (tmp_path / "plain.tar").read_bytes()
+
+
+def test_a_full_disk_while_writing_a_shard_or_a_file_names_it(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from pipeline.core.atomic import atomic_write_bytes
+    from pipeline.shards import tar_io
+
+    def full(*_):
+        raise OSError(errno.ENOSPC, "No space left on device")  # what write() and fsync() raise: no file name
+
+    monkeypatch.setattr(tar_io.os, "writev", full)
+    w = tar_io.TarShardWriter(tmp_path / "train-000000.tar")
+    with pytest.raises(OSError) as e:
+        w.add_sample([("00000000.cls", b"3")])
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "train-000000.tar")
+    w.abort()
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as e:
+        atomic_write_bytes(tmp_path / "manifest.json", b"{}")
+    assert e.value.filename == str(tmp_path / "manifest.json") and not list(tmp_path.iterdir())

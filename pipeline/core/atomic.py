@@ -46,10 +46,18 @@ def atomic_write_bytes(path: str | Path, data: bytes, *, keep_same: bool = False
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        raise
+        raise name_the_file(e, path)
     _fsync_dir(path.parent)
+
+
+def name_the_file(e: BaseException, path: str | Path) -> BaseException:
+    """`e`, naming `path` if it is an OSError that names no file (a full disk on write() or fsync()), so the
+    CLI's one line says which output it was writing."""
+    if isinstance(e, OSError) and e.filename is None:
+        e.filename = str(path)
+    return e
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

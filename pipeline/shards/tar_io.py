@@ -14,6 +14,7 @@ import traceback
 from pathlib import Path
 from typing import Callable, Sequence
 
+from pipeline.core.atomic import name_the_file
 from pipeline.core.digest import file_sha256
 from pipeline.core.procs import WorkerError, die_with_parent
 
@@ -193,11 +194,14 @@ class TarShardWriter:
         if not parts:
             return
         total = sum(map(len, parts))
-        written = os.writev(self._fd, parts)
-        if written != total:  # short write (rare): finish the rest plainly
-            rest = b"".join(parts)[written:]
-            while rest:
-                rest = rest[os.write(self._fd, rest):]
+        try:
+            written = os.writev(self._fd, parts)
+            if written != total:  # short write (rare): finish the rest plainly
+                rest = b"".join(parts)[written:]
+                while rest:
+                    rest = rest[os.write(self._fd, rest):]
+        except OSError as e:  # a full disk: the one-line error names the shard
+            raise name_the_file(e, self.path)
 
     def close(self) -> tuple[int, str]:
         """Finish the tar (two zero blocks, padded to a 10 KiB record), fsync, hash, rename; returns (bytes, sha256)."""
@@ -205,7 +209,10 @@ class TarShardWriter:
         end += -(self.pos + end) % RECORD
         self._writev([bytes(end)])
         self.pos += end
-        os.fsync(self._fd)
+        try:
+            os.fsync(self._fd)
+        except OSError as e:
+            raise name_the_file(e, self.path)
         os.close(self._fd)
         self._fd = -1
         sha = self._hasher(self.tmp)
