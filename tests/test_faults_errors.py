@@ -276,7 +276,8 @@ def test_a_train_split_with_no_samples_or_one_class_is_one_line_before_any_model
     empty.mkdir(parents=True)
     (empty / "zero.jpg").write_bytes(b"")  # rejected by `shard`: the split ends with 0 samples
     cli("shard", "--imagefolder", tmp_path / "one", "--out", tmp_path / "s1", "--val-share", "0.25", "--workers", "1")
-    cli("shard", "--imagefolder", tmp_path / "empty", "--out", tmp_path / "s0", "--workers", "1")
+    out = cli("shard", "--imagefolder", tmp_path / "empty", "--out", tmp_path / "s0", "--workers", "1")
+    assert "warning: the train split holds 0 samples, so `kdpipe train` will refuse these shards (see " in out
     torch.save(torch.nn.Linear(1, 1).state_dict(), tmp_path / "t.pt")  # never loaded: the shards are refused first
     cache = ["--teacher", "tiny_cnn", "--teacher-weights", tmp_path / "t.pt", "--epochs", "1", "--image-size", "24",
              "--batch-size", "2", "--chunk", "4", "--device", "cpu", "--num-workers", "0"]

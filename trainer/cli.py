@@ -155,6 +155,11 @@ def shard(**params):
     click.echo(f"{out}: {counts} (wrote {len(report.written)} shards, {len(report.reused)} found finished)")
     for name, src in report.changed:
         click.echo(f"{name}: written again: its source {printable(src)} changed since the earlier run", err=True)
+    for split in [s for s, v in splits.items() if v["count"] == 0]:
+        click.echo(f"warning: the {split} split holds 0 samples, so `kdpipe train` will refuse these shards "
+                   f"({'see rejected.tsv' if report.rejected else 'no images found'}"
+                   f"{'; --val-share carves val from train' if split == 'val' and cfg.imagefolder else ''})",
+                   err=True)
     for name in report.shifted:
         click.echo(f"{name} and the shards after it: written again: the shards before them now hold another "
                    "number of samples, so their sample ids shifted", err=True)
