@@ -288,3 +288,15 @@ def test_a_train_split_with_no_samples_or_one_class_is_one_line_before_any_model
         assert not (tmp_path / "c.zarr").exists()
     line = error_line(cli("train", "--shards", tmp_path / "s1", "--out", tmp_path / "run", *TRAIN, code=1))
     assert f"{tmp_path / 's1'}: the shards hold 1 class" in line
+
+
+def test_an_out_below_a_file_is_one_line_naming_the_path(built, tmp_path):
+    (tmp_path / "afile").write_text("mine")
+    line = error_line(cli("train", "--shards", built / "shards", "--out", tmp_path / "afile" / "sub", *TRAIN, code=1))
+    assert f"{tmp_path / 'afile' / 'sub'}: not a directory (a part of this path is a file)" in line
+    line = error_line(cli("cache-teacher", "--shards", built / "shards", "--out", tmp_path / "afile" / "t.zarr",
+                          "--teacher", "tiny_cnn", "--teacher-weights", built / "teacher.pt", "--epochs", "1",
+                          "--image-size", "24", "--batch-size", "8", "--chunk", "8", "--device", "cpu",
+                          "--num-workers", "0", code=1))
+    assert f"{tmp_path / 'afile'} exists and is not a directory kdpipe can make or use" in line
+    assert (tmp_path / "afile").read_text() == "mine"

@@ -22,7 +22,7 @@ class KdpipeGroup(click.Group):
     """Turns the user and data errors of every command into one line (see pipeline/core/errors.py).
 
     KdpipeError -> "Error: <one line>", exit 1 (ConfigError exits 2, like click's usage errors); a full disk, a
-    read-only file system or a missing permission -> one line naming the path. `--debug` or KDPIPE_DEBUG=1 lets
+    read-only file system, a missing permission or a file where a directory must be -> one line naming the path. `--debug` or KDPIPE_DEBUG=1 lets
     the original exception through."""
 
     def invoke(self, ctx: click.Context):
@@ -43,6 +43,12 @@ class KdpipeGroup(click.Group):
                 where = e.filename or "the output"
                 raise _OneLine(f"no space left on the device writing {where}; what finished is kept: free space "
                                f"and rerun the same command to continue", 1) from e
+            if e.errno == errno.ENOTDIR and e.filename:  # e.g. --out afile/sub
+                raise _OneLine(f"{e.filename}: not a directory (a part of this path is a file); choose another "
+                               f"path", 1) from e
+            if e.errno == errno.EEXIST and e.filename:  # a file where a directory must be made
+                raise _OneLine(f"{e.filename} exists and is not a directory kdpipe can make or use; choose another "
+                               f"path", 1) from e
             if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and e.filename:
                 raise _OneLine(f"{e.filename}: {e.strerror} (a read-only or protected location); fix its "
                                f"permissions or choose another path", 1) from e
