@@ -329,9 +329,13 @@ def validate(cfg: TrainConfig) -> None:
         errors.append(f"the peer term (--gamma {cfg.loss.gamma}) needs two or more students")
     if cfg.loss.tau <= 0 or cfg.loss.entropy_tau <= 0:
         errors.append("temperatures (--tau, --entropy-tau) must be positive")
-    if not cfg.optim.lr > 0 or not cfg.optim.warmup_epochs >= 0 or not cfg.optim.weight_decay >= 0:
-        errors.append(f"--lr must be positive (got {cfg.optim.lr:g}), --warmup-epochs (got "
-                      f"{cfg.optim.warmup_epochs:g}) and --weight-decay (got {cfg.optim.weight_decay:g}) not negative")
+    weights = {"--alpha": cfg.loss.alpha, "--beta": cfg.loss.beta, "--gamma": cfg.loss.gamma}
+    errors += [f"{flag} (got {value:g}) must not be negative: a loss term would be maximised"
+               for flag, value in weights.items() if value < 0]
+    if not cfg.optim.lr > 0:
+        errors.append(f"--lr must be positive (got {cfg.optim.lr:g})")
+    errors += [f"{flag} (got {value:g}) must not be negative" for flag, value in
+               (("--warmup-epochs", cfg.optim.warmup_epochs), ("--weight-decay", cfg.optim.weight_decay)) if value < 0]
     if not 0 <= cfg.optim.momentum < 1 or (cfg.optim.nesterov and cfg.optim.momentum == 0):
         errors.append(f"--momentum must be in [0, 1) and above 0 with --nesterov, got {cfg.optim.momentum:g}")
     if cfg.dropout is not None and not 0.0 <= cfg.dropout < 1.0:
