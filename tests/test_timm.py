@@ -21,6 +21,10 @@ def test_timm_names_are_registry_names():
     assert all(not n.startswith("timm:") for n in MODELS)  # iterating lists the built-ins only
     with pytest.raises(ConfigError, match="no_such_net"):
         build_model("timm:no_such_net", 3)
+    from trainer.engine.models import check_model_names
+
+    with pytest.raises(ConfigError, match=r"--students 'timm:no_such_net': timm has no model 'no_such_net'"):
+        check_model_names(["tiny_cnn", "timm:no_such_net"])  # not the list of built-in names
     from trainer.config import make_config  # config validation checks names with `in MODELS`
 
     cfg = make_config("dual", (SMALL, SMALLER), teacher=SMALL)

@@ -101,16 +101,21 @@ def is_model_name(name: str) -> bool:
     return name in MODELS
 
 
-def _timm_model(name: str, num_classes: int) -> nn.Module:
+def _timm_module(name: str, flag: str = "model"):
+    """timm, once it is known to have the model of `timm:NAME` (ConfigError naming `flag` otherwise)."""
     arch = name[len(TIMM_PREFIX):]
     try:
         import timm
     except ImportError:
-        raise ConfigError(f"model {name!r} needs timm: pip install 'kdpipe[timm]'") from None
+        raise ConfigError(f"{flag} {name!r} needs timm: pip install 'kdpipe[timm]'") from None
     if not timm.is_model(arch):
-        raise ConfigError(f"timm has no model {arch!r} (see timm.list_models('*{arch[:6]}*')); timm "
-                          f"{timm.__version__}")
-    return timm.create_model(arch, pretrained=False, num_classes=num_classes)
+        raise ConfigError(f"{flag} {name!r}: timm has no model {arch!r} (see timm.list_models('*{arch[:6]}*')); "
+                          f"timm {timm.__version__}")
+    return timm
+
+
+def _timm_model(name: str, num_classes: int) -> nn.Module:
+    return _timm_module(name).create_model(name[len(TIMM_PREFIX):], pretrained=False, num_classes=num_classes)
 
 
 MODELS: dict[str, Callable[[int], nn.Module]] = ModelRegistry({
@@ -140,6 +145,9 @@ def unregister_model(name: str) -> None:
 
 def check_model_names(names: tuple[str, ...] | list[str], flag: str = "--students") -> None:
     """ConfigError naming the registry's models when a name is not one of them (before any data is read)."""
+    for name in names:
+        if name.startswith(TIMM_PREFIX):
+            _timm_module(name, flag)  # timm missing, or no such timm model: say that, not the built-in list
     if not names or any(name not in MODELS for name in names):
         raise ConfigError(f"invalid training config: {flag} must name models from {', '.join(sorted(MODELS))}; "
                           f"got {','.join(names)}")
