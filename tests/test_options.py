@@ -69,7 +69,8 @@ def test_toml_and_json_config_files(tmp_path):
 
 @pytest.mark.parametrize("text,match", [
     ('epochs = "5"', r"config key epochs \(--epochs\): expected int"),
-    ("epochs = 0", r"config key epochs \(--epochs\): 0 is outside"),
+    ("epochs = 0", r"config key epochs \(--epochs\): 0 must be at least 1"),
+    ("loss = 3", r"config section loss must be a table/object, got int"),
     ('amp = "fp8"', r"config key amp \(--amp\): 'fp8' is not one of"),
     ("[optim]\nlr = inf", r"config key optim.lr \(--lr\): expected a finite number, got inf"),
     ("nope = 1", "unknown config key"),
@@ -154,3 +155,14 @@ def test_generated_commands_keep_every_flag_and_default(command):
                 "verify": []}[command]
     text = " ".join(out.split())
     assert all(d in text for d in defaults), out
+
+
+def test_a_resume_clash_shows_values_as_flags_take_them():
+    from pipeline.core.errors import ConfigError
+    from trainer.config import make_config, resolve_train, to_dict
+
+    saved = to_dict(make_config("dual", ("tiny_cnn", "tiny_mobilenet"), teacher="tiny_resnet"))
+    with pytest.raises(ConfigError) as e:
+        resolve_train({"students": ("tiny_cnn",), "mode": "kd"}, saved=saved)
+    assert "--students tiny_cnn (the run has tiny_cnn,tiny_mobilenet)" in str(e.value)
+    assert "--mode kd (the run has dual)" in str(e.value)

@@ -306,7 +306,7 @@ def resolve_train(given: dict, file: dict | None = None, saved: dict | None = No
 
     if saved is not None:
         base = {k: v for k, v in _legacy(saved).items() if k != "runtime"}
-        clash = [f"{flag_of(TrainConfig, p)} {v!r} (the run has {_get(base, p)!r})"
+        clash = [f"{flag_of(TrainConfig, p)} {_as_typed(v)} (the run has {_as_typed(_get(base, p))})"
                  for p, v in flatten(given).items() if p[0] not in RESUME_FREE and _norm(_get(base, p)) != _norm(v)]
         if clash:
             raise ConfigError(f"--resume continues the run as {saved_name} says; these flags differ from it: "
@@ -318,6 +318,13 @@ def resolve_train(given: dict, file: dict | None = None, saved: dict | None = No
     if "mode" in given and given["mode"] != file.get("mode", given["mode"]):
         file = {k: v for k, v in file.items() if k not in ("loss", "students")}
     return from_dict(merge(preset_fields(mode), file, given))
+
+
+def _as_typed(value: Any) -> str:
+    """A value as a flag takes it (students as `a,b`, a mode bare), for messages."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return str(value)
 
 
 def validate(cfg: TrainConfig) -> None:

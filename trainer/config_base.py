@@ -69,7 +69,8 @@ def command_config(cls: type, given: dict, file: dict | None = None) -> Any:
 def build(cls: type, d: dict, where: str = "") -> Any:
     """Instantiate dataclass `cls` from a nested dict, checking names, and coercing lists to tuples."""
     if not isinstance(d, dict):
-        raise ConfigError(f"config section {where or cls.__name__} must be a table/object, got {type(d).__name__}")
+        raise ConfigError(f"config section {where.rstrip('.') or cls.__name__} must be a table/object, got "
+                          f"{type(d).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - set(fields))
     if unknown:
@@ -89,8 +90,8 @@ def build(cls: type, d: dict, where: str = "") -> Any:
                 raise ConfigError(f"{key}: {kw[name]!r} is not one of {', '.join(choices())}")
             lo, hi = fields[name].metadata.get("min"), fields[name].metadata.get("max")
             if kw[name] is not None and ((lo is not None and kw[name] < lo) or (hi is not None and kw[name] > hi)):
-                top = "" if hi is None else hi
-                raise ConfigError(f"{key}: {kw[name]!r} is outside [{lo}, {top}]")
+                bound = f"at least {lo}" if hi is None else f"at most {hi}" if lo is None else f"in [{lo}, {hi}]"
+                raise ConfigError(f"{key}: {kw[name]!r} must be {bound}")
     try:
         return cls(**kw)
     except ConfigError:
