@@ -32,6 +32,16 @@ CHILD = textwrap.dedent("""
 """)
 
 
+def _two_class_shards(tmp_path: Path) -> dict:
+    """16 small train images in two shards at tmp_path/shards; the environment a child Python needs."""
+    wnids = ["n02869837", "n01749939"]
+    make_imagenet_tree(tmp_path / "tree", wnids, train_per_class=8, val_per_class=0, val_layout=None,
+                       size=(24, 32, 24, 32))
+    build_shards(tmp_path / "tree", tmp_path / "shards", classes=wnids, options=ShardOptions(shard_size=8),
+                 workers=1, progress=False)
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1])] + sys.path))
+
+
 def _alive(pid: int) -> bool:
     """Running (a zombie waiting for a reaper counts as gone)."""
     try:
@@ -44,12 +54,7 @@ def _alive(pid: int) -> bool:
 @pytest.mark.slow  # a fresh Python with torch, ~5-10 s
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
 def test_workers_exit_within_a_second_or_two_of_a_kill_9(tmp_path):
-    wnids = ["n02869837", "n01749939"]
-    make_imagenet_tree(tmp_path / "tree", wnids, train_per_class=8, val_per_class=0, val_layout=None,
-                       size=(24, 32, 24, 32))
-    build_shards(tmp_path / "tree", tmp_path / "shards", classes=wnids, options=ShardOptions(shard_size=8),
-                 workers=1, progress=False)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1])] + sys.path))
+    env = _two_class_shards(tmp_path)
     proc = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path / "shards")], stdout=subprocess.PIPE,
                             env=env, text=True)
     try:
@@ -117,13 +122,8 @@ AFTER_ERROR = textwrap.dedent("""
 def test_a_loader_that_failed_leaves_no_worker_behind_to_print_tracebacks(tmp_path):
     from conftest import flip_jpeg_byte
 
-    wnids = ["n02869837", "n01749939"]
-    make_imagenet_tree(tmp_path / "tree", wnids, train_per_class=8, val_per_class=0, val_layout=None,
-                       size=(24, 32, 24, 32))
-    build_shards(tmp_path / "tree", tmp_path / "shards", classes=wnids, options=ShardOptions(shard_size=8),
-                 workers=1, progress=False)
+    env = _two_class_shards(tmp_path)
     flip_jpeg_byte(tmp_path / "shards", 5)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1])] + sys.path))
     res = subprocess.run([sys.executable, "-c", AFTER_ERROR, str(tmp_path / "shards")], capture_output=True,
                          text=True, env=env, timeout=120)
     assert res.returncode == 0 and res.stdout.split() == ["named", "15"] * 2, res.stdout + res.stderr
