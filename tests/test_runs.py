@@ -128,6 +128,27 @@ def test_safetensors_export_loads_into_torchvision_and_gives_the_checkpoints_log
         assert json.loads(meta["classes"]) == FakeLoader().classes and meta["model"] == name
 
 
+def test_final_weights_of_the_same_state_are_the_same_bytes_every_write(tmp_path):
+    """safetensors writes its metadata in a HashMap's order, which changes between writes: sorted, the same
+    weights always give the same file (and checksum); the file still loads, metadata and all."""
+    from safetensors.torch import load_file
+
+    from trainer.engine.checkpoint import load_safetensors_weights, save_final_weights
+    from trainer.engine.models import build_model
+
+    state = build_model("tiny_cnn", 3).state_dict()
+    classes = ["n01", "chat noir", "caf\u00e9 \"x\""]
+    got = {}
+    for k in range(6):  # 3 metadata keys: 6 orders, so unsorted, 6 writes all alike by chance is (1/6)^5
+        st = save_final_weights(tmp_path / f"r{k}", 0, "tiny_cnn", state, classes)
+        got.setdefault("st", set()).add(st.read_bytes())
+        got.setdefault("pt", set()).add(st.with_suffix(".pt").read_bytes())
+    assert len(got["st"]) == 1 and len(got["pt"]) == 1
+    loaded, meta = load_safetensors_weights(st)
+    assert json.loads(meta["classes"]) == classes and meta["model"] == "tiny_cnn"
+    assert all(torch.equal(loaded[k], v) and torch.equal(load_file(st)[k], v) for k, v in state.items())
+
+
 def test_metrics_split_the_epoch_into_data_wait_and_compute_and_tensorboard_gets_every_step(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
