@@ -294,6 +294,15 @@ def test_export_without_the_extra_names_it(tmp_path, monkeypatch):
     assert "needs the `onnx` extra" in out
 
 
+def test_a_negative_export_atol_is_refused_before_anything_runs(tmp_path, monkeypatch):
+    """No logits can differ by less than 0: a negative --atol would run the export only to refuse every file."""
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # past the check, the export would stop here
+    (tmp_path / "config.json").write_text("{}")
+    line = one_line_error(cli("export", "--run", tmp_path, "--out", tmp_path / "x", "--atol", "-1"), code=2)
+    assert line.endswith("(--atol): -1.0 is outside [0, ]") and not (tmp_path / "x").exists()
+    assert "needs the `onnx` extra" in one_line_error(cli("export", "--run", tmp_path, "--atol", "0"), code=2)
+
+
 def test_a_report_into_a_run_being_trained_is_refused(tmp_path):
     from pipeline.core.locks import exclusive_lock
 
