@@ -86,3 +86,54 @@ def test_demo_seeds_option():
     assert result.exit_code == 2 and "'--seeds': 0 is not in the range x>=1" in result.output
     with pytest.raises(ValueError, match="--seeds must be at least 1, got 0"):
         run_demo("/nonexistent/x", dataclasses.replace(TINY, seeds=0))
+
+
+def _tree(root) -> dict:
+    """Every file under root (its marker aside) and its text."""
+    return {str(p.relative_to(root)): p.read_text() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != ".kdpipe-demo"}
+
+
+@pytest.mark.parametrize("files", [{"timings.json": "MINE", "report/report.md": "MINE"}, {"notes.txt": "hi"},
+                                   {"demo.json": '{"mine": 1}'}])
+def test_demo_never_writes_into_a_directory_it_did_not_make(tmp_path, files):
+    from clitools import cli, error_line
+
+    out = tmp_path / "u"
+    for name, text in files.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    before = _tree(out)
+    line = error_line(cli("demo", "--tiny", "--out", out, code=1))
+    listed = ", ".join(sorted({name.split("/")[0] for name in files}))
+    assert line == (f"Error: --out {out} holds files kdpipe did not write ({listed}); kdpipe writes a demo only into "
+                    f"a new or empty directory or its own earlier output, and never replaces files it did not write: "
+                    f"choose another --out")
+    assert _tree(out) == before and not (out / ".kdpipe-demo").exists()
+
+
+def test_demo_takes_an_empty_directory_its_own_and_an_older_versions_directory(tmp_path, monkeypatch):
+    import trainer.jobs.demo as demo
+
+    monkeypatch.setattr(demo, "_run_stages", lambda out, cfg: out / "report" / "report.md")  # the claim only
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run_demo(empty, TINY)
+    assert json.loads((empty / "demo.json").read_text())["epochs"] == TINY.epochs
+    assert (empty / ".kdpipe-demo").is_file()
+    (empty / "timings.json").write_text("{}")  # the demo's own files: a rerun continues
+    run_demo(empty, dataclasses.replace(TINY, seeds=2))
+    with pytest.raises(FileExistsError, match=r"other settings \(epochs: 1 -> 3"):
+        run_demo(empty, dataclasses.replace(TINY, epochs=3))
+    # made before the marker: demo.json with the demo's settings and only the demo's entries
+    old = tmp_path / "old"
+    for sub in ("imagenet", "shards", "runs/teacher", "report", "teacher-s0.zarr"):
+        (old / sub).mkdir(parents=True)
+    (old / "demo.json").write_text(json.dumps({k: v for k, v in dataclasses.asdict(TINY).items() if k != "seeds"}))
+    run_demo(old, TINY)
+    assert (old / ".kdpipe-demo").is_file()
+    (old / ".kdpipe-demo").unlink()
+    (old / "notes.txt").write_text("mine")  # not only the demo's entries: not recognised as its output
+    with pytest.raises(FileExistsError, match=r"holds files kdpipe did not write \(demo.json, imagenet, notes.txt"):
+        run_demo(old, TINY)
+    assert not (old / ".kdpipe-demo").exists()

@@ -336,3 +336,32 @@ def test_a_run_measured_on_no_validation_images_is_refused(tmp_path):
     res = CliRunner().invoke(main, ["report", str(run), "--out", str(tmp_path / "out")])
     assert res.exit_code == 1 and "epoch 1 measured its accuracy on 0 validation images" in res.output.splitlines()[-1]
     assert not (tmp_path / "out" / "report.md").exists()
+
+
+def test_an_unfinished_run_is_refused_not_pooled_with_finished_ones(tmp_path):
+    """A run with fewer epochs than its config.json (stopped by --stop-after-steps, or still training) would enter
+    its mode's cell with an early epoch's accuracy, pooled with finished runs: refused in one line naming it."""
+    done = make_run(tmp_path, "dual-ref", "dual", ["resnet18"], [91.67], epochs=3)
+    half = make_run(tmp_path, "half", "dual", ["resnet18"], [62.5], epochs=3, seed=1)
+    metrics = half / "metrics.jsonl"
+    metrics.write_text(metrics.read_text().splitlines()[0] + "\n")  # stopped in its second epoch
+    res = CliRunner().invoke(main, ["report", str(done), str(half), "--out", str(tmp_path / "rep")])
+    assert res.exit_code == 1 and type(res.exception) is SystemExit, res.output
+    assert res.output.strip().splitlines()[-1] == (
+        f"Error: {half} has 1 of 3 epochs (unfinished or still training): finish it with `kdpipe train --out "
+        f"{half} --resume`, or leave it out")
+    assert not list((tmp_path / "rep").glob("*"))  # nothing written (at most the writer lock, a dotfile)
+    other = make_run(tmp_path, "other", "kd", ["resnet18"], [50.0], epochs=4)
+    with open(other / "metrics.jsonl", "w") as f:
+        f.write(json.dumps(_line(0, ["resnet18"], [40.0], [60.0])) + "\n")
+        f.write(json.dumps(_line(1, ["resnet18"], [45.0], [65.0])) + "\n")
+    with pytest.raises(rep.RunFormatError, match=rf"{half} has 1 of 3 epochs; {other} has 2 of 4 epochs \(unfinished"
+                                                 r".*finish them with `kdpipe train --out RUN --resume`, or leave "
+                                                 r"them out"):
+        rep.write_report([done, half, other], tmp_path / "rep")
+    # a run whose config names no epoch count (an older format) is reported as it stands
+    old = make_run(tmp_path, "old", "kd", ["resnet18"], [55.0], epochs=2)
+    (old / "config.json").write_text(json.dumps({k: v for k, v in json.loads((old / "config.json").read_text()).items()
+                                                 if k != "epochs"}))
+    text = rep.write_report([done, old], tmp_path / "rep").read_text()
+    assert f"- `{old}`: mode kd, seed 0, students resnet18, 2 epoch(s)" in text and "| 91.67" in text

@@ -128,6 +128,27 @@ def test_safetensors_export_loads_into_torchvision_and_gives_the_checkpoints_log
         assert json.loads(meta["classes"]) == FakeLoader().classes and meta["model"] == name
 
 
+def test_final_weights_of_the_same_state_are_the_same_bytes_every_write(tmp_path):
+    """safetensors writes its metadata in a HashMap's order, which changes between writes: sorted, the same
+    weights always give the same file (and checksum); the file still loads, metadata and all."""
+    from safetensors.torch import load_file
+
+    from trainer.engine.checkpoint import load_safetensors_weights, save_final_weights
+    from trainer.engine.models import build_model
+
+    state = build_model("tiny_cnn", 3).state_dict()
+    classes = ["n01", "chat noir", "caf\u00e9 \"x\""]
+    got = {}
+    for k in range(6):  # 3 metadata keys: 6 orders, so unsorted, 6 writes all alike by chance is (1/6)^5
+        st = save_final_weights(tmp_path / f"r{k}", 0, "tiny_cnn", state, classes)
+        got.setdefault("st", set()).add(st.read_bytes())
+        got.setdefault("pt", set()).add(st.with_suffix(".pt").read_bytes())
+    assert len(got["st"]) == 1 and len(got["pt"]) == 1
+    loaded, meta = load_safetensors_weights(st)
+    assert json.loads(meta["classes"]) == classes and meta["model"] == "tiny_cnn"
+    assert all(torch.equal(loaded[k], v) and torch.equal(load_file(st)[k], v) for k, v in state.items())
+
+
 def test_metrics_split_the_epoch_into_data_wait_and_compute_and_tensorboard_gets_every_step(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -271,6 +292,15 @@ def test_export_without_the_extra_names_it(tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text("{}")
     out = one_line_error(cli("export", "--run", tmp_path), code=2)
     assert "needs the `onnx` extra" in out
+
+
+def test_a_negative_export_atol_is_refused_before_anything_runs(tmp_path, monkeypatch):
+    """No logits can differ by less than 0: a negative --atol would run the export only to refuse every file."""
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # past the check, the export would stop here
+    (tmp_path / "config.json").write_text("{}")
+    line = one_line_error(cli("export", "--run", tmp_path, "--out", tmp_path / "x", "--atol", "-1"), code=2)
+    assert line.endswith("(--atol): -1.0 is outside [0, ]") and not (tmp_path / "x").exists()
+    assert "needs the `onnx` extra" in one_line_error(cli("export", "--run", tmp_path, "--atol", "0"), code=2)
 
 
 def test_a_report_into_a_run_being_trained_is_refused(tmp_path):

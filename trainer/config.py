@@ -258,7 +258,7 @@ class ExportConfig:
     format: Literal["onnx"] = opt("onnx", "output format (safetensors files are written by every run already)")
     out: str | None = opt(None, "directory for the exported files (default: the run directory)", path="out")
     batch_size: int = opt(2, "images in the batch that checks each export against PyTorch", min=1)
-    atol: float = opt(1e-4, "largest accepted |exported - PyTorch| logit difference on that batch")
+    atol: float = opt(1e-4, "largest accepted |exported - PyTorch| logit difference on that batch", min=0)
 
 
 # mode -> (loss fields, default students). Single-student presets train ResNet-18 like the paper.

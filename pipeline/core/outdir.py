@@ -20,7 +20,7 @@ from pipeline.core.errors import ConfigError, OutputExistsError
 NEUTRAL = (".kdpipe.lock",)
 MARKERS = {".kdpipe-run": "a `kdpipe train` run", ".kdpipe-synth": "a `kdpipe synth` tree",
            ".kdpipe-report": "a `kdpipe report`", ".kdpipe-export": "a `kdpipe export` output",
-           ".kdpipe-shard": "a `kdpipe shard` output"}
+           ".kdpipe-shard": "a `kdpipe shard` output", ".kdpipe-demo": "a `kdpipe demo` directory"}
 
 
 def shown(path: str | Path) -> str:

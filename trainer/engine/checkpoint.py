@@ -70,6 +70,20 @@ def final_weights_path(run: str | Path, index: int, name: str, suffix: str = ".p
     return Path(run) / f"student{index}-{name.replace(':', '_').replace('/', '_')}{suffix}"
 
 
+def sorted_safetensors_metadata(data: bytes) -> bytes:
+    """A safetensors file's bytes with its header's metadata in sorted key order: safetensors writes the metadata
+    from a Rust HashMap, whose order changes from one write to the next, so the same weights gave different
+    bytes (and checksums). The tensors' entries and the data are kept as written; the header is re-padded with
+    spaces to a multiple of 8 bytes, as safetensors pads it."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + size:]
+
+
 def save_final_weights(run: str | Path, index: int, name: str, state: dict, classes: list[str]) -> Path:
     """A student's final weights as safetensors (plain state_dict keys, the classes in the metadata) and as a
     kdpipe weights file any of kdpipe's loaders accepts (teacher, eval). Returns the safetensors path."""
@@ -78,7 +92,7 @@ def save_final_weights(run: str | Path, index: int, name: str, state: dict, clas
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     meta = {"format": WEIGHTS_FORMAT, "model": name, "classes": json.dumps(list(classes))}
     st_path = final_weights_path(run, index, name, ".safetensors")
-    atomic_write_bytes(st_path, st_save(state, metadata=meta))
+    atomic_write_bytes(st_path, sorted_safetensors_metadata(st_save(state, metadata=meta)))
     atomic_torch_save({"format": WEIGHTS_FORMAT, "name": name, "classes": list(classes), "model": state},
                       final_weights_path(run, index, name))
     return st_path

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,26 +101,47 @@ def _say(msg: str) -> None:
 
 # Settings that may change between invocations on one directory: more or fewer seeds reuse the shared stages.
 FREE = ("seeds",)
+DEMO_MARKER = ".kdpipe-demo"  # pipeline/core/outdir.py: the demo writes only into a directory it made
+WHAT = "a demo"
+# What a demo writes directly under its --out; a directory an older kdpipe demo made (before the marker) holds
+# only these, next to a demo.json of its settings.
+DEMO_ENTRIES = ("demo.json", "imagenet", "shards", "runs", "report", "timings.json", ".kdpipe.lock")
+LEGACY_KEYS = ("num_classes", "students", "teacher", "epochs")  # in every demo.json an older version wrote
+
+
+def legacy_demo_dir(path: Path) -> bool:
+    """True for an unmarked directory an older `kdpipe demo` made: a demo.json with the demo's settings and
+    nothing but the demo's own entries (a user's demo.json or any other file makes it not the demo's)."""
+    try:
+        record = json.loads((path / "demo.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(record, dict) or not all(k in record for k in LEGACY_KEYS):
+        return False
+    return all(e.name in DEMO_ENTRIES or re.fullmatch(r"teacher-s\d+\.zarr", e.name) for e in os.scandir(path))
 
 
 def _check_or_record(out: Path, cfg: DemoConfig) -> None:
-    """Refuse to continue a demo directory made with other settings (its stages would not fit together)."""
+    """Claim --out for the demo (a new or empty directory, or the demo's own: pipeline.core.outdir, so a user's
+    files are never replaced) and refuse to continue a demo made with other settings (its stages would not fit
+    together)."""
     from pipeline.core.errors import ConfigError, OutputExistsError
+    from pipeline.core.outdir import check_claimable, claim_dir
 
     if cfg.seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {cfg.seeds}")
     path = out / "demo.json"
     now = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(cfg))).items() if k not in FREE}
-    if path.is_file():
+    if check_claimable(out, DEMO_MARKER, WHAT, legacy=legacy_demo_dir) and path.is_file():
         # a setting the file lacks (written before it existed) had its default then
         old = {**json.loads(json.dumps(dataclasses.asdict(DemoConfig()))), **json.loads(path.read_text())}
         diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in now.items() if old.get(k) != v]
         if diff:
             raise OutputExistsError(f"{out} holds a demo made with other settings ({'; '.join(diff)}); "
                                     "use another --out or delete it")
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, now)
+    claim_dir(out, DEMO_MARKER, WHAT, legacy=legacy_demo_dir)
+    if not path.is_file():
+        atomic_write_json(path, now)
 
 
 def seed_list(cfg: DemoConfig) -> list[int]:

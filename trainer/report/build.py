@@ -6,8 +6,8 @@ assumptions table, Table I (baseline KD vs dual), Table II (time, images/s), Tab
 with each rung's change, a 95 % interval and a verdict), convergence (final training loss), Table IV
 (parameters and compression), the teacher's uncertainty (statistics, histogram, the most and least confident
 training views), and accuracy per epoch. Runs of one mode with different seeds are pooled (mean ± sd);
-the statistics are in trainer/report/stats.py. Every accuracy is a run's final epoch; the report names the
-file each number comes from.
+the statistics are in trainer/report/stats.py. Every accuracy is a run's final epoch (a run that has not
+trained every epoch of its config is refused: check_finished); the report names the file each number comes from.
 """
 from __future__ import annotations
 
@@ -116,6 +116,26 @@ def load_run(path: str | Path) -> Run:
         raise RunFormatError(f"{met_file}: epoch {bad[0]} has {len(epochs[0].students)} students, config.json "
                              f"names {len(students)}; is this metrics file from another run?")
     return Run(path=path, config=config, epochs=tuple(epochs), students=students)
+
+
+def epochs_done(run: Run) -> tuple[int, int] | None:
+    """(epochs recorded, epochs configured) of a run; None when its config names no epoch count (older formats)."""
+    planned = run.config.get("epochs")
+    if not isinstance(planned, int) or isinstance(planned, bool):
+        return None
+    return len({e.epoch for e in run.epochs} & set(range(planned))), planned
+
+
+def check_finished(runs: list[Run]) -> None:
+    """Refuse runs that have not trained every epoch of their config (stopped, or still training): the report takes
+    each run's last epoch as its result, so an unfinished run would be pooled with finished ones as if it were one."""
+    short = [(r, d) for r in runs if (d := epochs_done(r)) is not None and d[0] < d[1]]
+    if short:
+        named = "; ".join(f"{r.path} has {n} of {m} epochs" for r, (n, m) in short)
+        fix = f"`kdpipe train --out {short[0][0].path} --resume`" if len(short) == 1 else \
+            "`kdpipe train --out RUN --resume`"
+        raise RunFormatError(f"{named} (unfinished or still training): finish {'it' if len(short) == 1 else 'them'} "
+                             f"with {fix}, or leave {'it' if len(short) == 1 else 'them'} out")
 
 
 # ------------------------------------------------------------------------------------- finding things
@@ -280,6 +300,7 @@ def _write_report(run_dirs: list[str | Path], out: Path, *, teacher: str | Path 
     if teacher is not None and Path(teacher).resolve() not in {p.resolve() for p in paths}:
         paths.insert(0, Path(teacher))
     runs = [load_run(p) for p in paths]
+    check_finished(runs)
     check_one_dataset(runs)
     cache = _cache_of(runs)
     if cache is not None:
