@@ -95,6 +95,36 @@ def test_resume_with_another_teacher_cache_or_teacher_weights_is_refused(data, t
     assert f"--teacher-weights {data['t2']}: file sha256" in line and f"({data['t1']}, recorded in" in line
     assert snapshot(run) == before and snapshot(kd) == kd_before
 
+    # the run's own input replaced under its recorded path: a bare --resume names it as the run's (no flag was
+    # given to blame); the flag, given, is still named as the flag
+    shutil.rmtree(caches["t1"])
+    shutil.copytree(caches["t2"], caches["t1"])
+    line = refused("train", "--out", run, "--resume", "--num-workers", "1", code=2)
+    assert line.startswith(f"Error: the run's teacher cache {caches['t1']}: fingerprint sha256 ") and \
+        "--teacher-cache" not in line and "it changed since the run read it; restore it" in line, line
+    line = refused("train", "--out", run, "--resume", "--teacher-cache", caches["t1"], "--num-workers", "1", code=2)
+    assert line.startswith(f"Error: --teacher-cache {caches['t1']}: fingerprint sha256 "), line
+    weights = tmp_path / "teacher.pt"
+    shutil.copy(data["t1"], weights)
+    kd2 = tmp_path / "Rk2"
+    cli("train", *args, "--shards", data["sh1"], "--out", kd2, "--teacher-weights", weights, "--stop-after-steps", 1)
+    shutil.copy(data["t2"], weights)
+    line = refused("train", "--out", kd2, "--resume", code=2)
+    assert line.startswith(f"Error: the run's teacher weights {weights}: file sha256 "), line
+
+
+def test_resume_on_shards_of_other_classes_names_the_shards_not_the_teacher(data, tmp_path):
+    """The recorded shards are checked before the teacher is loaded for the shards' classes: other shards are
+    named as such, whatever they break later (a teacher of 4 classes for 3)."""
+    run = tmp_path / "R"
+    args = ["--mode", "kd", "--teacher", "tiny_cnn", "--students", "tiny_cnn", "--epochs", "1", "--image-size", "24",
+            "--batch-size", "8", "--backend", "torch", "--device", "cpu", "--num-workers", "0"]
+    cli("train", *args, "--shards", data["sh1"], "--out", run, "--teacher-weights", data["t1"], "--stop-after-steps", 1)
+    before = snapshot(run)
+    line = refused("train", "--out", run, "--resume", "--shards", data["sh3"], code=2)
+    assert line.startswith(f"Error: --shards {data['sh3']}: manifest sha256 ") and "differs from the run's" in line
+    assert "teacher" not in line and snapshot(run) == before
+
 
 def test_paths_are_stored_absolute_and_eval_refuses_shards_changed_under_the_run(data, tmp_path, monkeypatch):
     work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"

@@ -364,13 +364,113 @@ def test_resume_before_the_first_checkpoint_starts_the_run_again(tmp_path):
     cfg = tiny_config(tmp_path, "hard", ("tiny_cnn",), epochs=1)
     whole = run_training(cfg, FakeLoader(), FakeLoader(num_samples=32, seed=99), classes=FakeLoader().classes,
                          progress=False)["final"]
-    (tmp_path / "run" / "checkpoint-last.pt").unlink()  # as if killed between the metrics line and the checkpoint
+    for name in ("checkpoint-last.pt", "checkpoint-best.pt"):  # as if killed between the metrics line and the
+        (tmp_path / "run" / name).unlink()  # first checkpoint (the best one is always written after it)
     again = run_training(cfg, FakeLoader(), FakeLoader(num_samples=32, seed=99), classes=FakeLoader().classes,
                          progress=False, resume=True)["final"]
     recs = RunDir(tmp_path / "run").read_metrics()
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1  # replaced, not appended
     assert recs[0].students[0].val_top1 == whole.students[0].val_top1 == again.students[0].val_top1
     other = tiny_config(tmp_path, "hard", ("tiny_cnn",), epochs=2)
-    (tmp_path / "run" / "checkpoint-last.pt").unlink()
+    for name in ("checkpoint-last.pt", "checkpoint-best.pt"):
+        (tmp_path / "run" / name).unlink()
     with pytest.raises(ConfigError, match="differing fields: epochs: 1 -> 2$"):
         run_training(other, FakeLoader(), FakeLoader(), classes=FakeLoader().classes, progress=False, resume=True)
+
+
+def _files(run) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(run.iterdir()) if p.is_file() and p.name != ".kdpipe.lock"}
+
+
+def test_resume_refuses_a_run_whose_last_checkpoint_is_gone_but_whose_epochs_are_there(shards, tmp_path):
+    """Finished epochs (metrics.jsonl, checkpoint-best.pt) but no checkpoint-last.pt: the run had a checkpoint and
+    lost it; starting again would replace what it trained, so --resume refuses in one line and changes nothing."""
+    run = tmp_path / "run"
+    args = ["train", "--shards", shards, "--mode", "hard", "--students", "tiny_cnn", "--epochs", "3", *COMMON]
+    assert cli(*args, "--out", run, "--stop-after-steps", "5")[0] == 0  # 2 steps an epoch: epoch 3, step 1
+    (run / "checkpoint-last.pt").unlink()
+    before = _files(run)
+    line = one_line_error(cli("train", "--out", run, "--resume"))
+    assert f"{run / 'checkpoint-last.pt'} is missing" in line and "2 finished epoch(s) in metrics.jsonl" in line
+    assert "restore checkpoint-last.pt" in line and "--out NEW" in line
+    assert _files(run) == before
+    (run / "checkpoint-best.pt").unlink()  # two epochs alone show a checkpoint existed (one follows epoch 1)
+    assert "holds 2 finished epoch(s) in metrics.jsonl, which" in one_line_error(cli("train", "--out", run, "--resume"))
+    (run / "checkpoint-best.pt").write_bytes(before["checkpoint-best.pt"])  # so does a best checkpoint
+    (run / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text().splitlines()[0] + "\n")
+    line = one_line_error(cli("train", "--out", run, "--resume"))
+    assert "holds 1 finished epoch(s) in metrics.jsonl and checkpoint-best.pt, which" in line
+
+
+def test_stop_after_steps_counts_the_runs_steps_and_a_checkpoint_already_there_trains_none(shards, tmp_path):
+    run = tmp_path / "run"
+    args = ["train", "--shards", shards, "--mode", "hard", "--students", "tiny_cnn", "--epochs", "3", *COMMON]
+    code, out = cli(*args, "--out", run, "--stop-after-steps", "3")
+    assert code == 0 and "stopped after 3 steps" in out, out
+    before = _files(run)
+    for n in ("3", "2"):
+        code, out = cli("train", "--out", run, "--resume", "--stop-after-steps", n)
+        assert code == 0 and "nothing trained: the run's checkpoint is already at step 3" in out, out
+        assert _files(run) == before
+    code, out = cli("train", "--out", run, "--resume", "--stop-after-steps", "5")
+    assert code == 0 and "stopped after 5 steps" in out, out
+    assert torch.load(run / "checkpoint-last.pt", weights_only=True)["epoch"] == 2
+
+
+def test_ctrl_c_names_the_last_checkpoint_and_the_resume_command(shards, tmp_path, monkeypatch):
+    """A KeyboardInterrupt mid-epoch: click's `Aborted!` (exit 1) and, before it, where the last checkpoint is
+    and the command that continues from it."""
+    from trainer.engine.step import Distiller
+
+    run = tmp_path / "run"
+    args = ["train", "--shards", shards, "--mode", "hard", "--students", "tiny_cnn", "--epochs", "3", *COMMON]
+    assert cli(*args, "--out", run, "--stop-after-steps", "3")[0] == 0  # epoch 2 step 1 of 2
+    step, calls = Distiller.step, []
+
+    def interrupted_at_the_third_step(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(Distiller, "step", interrupted_at_the_third_step)
+    code, out = cli("train", "--out", run, "--resume")  # step 4 (epoch 2 saved), interrupted in step 5
+    assert code == 1 and out.rstrip().endswith("Aborted!"), out
+    assert (f"interrupted: the last checkpoint is the end of epoch 2/3 of {run}; continue with: "
+            f"kdpipe train --out {run} --resume") in out
+    calls.clear()
+    code, out = cli("train", "--out", run, "--resume", "--stop-after-steps", "5")
+    assert code == 0 and "stopped after 5 steps" in out  # epoch 3 step 1: the next interrupt names it
+    calls[:] = [1, 1]  # interrupted in its first step: the last checkpoint is the one it read
+    code, out = cli("train", "--out", run, "--resume")
+    assert code == 1 and f"interrupted: the last checkpoint is epoch 3/3 step 1/2 of {run}" in out, out
+    fresh = tmp_path / "fresh"
+    calls[:] = [1, 1]  # interrupted in the first step
+    code, out = cli(*args, "--out", fresh)
+    assert code == 1 and f"interrupted before the first checkpoint of {fresh}" in out, out
+
+
+@pytest.mark.slow
+def test_sigterm_prints_the_resume_line_and_exits_143(shards, tmp_path):
+    """SIGTERM (preemption, `kill PID`) to the process group, loader workers included: the same line, exit 143,
+    no traceback, and the run resumes."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    args = ["train", "--shards", str(shards), "--mode", "hard", "--students", "tiny_cnn", "--epochs", "500",
+            *map(str, COMMON), "--num-workers", "1"]
+    proc = subprocess.Popen([sys.executable, "-m", "trainer.cli", *args, "--out", str(run)], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "checkpoint-last.pt").is_file():
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended or stalled"
+            time.sleep(0.05)
+        time.sleep(0.3)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and f"continue with: kdpipe train --out {run} --resume" in err, err
+    assert cli("train", "--out", run, "--resume", "--stop-after-steps", "1")[0] == 0

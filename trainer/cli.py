@@ -258,11 +258,14 @@ def report(runs, **params):
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly from its config.json and "
               "checkpoint-last.pt; flags given must agree with its config (paths, workers, logging may change).")
 @click.option("--stop-after-steps", type=click.IntRange(min=1), default=None,
-              help="Stop (with a checkpoint) after N global steps.")
+              help="Stop (with a checkpoint) once the run has trained N global steps in all (a resumed run "
+              "counts its checkpoint's steps; one already there trains none).")
 def train(config_file, resume, stop_after_steps, **params):
     """Train one or more students (the paper: ResNet-18 + MobileNetV2) from a teacher on ImageNet-100 shards."""
     from pipeline.core.errors import ConfigError, MissingDataError
     from trainer.config import resolve_train
+    from trainer.engine.inputs import INPUTS
+    from trainer.engine.interrupt import interrupted_line, sigterm_as_interrupt
     from trainer.engine.rundir import RunDir
     from trainer.jobs.train import train as train_job
 
@@ -283,8 +286,22 @@ def train(config_file, resume, stop_after_steps, **params):
     missing = missing_required(TrainConfig, dataclasses.asdict(cfg))
     if missing:
         raise ConfigError(f"missing required option(s): {', '.join(missing)}")
-    result = train_job(cfg, resume=resume, stop_after_steps=stop_after_steps)
-    if result["stopped"]:
+    try:
+        with sigterm_as_interrupt() as term:
+            result = train_job(cfg, resume=resume, stop_after_steps=stop_after_steps,
+                               given_inputs=set(flags) & set(INPUTS))
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: say how to continue, then end as the signal would
+        line = interrupted_line(cfg.out, e)
+        if line:
+            click.echo(line, err=True)
+        if term.received:
+            raise SystemExit(143) from None  # 128 + SIGTERM, what the shell reports for a process it killed
+        raise
+    if result["stopped"] and not result["trained_steps"]:
+        click.echo(f"nothing trained: the run's checkpoint is already at step {result['global_step']} "
+                   f"(--stop-after-steps {stop_after_steps} counts the run's steps in all); continue with "
+                   f"`kdpipe train --out {cfg.out} --resume`")
+    elif result["stopped"]:
         click.echo(f"stopped after {result['global_step']} steps; continue with "
                    f"`kdpipe train --out {cfg.out} --resume`")
     else:

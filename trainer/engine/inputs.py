@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from pipeline.core.remote import is_url
 INPUTS = {"shards": ("--shards", "manifest_sha256", "manifest sha256"),
           "teacher_cache": ("--teacher-cache", "fingerprint_sha256", "fingerprint sha256"),
           "teacher_weights": ("--teacher-weights", "sha256", "file sha256")}
+NOUNS = {"shards": "shards", "teacher_cache": "teacher cache", "teacher_weights": "teacher weights"}
 
 
 def absolute(path: str | None) -> str | None:
@@ -65,9 +67,14 @@ def recorded_inputs(run_config: dict | None) -> dict:
     return inputs if isinstance(inputs, dict) else {}
 
 
-def check_inputs(recorded: dict, now: dict, where: str | Path, fix: str) -> None:
+def check_inputs(recorded: dict, now: dict, where: str | Path, fix: str, *, given: Collection[str] | None = None,
+                 changed_fix: str | None = None) -> None:
     """ConfigError naming the first input of `now` whose content differs from `recorded` (or that the run did
-    not use, or lacks): the flag, both hashes (short), the recorded path and the file holding the record."""
+    not use, or lacks): the flag, both hashes (short), the recorded path and the file holding the record.
+
+    `given`: the inputs the user named on this command line (None: all). One not given is the run's own input
+    that changed under its recorded path, so it is named as that (no flag was given to blame), with
+    `changed_fix` (default `fix`)."""
     for name, (flag, field, what) in INPUTS.items():
         was, got = recorded.get(name), now.get(name)
         if was is None and got is None:
@@ -76,6 +83,10 @@ def check_inputs(recorded: dict, now: dict, where: str | Path, fix: str) -> None
             used = f"the run used {flag} {shown(was['path'])}" if was else f"the run used no {flag}"
             given = f"{flag} {shown(got['path'])} given" if got else f"no {flag} now"
             raise ConfigError(f"{given}, but {used} (recorded in {shown(where)}); {fix}")
+        if was.get(field) != got.get(field) and given is not None and name not in given:
+            raise ConfigError(f"the run's {NOUNS[name]} {shown(got['path'])}: {what} {str(got.get(field))[:12]}.. "
+                              f"differs from the {str(was.get(field))[:12]}.. recorded in {shown(where)}: it changed "
+                              f"since the run read it; {changed_fix or fix}")
         if was.get(field) != got.get(field):
             raise ConfigError(f"{flag} {shown(got['path'])}: {what} {str(got.get(field))[:12]}.. differs from the "
                               f"run's {str(was.get(field))[:12]}.. ({shown(was['path'])}, recorded in "

@@ -24,6 +24,7 @@ from pipeline.core.progress import progress_bar, show_bar
 from trainer.engine import checkpoint as ck
 from trainer.config import TrainConfig, to_dict
 from trainer.engine.evaluate import evaluate, format_table
+from trainer.engine.interrupt import TrainingInterrupted, checkpoint_position
 from trainer.engine.losses import term_keys
 from trainer.engine.metrics import EpochMetrics, StudentMetrics
 from trainer.engine.models import build_model
@@ -189,8 +190,10 @@ def run_training(cfg: TrainConfig, train_loader, val_loader, *, classes: list[st
 
     Holds RUN's lock (rank 0) for the whole run and writes RUN/config.json, metrics.jsonl, checkpoint-last.pt
     (every epoch, and at a stop), checkpoint-best.pt, skipped.tsv (with --skip-corrupt) and the students'
-    final weights. `stop_after_steps` stops after that many global steps with a checkpoint (interruption for
-    tests and preemption). Returns {"stopped", "epochs", "final": the last EpochMetrics, "teacher_val"}.
+    final weights. `stop_after_steps` stops with a checkpoint once the run has trained that many global steps
+    in all, those before a resume included (interruption for tests and preemption); a resumed checkpoint
+    already there trains no step. Returns {"stopped", "epochs", "final": the last EpochMetrics, "teacher_val"}
+    ({"stopped": True, "global_step", "trained_steps" (by this call), "teacher_val"} when stopped).
     """
     rank, _ = dist_info()
     run = RunDir(cfg.out)
@@ -217,6 +220,10 @@ def _train(cfg: TrainConfig, run: RunDir, train_loader, val_loader, classes: lis
         pos = _position(state, device, rank)
         if rank == 0:
             run.truncate_metrics(pos.epoch)
+    done = pos.epoch * steps_per_epoch + pos.step
+    if stop_after_steps is not None and done >= stop_after_steps and pos.epoch < cfg.epochs:
+        # N is the run's total: a checkpoint already there trains no step (the checkpoint is left as it is)
+        return {"stopped": True, "global_step": done, "trained_steps": 0, "teacher_val": pos.teacher_val}
     if teacher is not None and pos.teacher_val is None:
         pos.teacher_val = evaluate([distiller.teacher], val_loader, device, amp_dtype=distiller.dtype)
     log = StepLog(distiller.names, device, capacity=cfg.log_every)
@@ -226,9 +233,13 @@ def _train(cfg: TrainConfig, run: RunDir, train_loader, val_loader, classes: lis
 
         tb = TensorBoard(run.path, distiller.names)
 
+    saved = (pos.epoch, pos.step) if state is not None else None  # where checkpoint-last.pt is: told at Ctrl-C
+
     def save(path: Path) -> None:
+        nonlocal saved
         if rank == 0:
             ck.atomic_torch_save(_checkpoint(cfg, classes, runtime, pos, distiller), path)
+        saved = (pos.epoch, pos.step) if path.name == ck.LAST else saved
 
     record: EpochMetrics | None = None
     try:
@@ -241,7 +252,8 @@ def _train(cfg: TrainConfig, run: RunDir, train_loader, val_loader, classes: lis
                     distiller.sync_buffers()
                 pos.skipped = all_gather_list(pos.skipped)
                 save(run.path / ck.LAST)
-                return {"stopped": True, "global_step": pos.epoch * steps_per_epoch + pos.step,
+                step = pos.epoch * steps_per_epoch + pos.step
+                return {"stopped": True, "global_step": step, "trained_steps": step - done,
                         "teacher_val": pos.teacher_val}
             record = _finish_epoch(cfg, distiller, val_loader, pos, timing, device, world)
             improved = record.val_ensemble_top1 > pos.best  # a single student's own top-1 when alone
@@ -257,6 +269,8 @@ def _train(cfg: TrainConfig, run: RunDir, train_loader, val_loader, classes: lis
             save(run.path / ck.LAST)
             if improved:
                 save(run.path / ck.BEST)
+    except KeyboardInterrupt as e:  # Ctrl-C (or SIGTERM, see trainer/engine/interrupt.py): say where to go on from
+        raise TrainingInterrupted(checkpoint_position(saved, cfg.epochs, steps_per_epoch)) from e
     finally:
         if tb is not None:
             tb.close()

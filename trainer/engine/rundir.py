@@ -8,11 +8,12 @@ name, fsync, rename): a crash leaves the old file or the new one.
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from contextlib import AbstractContextManager
 from pathlib import Path
 
 from pipeline.core.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
-from pipeline.core.errors import CheckpointError, ConfigError, OutputExistsError
+from pipeline.core.errors import CheckpointError, ConfigError, MissingDataError, OutputExistsError
 from pipeline.core.locks import exclusive_lock
 from pipeline.core.names import tsv_row
 from pipeline.core.outdir import check_claimable, claim_dir
@@ -88,6 +89,7 @@ class RunDir:
         if resume and not last.is_file() and (self.path / CONFIG).is_file():
             # stopped before its first checkpoint (e.g. killed during epoch 0): nothing to continue, so the
             # same run starts again from its beginning, with the config it was given
+            self.refuse_lost_checkpoint()
             diff = config_diff(json.loads((self.path / CONFIG).read_text()), cfg)
             if diff:
                 raise ConfigError(f"{self.path / CONFIG} was written by another config; differing fields: "
@@ -119,15 +121,36 @@ class RunDir:
             self.complete_best(state)
         return state
 
-    def check_inputs(self, now: dict) -> None:
-        """Refuse to continue on inputs other than those the run recorded (config.json, else its checkpoint)."""
+    def refuse_lost_checkpoint(self) -> None:
+        """With no checkpoint-last.pt, a run that had one (more than one finished epoch: the first checkpoint
+        follows the first metrics line; or a best checkpoint, always written after the last) lost it: starting
+        again would replace what it trained, so refuse naming what is still there."""
+        epochs = len(self.read_metrics())
+        best = (self.path / BEST).is_file()
+        if epochs < 2 and not best:
+            return  # stopped before its first checkpoint: starting again loses nothing
+        held = [f"{epochs} finished epoch(s) in {METRICS}"] if epochs else []
+        held += [BEST] if best else []
+        raise MissingDataError(f"--resume: {self.path / LAST} is missing, but {self.path} still holds "
+                               f"{' and '.join(held)}, which starting again would replace; restore {LAST} to "
+                               f"continue, or train into a new --out (`kdpipe train --config "
+                               f"{self.path / CONFIG} --out NEW`)")
+
+    def check_inputs(self, now: dict, *, only: Collection[str] | None = None,
+                     given: Collection[str] | None = None) -> None:
+        """Refuse to continue on inputs other than those the run recorded (config.json, else its checkpoint).
+        `only`: check just these inputs (the shards, before a teacher is loaded for their classes); `given`:
+        the inputs named on the command line (see inputs.check_inputs), None for all."""
         where = self.path / CONFIG
         recorded = recorded_inputs(self.config())
         if not recorded and (self.path / LAST).is_file():
             where, recorded = self.path / LAST, recorded_inputs(load_checkpoint(self.path / LAST))
+        if recorded and only is not None:
+            recorded, now = ({k: v for k, v in d.items() if k in only} for d in (recorded, now))
         if recorded:
             check_inputs(recorded, now, where, "resume with the run's own inputs (a bare `--resume` uses them), "
-                                               "or start a new run with another --out")
+                                               "or start a new run with another --out", given=given,
+                         changed_fix="restore it, or start a new run on today's content with another --out")
 
     def complete_best(self, state: dict) -> None:
         """checkpoint-best.pt as an uninterrupted run leaves it: when the epoch just before the resumed position

@@ -5,6 +5,7 @@ Thin on purpose: everything that trains lives in trainer/engine/loop.py and work
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Collection
 
 import torch.distributed as dist
 
@@ -32,8 +33,12 @@ def views_per_sample(epochs: int, cache_epochs: int | None) -> int:
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | None = None,
-          progress: bool = True) -> dict:
-    """The `kdpipe train` job: loaders over cfg.shards, the teacher (online or cached), run_training."""
+          progress: bool = True, given_inputs: Collection[str] | None = None) -> dict:
+    """The `kdpipe train` job: loaders over cfg.shards, the teacher (online or cached), run_training.
+
+    With resume, the inputs the run recorded are checked as soon as each is read (the shards before the cache
+    and the teacher are made for their classes), so the one that differs is named, not what it breaks later;
+    `given_inputs`: those named on the command line (None: all), see trainer.engine.inputs.check_inputs."""
     from pipeline.core.augment import AugSpec
     from pipeline.reader.loader import ImageNet100Loader
     from pipeline.core.outdir import refuse_inside
@@ -59,6 +64,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
                       num_workers=cfg.num_workers, skip_corrupt=cfg.skip_corrupt, decode_device=cfg.decode_device)
         val_loader = ImageNet100Loader(cfg.shards, "val", batch, drop_last=False, **common)
         require_val_samples(val_loader, cfg.shards)
+        if resume:
+            RunDir(cfg.out).check_inputs(input_record(shards=cfg.shards, manifest_sha256=val_loader.manifest_sha256),
+                                         only=("shards",), given=given_inputs)
         classes = list(val_loader.classes)
         if batch == 1:  # drop_last: every training batch has exactly `batch` samples
             check_one_sample_batches(cfg.students, len(classes), cfg.image_size, f"--batch-size {cfg.batch_size}")
@@ -77,6 +85,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after_steps: int | Non
         inputs = input_record(shards=cfg.shards, manifest_sha256=val_loader.manifest_sha256,
                               teacher_cache=cfg.teacher_cache, cache_fingerprint=getattr(cache, "fingerprint", None),
                               teacher_weights=cfg.teacher_weights)
+        if resume:
+            RunDir(cfg.out).check_inputs(inputs, given=given_inputs)
         runtime = {"world_size": world, "global_batch": cfg.batch_size, "per_rank_batch": batch,
                    "cache_epochs": cache_epochs, "views_per_sample": views_per_sample(cfg.epochs, cache_epochs),
                    "inputs": inputs, "cuda_graphs": graphs, "decode_device": train_loader.decode_device,
