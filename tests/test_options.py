@@ -75,6 +75,7 @@ def test_toml_and_json_config_files(tmp_path):
     ("[optim]\nlr = inf", r"config key optim.lr \(--lr\): expected a finite number, got inf"),
     ("nope = 1", "unknown config key"),
     ("[loss]\nzeta = 1", r"unknown config key\(s\) loss.zeta"),
+    ("zeta = 1\n[loss]\nzeta = 1\n[optim]\nfoo = 2", r"unknown config key\(s\) loss.zeta, optim.foo, zeta;"),
     ("epochs = ", "not valid TOML"),
 ])
 def test_bad_config_files_are_one_clear_line(tmp_path, text, match):

@@ -72,10 +72,9 @@ def build(cls: type, d: dict, where: str = "") -> Any:
         raise ConfigError(f"config section {where.rstrip('.') or cls.__name__} must be a table/object, got "
                           f"{type(d).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - set(fields))
+    unknown = _unknown_keys(cls, d, where)
     if unknown:
-        raise ConfigError(f"unknown config key(s) {', '.join(where + k for k in unknown)}; known: "
-                          f"{', '.join(sorted(fields))}")
+        raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
     kw = {}
     hints = typing.get_type_hints(cls)
     for name, value in d.items():
@@ -98,6 +97,18 @@ def build(cls: type, d: dict, where: str = "") -> Any:
         raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"invalid config {where or cls.__name__}: {e}") from e
+
+
+def _unknown_keys(cls: type, d: dict, where: str) -> list[str]:
+    """Every key of `d` (and of its sections) that no field of `cls` takes, so one message lists them all."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for k, v in d.items():
+        if k not in hints:
+            out.append(where + k)
+        elif dataclasses.is_dataclass(hints[k]) and isinstance(v, dict):
+            out += _unknown_keys(hints[k], v, f"{where}{k}.")
+    return sorted(out)
 
 
 def _key(path: str, f: dataclasses.Field) -> str:
