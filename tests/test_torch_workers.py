@@ -128,3 +128,34 @@ def test_a_loader_that_failed_leaves_no_worker_behind_to_print_tracebacks(tmp_pa
                          text=True, env=env, timeout=120)
     assert res.returncode == 0 and res.stdout.split() == ["named", "15"] * 2, res.stdout + res.stderr
     assert "Traceback" not in res.stderr and "can only test a child process" not in res.stderr, res.stderr
+
+
+def test_a_loader_first_iterated_in_a_thread_that_ended_forks_new_workers(tmp_path):
+    import threading
+
+    import numpy as np
+    import torch
+
+    from pipeline.core.augment import AugSpec
+    from pipeline.core.errors import ConfigError
+    from pipeline.reader.loader import ImageNet100Loader
+
+    _two_class_shards(tmp_path)
+    kw = dict(backend="torch", device="cpu", spec=AugSpec(image_size=16), normalize=False)
+    loader = ImageNet100Loader(tmp_path / "shards", "train", 4, num_workers=2, **kw)
+    first = []
+    t = threading.Thread(target=lambda: first.extend(b.images for b in loader))
+    t.start()
+    t.join()
+    again = [b.images for b in loader]  # the first thread's workers died with it
+    assert len(first) == len(again) == 4 and all(torch.equal(a, b) for a, b in zip(first, again))
+    # numpy integers are the same seed and epoch as Python's
+    plain = ImageNet100Loader(tmp_path / "shards", "train", 4, seed=3, num_workers=0, **kw)
+    numpy = ImageNet100Loader(tmp_path / "shards", "train", 4, seed=np.int64(3), num_workers=0, **kw)
+    plain.set_epoch(1)
+    numpy.set_epoch(np.int64(1))
+    assert all(torch.equal(a.images, b.images) for a, b in zip(plain, numpy))
+    for call in (lambda: list(plain.iter_views([1, 2], 0, batch_size=-1)),
+                 lambda: list(plain.iter_views([1.7, 2.2], 0)), lambda: plain.set_epoch(1.5)):
+        with pytest.raises(ConfigError):
+            call()

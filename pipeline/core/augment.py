@@ -114,8 +114,9 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 def sample_keys(seed: int, epoch: int, ids: np.ndarray) -> np.ndarray:
     """Per-sample RNG key: a hash of (seed, epoch, id). uint64, one per id."""
     with np.errstate(over="ignore"):
-        s = _splitmix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))
-        se = _splitmix64(s + np.uint64(epoch & 0xFFFFFFFFFFFFFFFF))
+        # int(): a numpy seed or epoch (np.int64, np.int32) is the same number, not an overflow
+        s = _splitmix64(np.array([int(seed) & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))
+        se = _splitmix64(s + np.uint64(int(epoch) & 0xFFFFFFFFFFFFFFFF))
         return _splitmix64(se ^ np.asarray(ids, dtype=np.int64).astype(np.uint64))
 
 

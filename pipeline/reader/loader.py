@@ -64,6 +64,14 @@ def backend_class(name: str) -> type[Backend]:
     return registry.backend_entry(name).load()
 
 
+def whole_number(name: str, value: Any) -> int:
+    """`value` as an int if it is a whole number (a numpy integer too), else a ConfigError naming `name`
+    (1.5, "4" and True are no batch size, seed or epoch)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ConfigError(f"{name} must be a whole number, got {value!r}")
+    return int(value)
+
+
 class ImageNet100Loader:
     """Batches of one split of a shard directory, for one rank: `Batch(images, labels, ids, epoch)`.
 
@@ -81,8 +89,9 @@ class ImageNet100Loader:
                  prefetch: int | None = None):
         for name, value in (("batch_size", batch_size), ("seed", seed), ("rank", rank), ("world_size", world_size),
                             ("num_workers", num_workers), ("view_epochs", view_epochs), ("prefetch", prefetch)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
-                raise ConfigError(f"{name} must be a whole number, got {value!r}")
+            if value is not None:
+                whole_number(name, value)
+        batch_size, seed, rank, world_size = int(batch_size), int(seed), int(rank), int(world_size)  # numpy ints too
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -195,10 +204,11 @@ class ImageNet100Loader:
     # -- order
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """The epoch to iterate next; start_step > 0 resumes inside it (the next iteration only)."""
+        epoch, start_step = whole_number("epoch", epoch), whole_number("start_step", start_step)
         if epoch < 0 or start_step < 0:
-            raise ValueError(f"epoch and start_step must be >= 0, got {epoch}, {start_step}")
+            raise ConfigError(f"epoch and start_step must be >= 0, got {epoch}, {start_step}")
         if start_step > len(self):
-            raise ValueError(f"start_step {start_step} is past the end of the epoch ({len(self)} batches)")
+            raise ConfigError(f"start_step {start_step} is past the end of the epoch ({len(self)} batches)")
         self.epoch, self.start_step = epoch, start_step
 
     @property
@@ -275,11 +285,18 @@ class ImageNet100Loader:
         (training views for the train split): the very pixels a training step sees for (seed, aug_epoch, id).
         For the teacher cache writer and for looking at chosen samples. No teacher logits attached; with
         skip_corrupt, dropped ids are missing from the batches (and listed in `.skipped`)."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        aug_epoch = whole_number("aug_epoch", aug_epoch)
+        batch_size = self.batch_size if batch_size is None else whole_number("batch_size", batch_size)
+        if aug_epoch < 0 or batch_size < 1:
+            raise ConfigError(f"need aug_epoch >= 0 and batch_size >= 1, got {aug_epoch} and {batch_size}")
+        given = np.asarray(ids)
+        if given.size and not np.issubdtype(given.dtype, np.integer):  # 1.7 or True is no sample id
+            raise ConfigError(f"ids must be whole numbers, got an array of {given.dtype}")
+        ids = given.astype(np.int64).reshape(-1)
         if ids.size and (ids.min() < 0 or ids.max() >= self.num_samples):
             raise IndexError(f"ids must lie in [0, {self.num_samples}) for split {self.split!r}")
         views = (Batch(images, labels, batch_ids, aug_epoch) for images, labels, batch_ids
-                 in self.backend.iter_batches(ids, aug_epoch, batch_size or self.batch_size))
+                 in self.backend.iter_batches(ids, aug_epoch, batch_size))
         return prefetch(views, self.device, self.prefetch)
 
     def __repr__(self) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Iterator, Sequence
 
@@ -177,6 +178,7 @@ class WorkerPool:
         # so with more slots than that no worker writes a slot still being read.
         self.slots = [shared_uint8((batch_size, s, s, 3)) for _ in range(workers * PREFETCH + 2)]
         self.batch_size, self.workers, self._keys, self.passes = batch_size, workers, _Keys(), 0
+        self.thread = threading.current_thread()  # the workers fork from it on the first pass, and die with it
         builder = KeyedBuilder(index, spec, seed, train, skip_corrupt, self.slots)
         self._dl = torch.utils.data.DataLoader(
             CarryErrors(builder), batch_size=None, sampler=self._keys, num_workers=workers,
@@ -344,6 +346,9 @@ class TorchBackend:
                                    self.skip_corrupt)
             return self._deliver((builder[k] for k in range(len(chunks))), None)
         pool = self._pool
+        if pool is not None and not pool.thread.is_alive():  # its workers died with that thread: fork anew
+            pool.close()
+            self._pool = pool = None
         if pool is None or pool.batch_size != batch_size or pool.workers < workers:
             self._pool = pool = None  # the old workers exit once unreferenced
             pool = self._pool = WorkerPool(self.index, self.spec, self.seed, self.train, self.skip_corrupt,
