@@ -312,3 +312,16 @@ def test_invalid_arguments_fail_fast(shards):
 
         with pytest.raises(ConfigError, match="CUDA is not available"):
             DaliBackend(ShardIndex(shards, "train"), spec=SPEC, seed=0, train=True, device=torch.device("cuda"))
+
+
+@pytest.mark.dali
+def test_a_batch_whose_every_sample_is_skipped_comes_out_empty_like_the_torch_backends(shards, tmp_path):
+    """len(loader) batches on every backend: training counts its steps (and resumes) by them."""
+    broken = corrupt_copy(shards, tmp_path, 13, "garbage")
+    ids = np.arange(20)
+    for last in (13, 19):  # the empty batch last, then inside the epoch
+        batches = list(dali(broken, skip_corrupt=True).iter_batches(ids[:last + 1], 0, 1))
+        assert len(batches) == last + 1 and [len(b[2]) for b in batches].count(0) == 1
+        images, labels, got = batches[13]
+        assert images.shape == (0, 3, SPEC.image_size, SPEC.image_size) and images.dtype == torch.uint8
+        assert len(labels) == len(got) == 0 and batches[12][2].tolist() == [12]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
@@ -88,10 +88,11 @@ class _Feed:
 
     ids: np.ndarray
     columns: tuple[list[np.ndarray], ...]
+    chunk: int = 0  # which batch of the iteration it is (batches whose every sample was dropped never reach DALI)
 
     def take(self, keep: np.ndarray) -> "_Feed":
         idx = np.flatnonzero(keep)
-        return _Feed(self.ids[idx], tuple([col[i] for i in idx] for col in self.columns))
+        return _Feed(self.ids[idx], tuple([col[i] for i in idx] for col in self.columns), self.chunk)
 
 
 _TORCH_TO_DALI = {torch.uint8: "UINT8", torch.float16: "FLOAT16", torch.float32: "FLOAT", torch.bfloat16: "FLOAT"}
@@ -207,7 +208,9 @@ class DaliBackend:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        chunks = iter([ids[i:i + batch_size] for i in range(0, len(ids), batch_size)])
+        count = -(-len(ids) // batch_size)
+        chunks = iter(enumerate(ids[i:i + batch_size] for i in range(0, len(ids), batch_size)))
+        next_chunk = 0  # batches come out in order; a gap is a batch whose every sample was dropped
         # Each iteration owns its pipeline; it goes back to the pool only after a clean end.
         pipe, stream = self._idle.pop(batch_size, None) or self._new_stream(batch_size)
         finished = False
@@ -229,12 +232,21 @@ class DaliBackend:
                 batch = self._to_torch(out, feed.ids, shared=bool(pipe.exec_dynamic))
                 self._top_up(stream, chunks, aug_epoch)
                 pipe.schedule_run()  # DALI works on the next batch while the consumer uses this one
+                yield from (self._empty_batch() for _ in range(next_chunk, feed.chunk))
+                next_chunk = feed.chunk + 1
                 yield batch
+            yield from (self._empty_batch() for _ in range(next_chunk, count))  # as the torch backend does
             finished = True
         finally:
             if finished:
                 pipe.reset()
                 self._idle[batch_size] = (pipe, stream)
+
+    def _empty_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A batch whose every sample was dropped (skip_corrupt): empty, so the batch count is len()'s."""
+        s, none = self.spec.image_size, torch.empty(0, dtype=torch.int64, device=self.device)
+        images = torch.empty((0, s, s, 3), dtype=self.dtype, device=self.device).permute(0, 3, 1, 2)
+        return images, none, none.clone()
 
     def _new_stream(self, batch_size: int) -> tuple[Any, _Stream]:
         stream = _Stream()
@@ -244,10 +256,10 @@ class DaliBackend:
     def _top_up(self, stream: _Stream, chunks: Iterator[np.ndarray], aug_epoch: int) -> None:
         """Keep PREFETCH batches prepared, so DALI never runs dry before the real end."""
         while len(stream.pending) < PREFETCH:
-            chunk = next(chunks, None)
+            k, chunk = next(chunks, (None, None))
             if chunk is None:
                 return
-            feed = self._prepare(chunk, aug_epoch)
+            feed = replace(self._prepare(chunk, aug_epoch), chunk=k)
             if len(feed.ids):
                 stream.pending.append(feed)
 
