@@ -152,7 +152,11 @@ def test_symlink_loops_and_dead_links_are_listed_not_fatal(tmp_path):
     os.symlink("..", cat / "more" / "up")  # ... two levels up
     os.symlink("ghost", root / "train" / "ghost")  # a class folder that links to itself
     os.symlink("missing.jpg", cat / "dead.jpg")
+    os.symlink("..", cat / "split")  # train/: the other classes' images, again, as cats
+    os.symlink("../Dog", cat / "dogs")  # another class folder
     tree = discover_imagefolder(root)
+    escape = "symlink to the tree's root, a split or another class folder"
+    assert {r[1] for r in tree.rejected if r[2].startswith(escape)} == {"train/cat/split", "train/cat/dogs"}
     assert ("train", "train/cat/again", "symlink loop: this folder contains itself") in tree.rejected
     assert ("train", "train/cat/more/up", "symlink loop: this folder contains itself") in tree.rejected
     assert any(r[1] == "train/ghost" for r in tree.rejected) and tree.classes == sorted(CLASSES)
@@ -161,8 +165,8 @@ def test_symlink_loops_and_dead_links_are_listed_not_fatal(tmp_path):
     reasons = {r.split("\t")[1]: r.split("\t")[2] for r in rows[1:]}
     assert "Too many levels of symbolic links" in reasons["train/cat/a.jpg"]
     assert "No such file" in reasons["train/cat/dead.jpg"]
-    assert {"train/cat/again", "train/cat/more/up", "train/ghost"} <= set(reasons)
-    assert report.manifest["rejected"] == len(rows) - 1 == 5
+    assert {"train/cat/again", "train/cat/more/up", "train/ghost", "train/cat/split"} <= set(reasons)
+    assert report.manifest["rejected"] == len(rows) - 1 == 7
     assert report.manifest["splits"]["train"]["count"] == 12
 
 

@@ -21,6 +21,20 @@ from pipeline.sources.imagenet import ImageNetTree, SourceFile, is_dir_entry, is
 LOOSE = "not inside a class folder"
 DEAD_LINK = "symlink that leads nowhere (a loop or a missing target)"
 LOOP = "symlink loop: this folder contains itself"
+ESCAPE = ("symlink to the tree's root, a split or another class folder: its images would be counted again, under "
+          "this class")
+
+
+def tree_folders(root: Path) -> frozenset:
+    """(st_dev, st_ino) of the root, train/, val/ and every class folder in them: what a class's images are not."""
+    dirs = [root] + [root / s for s in ("train", "val") if (root / s).is_dir()]
+    found = {(st.st_dev, st.st_ino) for d in dirs for st in [os.stat(d)]}
+    for d in dirs[1:]:
+        for e in os.scandir(d):
+            if is_dir_entry(e):
+                st = os.stat(e.path)
+                found.add((st.st_dev, st.st_ino))
+    return frozenset(found)
 
 
 def class_folders(split_dir: Path, split: str, rejected: list[tuple[str, str, str]]) -> list[str]:
@@ -38,17 +52,21 @@ def class_folders(split_dir: Path, split: str, rejected: list[tuple[str, str, st
 
 
 def images_below(folder: Path, rel: str, split: str, rejected: list[tuple[str, str, str]],
-                 ancestors: frozenset = frozenset()) -> list[str]:
-    """Relative paths of the image files anywhere below `folder` (whose path relative to the root is `rel`)."""
+                 ancestors: frozenset = frozenset(), fenced: frozenset = frozenset()) -> list[str]:
+    """Relative paths of the image files anywhere below `folder` (whose path relative to the root is `rel`).
+    `fenced`: folders a symlink below it must not lead into (the root, the splits, the other class folders)."""
     st = os.stat(folder)
     here = (st.st_dev, st.st_ino)
     if here in ancestors:
         rejected.append((split, rel, LOOP))
         return []
+    if here in fenced:
+        rejected.append((split, rel, ESCAPE))
+        return []
     out = []
     for e in sorted(os.scandir(folder), key=lambda e: e.name):
         if is_dir_entry(e):
-            out += images_below(Path(e.path), f"{rel}/{e.name}", split, rejected, ancestors | {here})
+            out += images_below(Path(e.path), f"{rel}/{e.name}", split, rejected, ancestors | {here}, fenced)
         elif is_image_entry(e):
             out.append(f"{rel}/{e.name}")
     return out
@@ -81,9 +99,15 @@ def discover_imagefolder(root: str | Path, *, val_share: float | None = None, se
         raise TreeLayoutError(f"{root / 'train'}: no class folders (expected train/<class>/<images>)")
     labels = {c: i for i, c in enumerate(classes)}
 
+    folders = tree_folders(root)
+
     def files_of(split: str, names: list[str]) -> list[SourceFile]:
-        return [SourceFile(rel, c, labels[c]) for c in names
-                for rel in images_below(root / split / c, f"{split}/{c}", split, rejected)]
+        def below(c: str) -> list[str]:
+            st = os.stat(root / split / c)
+            return images_below(root / split / c, f"{split}/{c}", split, rejected,
+                                fenced=folders - {(st.st_dev, st.st_ino)})
+
+        return [SourceFile(rel, c, labels[c]) for c in names for rel in below(c)]
 
     train = files_of("train", classes)
     empty = sorted(set(classes) - {f.wnid for f in train})
