@@ -264,3 +264,20 @@ def test_a_resumed_run_rebuilds_the_best_checkpoint_a_full_disk_lost(data, tmp_p
     weights = cli("eval", "--checkpoint", copy / "student0-tiny_cnn.safetensors", "--backend", "torch",
                   "--num-workers", "0", "--device", "cpu")  # final weights, as the help says
     assert weights.splitlines()[1:] == evals[1].splitlines()[1:]
+    loose = tmp_path / "loose"  # copied out of the run: the files say which view size they learned
+    loose.mkdir()
+    for suffix in (".safetensors", ".pt"):
+        shutil.copy(copy / f"student0-tiny_cnn{suffix}", loose / f"w{suffix}")
+        out = cli("eval", "--checkpoint", loose / f"w{suffix}", "--shards", data["sh1"], "--backend", "torch",
+                  "--num-workers", "0", "--device", "cpu")
+        assert out.splitlines()[1:] == evals[1].splitlines()[1:], suffix
+        from trainer.engine.evaluate import load_students
+
+        view = load_students(loose / f"w{suffix}")[2]
+        saved = json.loads((copy / "config.json").read_text())
+        assert (view["image_size"], view["val_resize"]) == (saved["image_size"], saved["val_resize"]), suffix
+    old = ck.load_torch_file(loose / "w.pt")
+    ck.save_final_weights(loose / "old", 0, "tiny_cnn", old["model"], old["classes"])  # as an older kdpipe: no view
+    line = refused("eval", "--checkpoint", loose / "old" / "student0-tiny_cnn.safetensors", "--shards", data["sh1"],
+                   "--device", "cpu", code=2)
+    assert "does not record the image size it was trained at; pass --image-size N" in line

@@ -84,17 +84,22 @@ def sorted_safetensors_metadata(data: bytes) -> bytes:
     return len(text).to_bytes(8, "little") + text + data[8 + size:]
 
 
-def save_final_weights(run: str | Path, index: int, name: str, state: dict, classes: list[str]) -> Path:
+def save_final_weights(run: str | Path, index: int, name: str, state: dict, classes: list[str],
+                       view: dict | None = None) -> Path:
     """A student's final weights as safetensors (plain state_dict keys, the classes in the metadata) and as a
-    kdpipe weights file any of kdpipe's loaders accepts (teacher, eval). Returns the safetensors path."""
+    kdpipe weights file any of kdpipe's loaders accepts (teacher, eval). `view`: the image_size and val_resize
+    it was trained at, so eval of the file alone (copied out of its run) sees the run's views. Returns the
+    safetensors path."""
     from safetensors.torch import save as st_save
 
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    view = {k: view[k] for k in ("image_size", "val_resize") if k in view} if view else {}
     meta = {"format": WEIGHTS_FORMAT, "model": name, "classes": json.dumps(list(classes))}
+    meta.update({k: str(v) for k, v in view.items()})  # safetensors metadata holds strings only
     st_path = final_weights_path(run, index, name, ".safetensors")
     atomic_write_bytes(st_path, sorted_safetensors_metadata(st_save(state, metadata=meta)))
-    atomic_torch_save({"format": WEIGHTS_FORMAT, "name": name, "classes": list(classes), "model": state},
-                      final_weights_path(run, index, name))
+    atomic_torch_save({"format": WEIGHTS_FORMAT, "name": name, "classes": list(classes), "model": state,
+                       "view": view}, final_weights_path(run, index, name))
     return st_path
 
 

@@ -95,7 +95,8 @@ def require_train_samples(loader, shards: str | Path) -> None:
 def load_students(path: Path) -> tuple[list[dict], list[str], dict, dict]:
     """(entries {"name", "model"}, classes, the run's config, the inputs it recorded) of a kdpipe checkpoint or
     final-weights file (.pt or .safetensors). Final weights inside a run directory take the run's config.json
-    for their defaults (shards, image size) and recorded inputs; elsewhere they have none."""
+    for their defaults (shards, image size) and recorded inputs; elsewhere only the view they record (image
+    size, validation resize) stands in for the config."""
     import json
 
     from trainer.engine.checkpoint import WEIGHTS_FORMAT, load_checkpoint, load_safetensors_weights
@@ -107,14 +108,17 @@ def load_students(path: Path) -> tuple[list[dict], list[str], dict, dict]:
         if meta.get("format") != WEIGHTS_FORMAT or "model" not in meta or "classes" not in meta:
             raise CheckpointError(f"{path}: not a kdpipe final-weights file (its metadata has no model name and "
                                   f"class list); evaluate the run's checkpoint instead (--run RUN)")
-        state = {"name": meta["model"], "model": model, "classes": json.loads(meta["classes"])}
+        view = {k: meta[k] for k in ("image_size", "val_resize") if k in meta}
+        if "image_size" in view:
+            view["image_size"] = int(view["image_size"])
+        state = {"name": meta["model"], "model": model, "classes": json.loads(meta["classes"]), "view": view}
     else:
         state = load_checkpoint(path)
     entries = state["students"] if "students" in state else [state]
     if "config" in state:
         return entries, list(state["classes"]), state.get("config") or {}, recorded_inputs(state)
     run = RunDir(path.parent).config() if RunDir(path.parent).marked() else None
-    return entries, list(state["classes"]), run or {}, recorded_inputs(run)
+    return entries, list(state["classes"]), run or state.get("view") or {}, recorded_inputs(run)
 
 
 def eval_precision(cfg: EvalConfig, run_cfg: dict, device: torch.device) -> torch.dtype:
@@ -140,8 +144,11 @@ def eval_checkpoint(cfg: EvalConfig) -> tuple[Path, list[str], dict]:
     shards = cfg.shards or run_cfg.get("shards")
     if not shards:
         raise ConfigError(f"{path} does not record its shards; pass --shards DIR")
+    if not cfg.image_size and not run_cfg.get("image_size"):  # a weights file of an older kdpipe, on its own
+        raise ConfigError(f"{path} does not record the image size it was trained at; pass --image-size N (a "
+                          f"model scored at another size than it learned reads lower)")
     device = resolve_device(cfg.device)
-    spec = AugSpec(image_size=cfg.image_size or run_cfg.get("image_size", AugSpec().image_size),
+    spec = AugSpec(image_size=cfg.image_size or run_cfg["image_size"],
                    val_resize_mode=cfg.val_resize or run_cfg.get("val_resize", "shorter"))
     loader = ImageNet100Loader(shards, "val", cfg.batch_size, backend=cfg.backend, device=device, spec=spec,
                                drop_last=False, num_workers=cfg.num_workers, skip_corrupt=cfg.skip_corrupt)

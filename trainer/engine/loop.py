@@ -276,7 +276,8 @@ def _train(cfg: TrainConfig, run: RunDir, train_loader, val_loader, classes: lis
             tb.close()
     if rank == 0:
         for i, (name, m) in enumerate(zip(distiller.names, distiller.students)):
-            ck.save_final_weights(run.path, i, name, m.state_dict(), classes)
+            ck.save_final_weights(run.path, i, name, m.state_dict(), classes,
+                                  view={"image_size": cfg.image_size, "val_resize": cfg.val_resize})
         if progress and record is not None:
             logger.info(format_table(distiller.names, _val_of(record)))
     return {"stopped": False, "epochs": cfg.epochs, "final": record, "teacher_val": pos.teacher_val}

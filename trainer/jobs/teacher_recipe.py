@@ -157,7 +157,8 @@ def _epochs(cfg: TrainConfig, run: RunDir, train_loader, val_loader, classes: li
                              run.path / ck.LAST)
         if stop_after_epochs is not None and epoch + 1 >= stop_after_epochs and epoch + 1 < cfg.epochs:
             return {"stopped": True, "epochs": epoch + 1, "final": record}
-    ck.save_final_weights(run.path, 0, name, model.state_dict(), classes)
+    ck.save_final_weights(run.path, 0, name, model.state_dict(), classes,
+                          view={"image_size": cfg.image_size, "val_resize": cfg.val_resize})
     if progress and record is not None:
         logger.info(format_table([name], {"top1": [record.val_ensemble_top1], "top5": [record.val_ensemble_top5],
                                        "ensemble_top1": None, "ensemble_top5": None, "count": record.val_images}))
