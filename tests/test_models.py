@@ -75,3 +75,11 @@ def test_bad_files_give_clear_errors(tmp_path, small_wnids):
     torch.save(build_model("tiny_mobilenet", 4).state_dict(), tmp_path / "other.pt")
     with pytest.raises(ValueError, match="do not fit tiny_cnn"):
         load_weights(build_model("tiny_cnn", 4), tmp_path / "other.pt", name="tiny_cnn", classes=classes)
+
+
+def test_a_refusal_of_other_classes_says_where_the_lists_part():
+    from trainer.engine.models import class_difference
+
+    assert class_difference(["a", "b", "c"], ["a", "x", "c"]) == "class 1 is 'b' in training, 'x' in the shards"
+    assert class_difference(["a", "b"], ["a", "b", "c"]) == "1 more in the shards, from 'c'"
+    assert class_difference(["a", "b", "c"], ["a"]) == "2 more in training, from 'b'"

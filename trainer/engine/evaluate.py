@@ -159,8 +159,11 @@ def eval_checkpoint(cfg: EvalConfig) -> tuple[Path, list[str], dict]:
                            "evaluate on other shards deliberately")
     require_val_samples(loader, shards)
     if list(loader.classes) != classes:
+        from trainer.engine.models import class_difference
+
+        where = class_difference(classes, list(loader.classes))
         raise ConfigError(f"{path} was trained on {len(classes)} classes that differ from the "
-                          f"{len(loader.classes)} classes of {shards}")
+                          f"{len(loader.classes)} classes of {shards} ({where})")
     models = []
     for e in entries:
         m = rebuild_model(e["name"], len(loader.classes), e["model"], path=path)

@@ -209,12 +209,21 @@ def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def class_difference(trained: list[str], shards: list[str]) -> str:
+    """Where two class lists first part, in words (for the one-line refusals of other classes)."""
+    k = next((i for i, (a, b) in enumerate(zip(trained, shards)) if a != b), min(len(trained), len(shards)))
+    if k < len(trained) and k < len(shards):
+        return f"class {k} is {trained[k]!r} in training, {shards[k]!r} in the shards"
+    longer, which = (trained, "training") if k < len(trained) else (shards, "the shards")
+    return f"{len(longer) - k} more in {which}, from {longer[k]!r}"
+
+
 def _state_from_file(obj: object, path: Path, name: str, classes: list[str]) -> dict[str, torch.Tensor]:
     """The model state dict inside whatever the file holds (kdpipe checkpoint/weights, or a state dict)."""
     if isinstance(obj, dict) and obj.get("format") in ("kdpipe-checkpoint", "kdpipe-weights"):
         if obj.get("classes") is not None and list(obj["classes"]) != list(classes):
             raise CheckpointError(f"{path}: trained on {len(obj['classes'])} classes that differ from the shards' "
-                             f"{len(classes)} classes")
+                                  f"{len(classes)} classes ({class_difference(list(obj['classes']), classes)})")
         entries = obj["students"] if obj["format"] == "kdpipe-checkpoint" else [obj]
         for entry in entries:
             if entry["name"] == name:
