@@ -141,8 +141,9 @@ class ImageNet100Loader:
         self.view_epochs = view_epochs if self.teacher_cache is None else self.teacher_cache.epochs
         cached = getattr(self.teacher_cache, "num_samples", len(self.index))
         if cached != len(self.index):
-            raise ConfigError(f"teacher cache has {self.teacher_cache.num_samples} samples, "
-                             f"split {split!r} of {shards} has {len(self.index)}")
+            raise ConfigError(f"teacher cache {getattr(self.teacher_cache, 'path', '')} has "
+                              f"{self.teacher_cache.num_samples} samples, split {split!r} of {shards} has "
+                              f"{len(self.index)}")
         self.num_workers = usable_cores() if num_workers is None else num_workers
         extra = {}
         self.decode_device: str | None = None  # the torch backend's (DALI decodes as its graph says)
