@@ -15,14 +15,24 @@ from pipeline.shards.writer import ShardOptions, build_shards
 from pipeline.sources.synthetic import make_imagenet_tree
 
 CHILD = textwrap.dedent("""
-    import os, sys, time
+    import os, sys, threading, time
     from pipeline.core.augment import AugSpec
     from pipeline.reader.loader import ImageNet100Loader
 
     loader = ImageNet100Loader(sys.argv[1], "train", 2, backend="torch", device="cpu", num_workers=2,
                                spec=AugSpec(image_size=16), normalize=False)
-    it = iter(loader)
-    next(it)  # both workers are up
+    iterators = []
+
+    def start():
+        iterators.append(iter(loader))
+        next(iterators[0])  # both workers are up
+
+    if sys.argv[2] == "thread":  # forked by a thread that ends at once: the workers must outlive it
+        t = threading.Thread(target=start)
+        t.start()
+        t.join()
+    else:
+        start()
     kids = set()
     for tid in os.listdir(f"/proc/{os.getpid()}/task"):
         with open(f"/proc/{os.getpid()}/task/{tid}/children") as f:
@@ -53,10 +63,11 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.slow  # a fresh Python with torch, ~5-10 s
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
-def test_workers_exit_within_a_second_or_two_of_a_kill_9(tmp_path):
+@pytest.mark.parametrize("forked_by", ["main", "thread"])
+def test_workers_exit_within_a_second_or_two_of_a_kill_9(tmp_path, forked_by):
     env = _two_class_shards(tmp_path)
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path / "shards")], stdout=subprocess.PIPE,
-                            env=env, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path / "shards"), forked_by],
+                            stdout=subprocess.PIPE, env=env, text=True)
     try:
         workers = [int(p) for p in proc.stdout.readline().split()]
         assert len(workers) == 2 and all(_alive(w) for w in workers), workers
@@ -130,7 +141,7 @@ def test_a_loader_that_failed_leaves_no_worker_behind_to_print_tracebacks(tmp_pa
     assert "Traceback" not in res.stderr and "can only test a child process" not in res.stderr, res.stderr
 
 
-def test_a_loader_first_iterated_in_a_thread_that_ended_forks_new_workers(tmp_path):
+def test_a_loader_first_iterated_in_a_thread_that_ended_keeps_its_workers(tmp_path):
     import threading
 
     import numpy as np
@@ -147,7 +158,7 @@ def test_a_loader_first_iterated_in_a_thread_that_ended_forks_new_workers(tmp_pa
     t = threading.Thread(target=lambda: first.extend(b.images for b in loader))
     t.start()
     t.join()
-    again = [b.images for b in loader]  # the first thread's workers died with it
+    again = [b.images for b in loader]  # the workers outlive the thread that forked them
     assert len(first) == len(again) == 4 and all(torch.equal(a, b) for a, b in zip(first, again))
     # numpy integers are the same seed and epoch as Python's
     plain = ImageNet100Loader(tmp_path / "shards", "train", 4, seed=3, num_workers=0, **kw)

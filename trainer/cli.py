@@ -22,8 +22,8 @@ class KdpipeGroup(click.Group):
     """Turns the user and data errors of every command into one line (see pipeline/core/errors.py).
 
     KdpipeError -> "Error: <one line>", exit 1 (ConfigError exits 2, like click's usage errors); a full disk, a
-    read-only file system, a missing permission or a file where a directory must be -> one line naming the path. `--debug` or KDPIPE_DEBUG=1 lets
-    the original exception through."""
+    read-only file system, a missing permission or a file where a directory must be -> one line naming the path.
+    `--debug` or KDPIPE_DEBUG=1 lets the original exception through."""
 
     def invoke(self, ctx: click.Context):
         import errno

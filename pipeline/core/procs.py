@@ -51,6 +51,21 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
+def watch_parent(parent_pid: int, every_s: float = 0.25) -> None:
+    """In a worker: exit within `every_s` once the parent process is gone, polled from a daemon thread. For
+    workers forked from a thread that may end before its process does: PR_SET_PDEATHSIG (die_with_parent)
+    fires when the forking *thread* exits, and would kill a loader's workers under its feet."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(every_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="kdpipe-watch-parent").start()
+
+
 class WorkerError(RuntimeError):
     """An exception raised inside an ordered_map worker, with its traceback text."""
 

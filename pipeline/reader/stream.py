@@ -22,7 +22,6 @@ import queue
 import threading
 from collections import Counter
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Iterator
 
 import numpy as np
@@ -313,7 +312,7 @@ class StreamBackend:
                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(images, labels, ids) for `ids` in exactly this order, `batch_size` at a time."""
         from pipeline.reader.backends.base import CarryErrors, raise_carried
-        from pipeline.reader.backends.torch_backend import normalize_nhwc, worker_init
+        from pipeline.reader.backends.torch_backend import normalize_nhwc, worker_init_for
         from pipeline.core.batch import host_to_device
 
         ids = np.asarray(ids, dtype=np.int64)
@@ -331,7 +330,7 @@ class StreamBackend:
         failed: list[BaseException] = []
         try:
             if workers:  # the DataLoader forks its workers first, then pulls items (starting the reader)
-                init = partial(worker_init, parent_pid=os.getpid())  # workers die with the main process
+                init = worker_init_for(os.getpid())  # workers die with the main process
                 batches = map(raise_carried, torch.utils.data.DataLoader(  # a worker's KdpipeError, as itself
                     CarryErrors(decode), batch_size=None, sampler=_Started(reader, q, failed), num_workers=workers,
                     worker_init_fn=init, prefetch_factor=2))

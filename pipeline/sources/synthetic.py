@@ -71,7 +71,8 @@ def check_tree_args(root: str | Path, wnids: list[str], train_per_class: int, va
                     size: tuple[int, ...], min_side: int = 1, min_classes: int = 1) -> None:
     """Refuse arguments that would write nothing, a truncated tree or a crash halfway (ConfigError naming
     the argument): a root that is a file, too few or repeated classes, counts below 1 train / 0 val per
-    class, image sides below min_side or over MAX_SIDE (size is (h, w) or, for make_imagenet_tree, (hmin, hmax, wmin, wmax))."""
+    class, image sides below min_side or over MAX_SIDE (size is (h, w) or, for make_imagenet_tree,
+    (hmin, hmax, wmin, wmax))."""
     if Path(root).exists() and not Path(root).is_dir():
         raise ConfigError(f"{root} is a file, not a directory: give a directory (new or existing) for the tree")
     if len(wnids) < min_classes:

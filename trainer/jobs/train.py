@@ -108,6 +108,7 @@ def open_training_cache(cfg: TrainConfig, loader, spec):
     if cache.epochs < cfg.epochs and not cfg.reuse_views:
         raise ConfigError(f"teacher cache {cfg.teacher_cache} holds {cache.epochs} augmentation epoch(s) but the run "
                           f"trains {cfg.epochs} epochs: views would repeat (epoch e trains on the views of epoch e "
-                          f"mod {cache.epochs}, each up to {-(-cfg.epochs // cache.epochs)} times). Make a cache with `kdpipe cache-teacher --epochs {cfg.epochs}`, or pass "
+                          f"mod {cache.epochs}, each up to {-(-cfg.epochs // cache.epochs)} times). Make a cache "
+                          f"with `kdpipe cache-teacher --epochs {cfg.epochs}`, or pass "
                           f"--reuse-views to accept the repetition (recorded in config.json and the report)")
     return cache

@@ -16,7 +16,7 @@ import functools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ import torch
 from pipeline.core.augment import AugParams, AugSpec, sample_params, val_geometry
 from pipeline.core.batch import IMAGENET_MEAN_255, IMAGENET_STD_255, host_to_device, normalize_images
 from pipeline.core.errors import CorruptSampleError
-from pipeline.core.procs import die_with_parent
+from pipeline.core.procs import die_with_parent, watch_parent
 from pipeline.reader.backends.base import GREY, CarryErrors, SkipLog, raise_carried, sample_error, size_mismatch
 from pipeline.reader.backends.cpu_views import crop_box, decode, decode_region, resize_uint8, train_view, val_view, view_from_crop
 
@@ -178,12 +178,11 @@ class WorkerPool:
         # so with more slots than that no worker writes a slot still being read.
         self.slots = [shared_uint8((batch_size, s, s, 3)) for _ in range(workers * PREFETCH + 2)]
         self.batch_size, self.workers, self._keys, self.passes = batch_size, workers, _Keys(), 0
-        self.thread = threading.current_thread()  # the workers fork from it on the first pass, and die with it
         builder = KeyedBuilder(index, spec, seed, train, skip_corrupt, self.slots)
         self._dl = torch.utils.data.DataLoader(
             CarryErrors(builder), batch_size=None, sampler=self._keys, num_workers=workers,
             persistent_workers=True, prefetch_factor=PREFETCH,
-            worker_init_fn=functools.partial(worker_init, parent_pid=os.getpid()))
+            worker_init_fn=worker_init_for(os.getpid()))
 
     def run(self, aug_epoch: int, chunks: Sequence[np.ndarray]) -> Iterator[dict]:
         """Items (dicts of BatchBuilder.build) for `chunks` in order; the workers start on them at once. One pass
@@ -215,9 +214,21 @@ class WorkerPool:
             self._dl._iterator = None
 
 
-def worker_init(_: int, parent_pid: int) -> None:
-    """DataLoader worker set-up of every kdpipe loader (also the streamed one)."""
-    die_with_parent(parent_pid)  # a kill -9 of the main process takes the workers with it
+def worker_init_for(parent_pid: int) -> Callable[[int], None]:
+    """worker_init for workers forked now, from the calling thread (see worker_init)."""
+    return functools.partial(worker_init, parent_pid=parent_pid,
+                             by_main_thread=threading.current_thread() is threading.main_thread())
+
+
+def worker_init(_: int, parent_pid: int, by_main_thread: bool = True) -> None:
+    """DataLoader worker set-up of every kdpipe loader (also the streamed one). A kill -9 of the main process
+    takes the workers with it: at once (PR_SET_PDEATHSIG) when the main thread forked them; by polling when
+    another thread did, since PR_SET_PDEATHSIG would fire when that thread ends (a loader first iterated in a
+    short-lived thread), with the loader still in use."""
+    if by_main_thread:
+        die_with_parent(parent_pid)
+    else:
+        watch_parent(parent_pid)
     torch.set_num_threads(1)  # one process per core; intra-op threads would fight over the same cores
 
 
@@ -346,9 +357,6 @@ class TorchBackend:
                                    self.skip_corrupt)
             return self._deliver((builder[k] for k in range(len(chunks))), None)
         pool = self._pool
-        if pool is not None and not pool.thread.is_alive():  # its workers died with that thread: fork anew
-            pool.close()
-            self._pool = pool = None
         if pool is None or pool.batch_size != batch_size or pool.workers < workers:
             self._pool = pool = None  # the old workers exit once unreferenced
             pool = self._pool = WorkerPool(self.index, self.spec, self.seed, self.train, self.skip_corrupt,
